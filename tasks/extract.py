@@ -1,0 +1,25 @@
+"""Extraction: one interface, several extractors (offline rules here, the LLM in llm.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from tasks.invoice import Invoice
+from tasks.parse import ParsedDocument
+
+
+@dataclass
+class Extraction:
+    invoice: Invoice
+    source: Literal["text", "llm", "embedded_xml"]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    truncated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Extractor(Protocol):
+    name: str
+
+    async def extract(self, document: ParsedDocument) -> Extraction: ...

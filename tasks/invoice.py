@@ -1,0 +1,69 @@
+"""The invoice schema and the checks that make an extraction safe to pay from."""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+# Money is exact in memory (Decimal) and a plain JSON number on the wire, so results,
+# the manifest and the LLM's JSON schema all speak numbers.
+Money = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
+
+# Amounts are printed to the cent; sums of rounded line amounts may drift by a cent or two.
+TOLERANCE = Decimal("0.02")
+
+
+class LineItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field(description="What was sold, as printed on the line.")
+    quantity: Money | None = Field(default=None, description="Number of units.")
+    unit_price: Money | None = Field(default=None, description="Price of one unit, before tax.")
+    amount: Money | None = Field(default=None, description="Line total, before tax.")
+
+
+class Invoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vendor_name: str | None = Field(default=None, description="Who issued the invoice.")
+    vendor_tax_id: str | None = Field(default=None, description="Issuer's VAT / tax id.")
+    customer_name: str | None = Field(default=None, description="Who is billed.")
+    invoice_number: str | None = Field(default=None, description="The invoice's own number.")
+    issue_date: date | None = Field(default=None, description="Date of issue (ISO 8601).")
+    due_date: date | None = Field(default=None, description="Payment due date (ISO 8601).")
+    currency: str | None = Field(default=None, description="ISO 4217 code, e.g. EUR.")
+    subtotal: Money | None = Field(default=None, description="Total before tax.")
+    tax: Money | None = Field(default=None, description="Total tax.")
+    total: Money | None = Field(default=None, description="Amount due, tax included.")
+    line_items: list[LineItem] = Field(default_factory=list)
+
+
+def check_invoice(invoice: Invoice) -> list[str]:
+    """Return the reasons this invoice needs a human look; empty means every check passed."""
+    problems: list[str] = []
+    if invoice.total is None:
+        problems.append("missing_total: no total amount found")
+    if invoice.invoice_number is None:
+        problems.append("missing_invoice_number: no invoice number found")
+    amounts = [line.amount for line in invoice.line_items]
+    if invoice.line_items and invoice.subtotal is not None and None not in amounts:
+        line_sum = sum(amounts, Decimal(0))
+        if abs(line_sum - invoice.subtotal) > TOLERANCE:
+            problems.append(
+                f"lines_sum_mismatch: line amounts sum to {line_sum}, subtotal is {invoice.subtotal}"
+            )
+    if None not in (invoice.subtotal, invoice.tax, invoice.total):
+        expected = invoice.subtotal + invoice.tax
+        if abs(expected - invoice.total) > TOLERANCE:
+            problems.append(
+                f"total_mismatch: subtotal {invoice.subtotal} + tax {invoice.tax} = {expected}, "
+                f"total is {invoice.total}"
+            )
+    if invoice.issue_date and invoice.due_date and invoice.due_date < invoice.issue_date:
+        problems.append(
+            f"due_before_issue: due date {invoice.due_date} is before issue date {invoice.issue_date}"
+        )
+    return problems
