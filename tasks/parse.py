@@ -1,8 +1,28 @@
-"""PDF text extraction with PyMuPDF, off the event loop."""
+"""PDF text extraction with PyMuPDF, off the event loop.
+
+`parse_pdf_bytes` is the plain, synchronous parser: bytes in, `ParsedDocument` out, or an
+`InvoiceFailure` with a stable code for every way a file can be unreadable. `PdfParser` runs it
+in an executor with a deadline, so the event loop never stalls on PyMuPDF (which holds the GIL)
+and a pathological file cannot hang the batch.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import multiprocessing
+import os
+import threading
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
+
+from tasks.errors import InvoiceFailure
+
+if TYPE_CHECKING:
+    import pymupdf
 
 
 @dataclass(frozen=True)
@@ -18,3 +38,381 @@ class ParsedDocument:
     @property
     def text(self) -> str:
         return "\n\f".join(self.pages)
+
+
+# --------------------------------------------------------------------------------------------
+# The synchronous parser
+# --------------------------------------------------------------------------------------------
+
+_PDF_MAGIC = b"%PDF-"
+# Readers (Acrobat, MuPDF) accept the header anywhere in the first KiB; stray bytes before it
+# are common in files from mail gateways and old generators.
+_MAGIC_WINDOW = 1024
+
+
+def parse_pdf_bytes(data: bytes, *, max_pages: int | None = None) -> ParsedDocument:
+    """Text of every page of a PDF, or an `InvoiceFailure` saying why there is none.
+
+    Synchronous and top-level so a process pool can pickle it. Not thread-safe (PyMuPDF is not):
+    callers running it in threads must serialize calls, as `PdfParser(kind="thread")` does.
+    """
+    # Imported here, not at module level: importing this module (for ParsedDocument) should
+    # not cost ~110 ms and ~40 MB of PyMuPDF in processes that never parse (the flow process
+    # with a process pool).
+    import pymupdf
+
+    size = len(data)
+    if size == 0:
+        raise InvoiceFailure("empty_file", "the file is empty (0 bytes)")
+    # Check the magic ourselves: with filetype="pdf" PyMuPDF still sniffs the content and opens
+    # e.g. a PNG as a one-page image document, which would then pass as a PDF without text.
+    head = bytes(data[:_MAGIC_WINDOW])
+    if _PDF_MAGIC not in head:
+        raise InvoiceFailure(
+            "not_a_pdf",
+            f"the file is not a PDF: no '%PDF-' header in its first {_MAGIC_WINDOW} bytes "
+            f"({_size(size)}, starts with {head[:16]!r})",
+        )
+
+    # MuPDF reports what it repaired only through this global store; reset it so the message
+    # names this file's problems (safe: callers serialize PyMuPDF use, see above).
+    pymupdf.TOOLS.reset_mupdf_warnings()
+    try:
+        doc = pymupdf.open(stream=data, filetype="pdf")
+    except pymupdf.EmptyFileError:  # a subclass of FileDataError; unreachable after the check above
+        raise InvoiceFailure("empty_file", "the file is empty (0 bytes)") from None
+    except pymupdf.FileDataError as exc:
+        # It starts like a PDF, so "damaged" says more than "not a PDF" (e.g. a cut download).
+        raise InvoiceFailure(
+            "pdf_damaged",
+            f"the file has a PDF header but PyMuPDF cannot open it ({_size(size)}): {exc}"
+            f"{_mupdf_details()}",
+        ) from None
+
+    with doc:
+        if doc.needs_pass:
+            # MuPDF already tried the empty password (owner-password-only files open fine);
+            # guessing others is not our business.
+            raise InvoiceFailure(
+                "pdf_encrypted",
+                f"the PDF is password-protected ({_pages(doc.page_count)}, {_size(size)}); "
+                "passwords are not tried",
+            )
+        _refuse_repaired(doc, size)
+
+        page_count = doc.page_count
+        if page_count == 0:
+            raise InvoiceFailure("no_text_layer", f"the PDF has no pages ({_size(size)})")
+        if max_pages is not None and page_count > max_pages:
+            raise InvoiceFailure(
+                "too_many_pages",
+                f"the PDF has {_pages(page_count)}, more than the limit of {max_pages} "
+                f"({_size(size)})",
+            )
+
+        try:
+            # sort=True gives reading order (top-left to bottom-right, words on one visual
+            # line joined), which is what the extractors need for tables of labels and values.
+            # It is pure Python in PyMuPDF (~10-20 ms per dense page), one more reason to
+            # parse in processes.
+            pages = [page.get_text("text", sort=True) for page in doc]
+        except (RuntimeError, pymupdf.mupdf.FzErrorBase) as exc:
+            raise InvoiceFailure(
+                "pdf_damaged",
+                f"text extraction failed ({_pages(page_count)}, {_size(size)}): {exc}"
+                f"{_mupdf_details()}",
+            ) from None
+        # Repair can also happen lazily, when a page's objects are first loaded.
+        _refuse_repaired(doc, size)
+
+    if not any(page.strip() for page in pages):
+        raise InvoiceFailure(
+            "no_text_layer",
+            f"no text could be extracted from its {_pages(page_count)} (a scanned image?); "
+            "OCR is not configured, so the invoice cannot be read",
+        )
+    return ParsedDocument(pages=pages)
+
+
+def _refuse_repaired(doc: pymupdf.Document, size: int) -> None:
+    # A repaired file opens "fine" with whatever text survived: returning that would be silent
+    # garbage (missing pages, missing totals), so repair is a failure.
+    if doc.is_repaired:
+        raise InvoiceFailure(
+            "pdf_damaged",
+            f"the PDF is damaged (truncated or corrupt, {_size(size)}); PyMuPDF could only "
+            f"repair it, so its text may be incomplete{_mupdf_details()}",
+        )
+
+
+def _mupdf_details() -> str:
+    import pymupdf
+
+    lines = [line for line in pymupdf.TOOLS.mupdf_warnings().splitlines() if line.strip()]
+    return f" [MuPDF: {'; '.join(lines[:3])}]" if lines else ""
+
+
+def _pages(n: int) -> str:
+    return "1 page" if n == 1 else f"{n} pages"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+# --------------------------------------------------------------------------------------------
+# Running it off the event loop
+# --------------------------------------------------------------------------------------------
+
+# PyMuPDF is documented as not thread-safe (MuPDF contexts and its global warning store are
+# shared). In thread mode every call goes through this one process-wide lock, so two parsers
+# (or two threads of one) never run PyMuPDF at the same time. Other code in the same process
+# that uses PyMuPDF while thread-mode parsers run must hold it too.
+_FITZ_LOCK = threading.Lock()
+
+
+def _parse_serialized(data: bytes, max_pages: int | None) -> ParsedDocument:
+    with _FITZ_LOCK:
+        return parse_pdf_bytes(data, max_pages=max_pages)
+
+
+def _init_worker() -> None:
+    # Runs once per worker process: import PyMuPDF now (a no-op when the forkserver preloaded
+    # it) so the first parse does not pay for it, and keep MuPDF's repair chatter off stderr;
+    # what it says is carried in the InvoiceFailure message instead.
+    import pymupdf as _pymupdf
+
+    _pymupdf.TOOLS.mupdf_display_errors(False)
+
+
+_START_TIMEOUT = 60.0
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+def _process_context() -> multiprocessing.context.BaseContext:
+    # Never "fork": the flow process runs Prefect's threads, and forking a process with
+    # threads can deadlock the child on a lock some other thread held. Measured here (2 cores,
+    # 2 workers, first parse done): spawn 0.16-0.20 s per pool start; forkserver 0.16-0.19 s
+    # for the first pool (it starts the server) and 0.11-0.13 s after; forkserver with pymupdf
+    # preloaded 0.02-0.03 s after the first. Pools are rebuilt after a timeout or crash, so
+    # forkserver with preload. The preload list is process-wide and only takes effect if the
+    # forkserver has not started yet; preloading pymupdf is harmless for any other user.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pymupdf"])
+    return ctx
+
+
+class _Pool:
+    """One executor plus the bookkeeping needed to retire it safely."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.active = 0  # parse() calls awaiting a result from this executor
+        self.retired = False
+
+    def stop(self) -> None:
+        """Shut the executor down; in a process pool, kill workers still busy (abandoned work)."""
+        executor = self.executor
+        if isinstance(executor, ProcessPoolExecutor):
+            # `_processes` is private, but ProcessPoolExecutor has no public way to end a busy
+            # worker before Python 3.14 (`terminate_workers`). Snapshot it first: shutdown()
+            # may drop it.
+            processes = list((getattr(executor, "_processes", None) or {}).values())
+            if self.active == 0 and not self.retired:
+                executor.shutdown(wait=True, cancel_futures=True)  # idle: quick and clean
+                return
+            executor.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.kill()
+        else:
+            # Threads cannot be killed: a running parse finishes in the background.
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+class PdfParser:
+    """Owns the executor; parses off the event loop with loop.run_in_executor and a deadline.
+
+    kind="process" (default): a forkserver process pool. PyMuPDF holds the GIL, so processes are
+    the only way to parse in parallel and keep the event loop responsive. With the forkserver
+    start method, workers import the running `__main__` module (as `__mp_main__`), so a script
+    that creates a PdfParser needs the usual `if __name__ == "__main__":` guard.
+
+    kind="thread": one thread, every PyMuPDF call under a process-wide lock (PyMuPDF is not
+    thread-safe), so `max_workers` is ignored. No parallelism; use it where processes are not
+    allowed.
+
+    Deadlines: `timeout` bounds each parse from submission to result; waiting for a free
+    worker is not counted (every call ahead holds its worker for at most `timeout`), so a
+    large batch does not time out merely by queueing. A running parse cannot be cancelled:
+    when its caller gives up (timeout or cancellation) the worker keeps going. The pool is
+    then retired: new parses go to a fresh pool at once, and once the retired pool's other
+    calls have finished, its processes are killed, so abandoned work (even an endless loop in
+    MuPDF) never holds a worker or a CPU for long and a flood of timeouts cannot wedge the
+    parser. Threads cannot be killed: in thread mode an abandoned parse runs to its end and
+    holds the lock meanwhile (and interpreter exit waits for it); later calls then time out
+    rather than hang.
+
+    Crashes: if a worker process dies (segfault in MuPDF, OOM kill), every call on that pool
+    still waiting fails with "parse_crashed" (retryable: the culprit cannot be told apart from
+    the files parsed next to it) and the pool is rebuilt for later calls.
+    """
+
+    def __init__(
+        self,
+        kind: Literal["process", "thread"] = "process",
+        *,
+        max_workers: int | None = None,
+        timeout: float = 60.0,
+        max_pages: int | None = 500,
+    ) -> None:
+        if kind not in ("process", "thread"):
+            raise ValueError(f"kind must be 'process' or 'thread', not {kind!r}")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.kind = kind
+        self.max_workers = 1 if kind == "thread" else (max_workers or os.cpu_count() or 1)
+        self.timeout = timeout
+        self.max_pages = max_pages
+        self._context = _process_context() if kind == "process" else None
+        # Never submit more calls than there are workers: the executor then has no backlog, so
+        # a crash only hits calls that were really running, and the deadline measures parsing.
+        self._slots = asyncio.Semaphore(self.max_workers)
+        self._pool = self._new_pool()
+        self._retired: list[_Pool] = []
+        self._closed = False
+
+    def _new_pool(self) -> _Pool:
+        if self.kind == "thread":
+            return _Pool(ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdf-parse"))
+        return _Pool(
+            ProcessPoolExecutor(
+                max_workers=self.max_workers, mp_context=self._context, initializer=_init_worker
+            )
+        )
+
+    async def start(self) -> None:
+        """Start every worker now (process start, PyMuPDF import) instead of on first parse."""
+        if self.kind != "process":
+            return
+        loop = asyncio.get_running_loop()
+        # One call per worker, submitted together: each submit finds no idle worker and spawns
+        # one. Bounded on its own: starting processes is not parsing, and a tight parse
+        # deadline must not make start-up fail.
+        pings = [loop.run_in_executor(self._pool.executor, _ping) for _ in range(self.max_workers)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*pings), _START_TIMEOUT)
+        except TimeoutError:
+            raise RuntimeError(
+                f"PDF parser workers did not start within {_START_TIMEOUT:g} s"
+            ) from None
+
+    async def parse(self, data: bytes) -> ParsedDocument:
+        if self._closed:
+            raise RuntimeError("PdfParser is closed")
+        async with self._slots:
+            if self._closed:  # closed while we waited for a slot
+                raise RuntimeError("PdfParser is closed")
+            pool, future = self._submit(data)
+            abandoned = False
+            try:
+                return await asyncio.wait_for(future, self.timeout)
+            except TimeoutError:
+                abandoned = True
+                raise InvoiceFailure(
+                    "parse_timeout",
+                    f"parsing did not finish within {self.timeout:g} s ({_size(len(data))}); "
+                    "the file was abandoned",
+                    retryable=True,
+                ) from None
+            except asyncio.CancelledError:
+                abandoned = True  # our caller gave up; the worker did not
+                task = asyncio.current_task()
+                if self._closed and task is not None and task.cancelling() == 0:
+                    # Not our caller's cancellation: close() cancelled the queued future.
+                    raise InvoiceFailure(
+                        "parse_crashed",
+                        "the parser was shut down before this file was parsed",
+                        retryable=True,
+                    ) from None
+                raise
+            except BrokenProcessPool:
+                self._retire(pool)
+                if self._closed:
+                    message = "the parser was shut down while this file was being parsed"
+                else:
+                    message = (
+                        f"a parser worker process died while this file ({_size(len(data))}) "
+                        "was being parsed; the file may have crashed it, or one parsed at the "
+                        "same time did"
+                    )
+                raise InvoiceFailure("parse_crashed", message, retryable=True) from None
+            finally:
+                pool.active -= 1
+                if abandoned:
+                    self._retire(pool)  # its worker is still busy with our file
+                self._reap(pool)
+
+    def _submit(self, data: bytes) -> tuple[_Pool, asyncio.Future[ParsedDocument]]:
+        loop = asyncio.get_running_loop()
+        if self.kind == "thread":
+            fn = functools.partial(_parse_serialized, data, self.max_pages)
+        else:
+            fn = functools.partial(parse_pdf_bytes, data, max_pages=self.max_pages)
+        pool = self._pool
+        try:
+            future = loop.run_in_executor(pool.executor, fn)
+        except BrokenProcessPool:
+            # The pool broke before this call reached it (a crash nobody awaited yet): not this
+            # file's fault, so rebuild and submit once more.
+            self._retire(pool)
+            self._reap(pool)
+            pool = self._pool
+            future = loop.run_in_executor(pool.executor, fn)
+        pool.active += 1
+        return pool, future
+
+    def _retire(self, pool: _Pool) -> None:
+        """Stop sending work to `pool`; later parses get a fresh one."""
+        if pool.retired or self._closed:  # close() stops every pool itself
+            return
+        pool.retired = True
+        self._retired.append(pool)
+        if pool is self._pool:
+            self._pool = self._new_pool()
+
+    def _reap(self, pool: _Pool) -> None:
+        """Stop a retired pool once no caller is waiting on it (what is left is abandoned)."""
+        if pool.retired and pool.active == 0 and pool in self._retired:
+            self._retired.remove(pool)
+            pool.stop()
+
+    def close(self) -> None:
+        """Shut the pools down: cancel queued parses, kill workers still busy. Idempotent.
+
+        Calls still in flight fail with "parse_crashed" (process mode); close after the batch.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for pool in [self._pool, *self._retired]:
+            pool.stop()
+        self._retired.clear()
+
+    async def __aenter__(self) -> PdfParser:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
