@@ -1,0 +1,534 @@
+"""One storage interface with conditional writes: a local folder and S3 (aioboto3).
+
+Both backends offer the same compare-and-swap contract: `put(..., if_match=etag)` writes only
+if the object still has that ETag, `put(..., if_none_match=True)` only if it does not exist;
+otherwise `PreconditionFailed`. ETags are the S3 single-part form, the quoted hex md5 of the
+bytes, on both backends, so the same bytes give the same ETag everywhere.
+
+Stores are async context managers and must be opened before use:
+
+    async with open_store("s3://bucket/invoices/") as store:
+        for info in await store.list(suffix=".pdf"):
+            obj = await store.get(info.key)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import aioboto3
+import aiohttp
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+if TYPE_CHECKING:
+    from prefect_aws import AwsCredentials
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    data: bytes
+    etag: str
+
+
+class StorageError(Exception):
+    """A storage operation failed; `key` is the store-relative key, when there is one."""
+
+    # Keyword arguments have defaults so the default Exception pickling (cls(*args) plus
+    # __dict__) round-trips these errors through process pools.
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ObjectNotFound(StorageError):
+    pass
+
+
+class PreconditionFailed(StorageError):
+    """A conditional put lost: 412 (ETag changed / object exists / object missing) or 409
+    (S3 ConditionalRequestConflict, a concurrent conditional write). Re-read and retry."""
+
+    def __init__(self, message: str, *, key: str | None = None, status: int = 412) -> None:
+        super().__init__(message, key=key)
+        self.status = status
+
+
+class InvalidKey(StorageError, ValueError):
+    pass
+
+
+@runtime_checkable
+class Store(Protocol):
+    url: str
+
+    async def list(self, prefix: str = "", *, suffix: str | None = None) -> list[ObjectInfo]: ...
+
+    async def get(self, key: str) -> StoredObject: ...
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/octet-stream",
+    ) -> str: ...
+
+    async def __aenter__(self) -> Store: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+def etag_of(data: bytes) -> str:
+    """The S3 ETag of a single-part object: the quoted hex md5 of its bytes."""
+    return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+
+
+def _check_put_args(key: str, if_match: str | None, if_none_match: bool) -> None:
+    if if_match is not None and if_none_match:
+        raise ValueError(f"put({key!r}): if_match and if_none_match exclude each other")
+
+
+def _not_open(store: object) -> RuntimeError:
+    return RuntimeError(
+        f"{type(store).__name__} is not open: use it inside `async with store:` "
+        "(or `async with open_store(...) as store:`)"
+    )
+
+
+# --------------------------------------------------------------------------- local folder
+
+# Names starting with this are the store's own (lock folder, temp files): keys may not use
+# them and list() never returns them.
+_RESERVED = ".~"
+_LOCK_DIR = ".~locks"
+
+
+class LocalStore:
+    """A folder as an object store. Keys are '/'-separated paths relative to the root.
+
+    Every put takes an exclusive flock on a per-key lock file (under `<root>/.~locks/`), so
+    conditional puts are atomic across coroutines, threads and processes on this machine;
+    data goes to a temp file in the target's folder and is renamed into place, so readers
+    never see a partial object. flock is advisory and only as reliable as the filesystem
+    (fine on local disks; do not rely on it over NFS).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = str(self.root)
+        self._open = False
+
+    async def __aenter__(self) -> LocalStore:
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._open = False
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.url!r})"
+
+    # -- keys
+
+    def _path(self, key: str) -> Path:
+        if not isinstance(key, str) or not key:
+            raise InvalidKey(f"invalid key {key!r}: empty", key=key)
+        if "\\" in key or "\0" in key:
+            raise InvalidKey(f"invalid key {key!r}: backslash or NUL", key=key)
+        if key.startswith("/"):
+            raise InvalidKey(f"invalid key {key!r}: absolute", key=key)
+        parts = key.split("/")
+        for part in parts:
+            if part in ("", ".", ".."):
+                raise InvalidKey(f"invalid key {key!r}: empty, '.' or '..' component", key=key)
+            if part.startswith(_RESERVED):
+                raise InvalidKey(f"invalid key {key!r}: names starting {_RESERVED!r} are reserved", key=key)
+        path = self.root.joinpath(*parts)
+        # Catches symlinks inside the root that point out of it.
+        if not path.resolve().is_relative_to(self.root):
+            raise InvalidKey(f"invalid key {key!r}: resolves outside the store root", key=key)
+        return path
+
+    def _lock_path(self, key: str) -> Path:
+        # One lock file per key, named by hash: flat, bounded name length, no folder races.
+        return self.root / _LOCK_DIR / (hashlib.sha256(key.encode()).hexdigest() + ".lock")
+
+    # -- operations
+
+    async def list(self, prefix: str = "", *, suffix: str | None = None) -> list[ObjectInfo]:
+        if not self._open:
+            raise _not_open(self)
+        return await asyncio.to_thread(self._list_sync, prefix, suffix)
+
+    async def get(self, key: str) -> StoredObject:
+        if not self._open:
+            raise _not_open(self)
+        path = self._path(key)
+        return await asyncio.to_thread(self._get_sync, key, path)
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/octet-stream",  # not stored locally
+    ) -> str:
+        if not self._open:
+            raise _not_open(self)
+        _check_put_args(key, if_match, if_none_match)
+        path = self._path(key)
+        return await asyncio.to_thread(self._put_sync, key, path, bytes(data), if_match, if_none_match)
+
+    # -- blocking parts, run in worker threads
+
+    def _list_sync(self, prefix: str, suffix: str | None) -> list[ObjectInfo]:
+        # Walk only the deepest folder the prefix fixes, then filter by plain string prefix
+        # (S3 semantics: "inv" matches "invoices/a.pdf" and "inv.pdf").
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self._path(folder) if folder else self.root
+        suffix_lower = suffix.lower() if suffix else None
+        found: list[ObjectInfo] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED)]
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith(_RESERVED):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if not key.startswith(prefix):
+                    continue
+                if suffix_lower and not key.lower().endswith(suffix_lower):
+                    continue
+                path = Path(dirpath, name)
+                if not path.resolve().is_relative_to(self.root) or not path.is_file():
+                    continue
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:  # removed while listing
+                    continue
+                found.append(ObjectInfo(key=key, etag=etag_of(data), size=len(data)))
+        found.sort(key=lambda info: info.key)
+        return found
+
+    def _get_sync(self, key: str, path: Path) -> StoredObject:
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFound(f"no such object: {key!r} in {self.url}", key=key) from None
+        except OSError as e:
+            raise StorageError(f"cannot read {key!r} in {self.url}: {e}", key=key) from e
+        return StoredObject(data=data, etag=etag_of(data))
+
+    def _put_sync(
+        self, key: str, path: Path, data: bytes, if_match: str | None, if_none_match: bool
+    ) -> str:
+        lock_path = self._lock_path(key)
+        try:
+            lock_path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock_path, "a+b") as lock_file:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)  # released when the file closes
+                if if_match is not None or if_none_match:
+                    current = self._current_etag(path)
+                    if if_none_match and current is not None:
+                        raise PreconditionFailed(
+                            f"{key!r} already exists in {self.url}", key=key, status=412
+                        )
+                    if if_match is not None and current != if_match:
+                        state = "missing" if current is None else f"at ETag {current}"
+                        raise PreconditionFailed(
+                            f"{key!r} is {state}, not {if_match}", key=key, status=412
+                        )
+                self._write_atomically(path, data)
+        except StorageError:
+            raise
+        except OSError as e:
+            raise StorageError(f"cannot write {key!r} in {self.url}: {e}", key=key) from e
+        return etag_of(data)
+
+    @staticmethod
+    def _current_etag(path: Path) -> str | None:
+        try:
+            return etag_of(path.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _write_atomically(path: Path, data: bytes) -> None:
+        tmp = path.with_name(f"{_RESERVED}tmp.{path.name}.{secrets.token_hex(6)}")
+        # os.open with 0o666 (not mkstemp's 0o600) so the object gets the usual umask mode.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+# --------------------------------------------------------------------------- S3
+
+
+class S3Store:
+    """Objects under `s3://bucket/prefix/` through one aioboto3 client per `async with`.
+
+    botocore's "standard" retry mode retries throttling (503 SlowDown, ...), 5xx and
+    connection errors with backoff, up to `max_attempts` attempts in all; it does not retry
+    409/412, which surface as `PreconditionFailed` for the caller's compare-and-swap loop.
+    `page_size` (keys per ListObjectsV2 call, S3 max 1000) exists mainly for tests.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        credentials: AwsCredentials | None = None,
+        max_pool_connections: int = 100,
+        connect_timeout: float = 5,
+        read_timeout: float = 30,
+        max_attempts: int = 5,
+        page_size: int = 1000,
+    ) -> None:
+        if not bucket:
+            raise ValueError("S3Store needs a bucket name")
+        prefix = prefix.lstrip("/")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        self.bucket = bucket
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix}"
+        self.page_size = page_size
+        self._credentials = credentials
+        self._endpoint_url = endpoint_url or (
+            credentials.aws_client_parameters.endpoint_url if credentials is not None else None
+        )
+        self._region_name = region_name or (credentials.region_name if credentials else None)
+        self._max_pool_connections = max_pool_connections
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_attempts = max_attempts
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.url!r}, endpoint_url={self._endpoint_url!r})"
+
+    async def __aenter__(self) -> S3Store:
+        if self._client is not None:
+            raise RuntimeError(f"{self!r} is already open")
+        session = aioboto3.Session(**await self._session_kwargs())
+        config = Config(
+            connect_timeout=self._connect_timeout,
+            read_timeout=self._read_timeout,
+            # botocore's retries["max_attempts"] counts retries only; total_max_attempts
+            # counts the first try too, which is what max_attempts means here.
+            retries={"total_max_attempts": self._max_attempts, "mode": "standard"},
+            max_pool_connections=self._max_pool_connections,
+        )
+        stack = contextlib.AsyncExitStack()
+        self._client = await stack.enter_async_context(
+            session.client(
+                "s3", endpoint_url=self._endpoint_url, region_name=self._region_name, config=config
+            )
+        )
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _session_kwargs(self) -> dict[str, Any]:
+        creds = self._credentials
+        if creds is None:
+            return {}  # default chain: env vars, profile, instance role, ...
+        if creds.assume_role_arn:
+            # prefect-aws does the STS call (blocking); the temporary credentials it returns
+            # are frozen here and not refreshed, so keep store sessions shorter than the role's
+            # session duration.
+            boto_session = await asyncio.to_thread(creds.get_boto3_session)
+            frozen = boto_session.get_credentials().get_frozen_credentials()
+            return {
+                "aws_access_key_id": frozen.access_key,
+                "aws_secret_access_key": frozen.secret_key,
+                "aws_session_token": frozen.token,
+                "region_name": boto_session.region_name,
+            }
+        secret = creds.aws_secret_access_key
+        return {
+            "aws_access_key_id": creds.aws_access_key_id,
+            "aws_secret_access_key": secret.get_secret_value() if secret else None,
+            "aws_session_token": creds.aws_session_token,
+            "profile_name": creds.profile_name,
+            "region_name": creds.region_name,
+        }
+
+    def _require_client(self) -> Any:
+        if self._client is None:
+            raise _not_open(self)
+        return self._client
+
+    def _full_key(self, key: str) -> str:
+        if not isinstance(key, str) or not key or "\0" in key:
+            raise InvalidKey(f"invalid key {key!r}", key=key)
+        return self.prefix + key
+
+    async def list(self, prefix: str = "", *, suffix: str | None = None) -> list[ObjectInfo]:
+        client = self._require_client()
+        suffix_lower = suffix.lower() if suffix else None
+        found: list[ObjectInfo] = []
+        paginator = client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=self.prefix + prefix,
+            PaginationConfig={"PageSize": self.page_size},
+        )
+        try:
+            async for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(self.prefix) :]
+                    # "folder/" placeholder objects (console-made) are not objects to process.
+                    if not key or key.endswith("/"):
+                        continue
+                    if suffix_lower and not key.lower().endswith(suffix_lower):
+                        continue
+                    found.append(ObjectInfo(key=key, etag=obj["ETag"], size=obj["Size"]))
+        except Exception as e:
+            if (err := self._error(e, "list", prefix)) is None:
+                raise
+            raise err from e
+        found.sort(key=lambda info: info.key)
+        return found
+
+    async def get(self, key: str) -> StoredObject:
+        client = self._require_client()
+        full_key = self._full_key(key)
+        try:
+            response = await client.get_object(Bucket=self.bucket, Key=full_key)
+            async with response["Body"] as body:
+                data = await body.read()
+        except Exception as e:
+            if (err := self._error(e, "get", key)) is None:
+                raise
+            raise err from e
+        return StoredObject(data=data, etag=response["ETag"])
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/octet-stream",
+    ) -> str:
+        client = self._require_client()
+        _check_put_args(key, if_match, if_none_match)
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._full_key(key),
+            "Body": bytes(data),
+            "ContentType": content_type,
+        }
+        if if_match is not None:
+            params["IfMatch"] = if_match
+        if if_none_match:
+            params["IfNoneMatch"] = "*"
+        try:
+            response = await client.put_object(**params)
+        except Exception as e:
+            if (err := self._error(e, "put", key, conditional=if_match is not None)) is None:
+                raise
+            raise err from e
+        return response["ETag"]
+
+    def _error(
+        self, e: Exception, op: str, key: str, *, conditional: bool = False
+    ) -> StorageError | None:
+        """Map a botocore/aiohttp/OS error to a StorageError; None for anything else."""
+        where = f"{op} {key!r} in {self.url}"
+        if isinstance(e, ClientError):
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = e.response.get("Error", {}).get("Code", "")
+            detail = f"{where}: HTTP {status} {code}"
+            if status == 412 or code == "PreconditionFailed":
+                return PreconditionFailed(detail, key=key, status=412)
+            if status == 409 or code == "ConditionalRequestConflict":
+                return PreconditionFailed(detail, key=key, status=409)
+            if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
+                if conditional:
+                    # S3 answers IfMatch on a missing key with 404; for a CAS loop that is the
+                    # same situation as a changed ETag (LocalStore answers it the same way).
+                    return PreconditionFailed(detail, key=key, status=412)
+                return ObjectNotFound(detail, key=key)
+            return StorageError(detail, key=key)
+        if isinstance(e, (BotoCoreError, aiohttp.ClientError, OSError)):
+            # OSError covers TimeoutError and connection errors raised while reading a body.
+            return StorageError(f"{where}: {type(e).__name__}: {e}", key=key)
+        return None
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def open_store(
+    location: str,
+    *,
+    endpoint_url: str | None = None,
+    region_name: str | None = None,
+    credentials: AwsCredentials | None = None,
+) -> Store:
+    """`s3://bucket/some/prefix` -> S3Store; anything else is a local folder path."""
+    if location.startswith("s3://"):
+        bucket, _, prefix = location[len("s3://") :].partition("/")
+        return S3Store(
+            bucket, prefix, endpoint_url=endpoint_url, region_name=region_name, credentials=credentials
+        )
+    if "://" in location:
+        raise ValueError(f"unsupported store location {location!r}: use s3://bucket/prefix or a folder path")
+    return LocalStore(location)

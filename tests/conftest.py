@@ -1,0 +1,78 @@
+"""Shared test harness: real servers on 127.0.0.1, never mocks of the thing under test."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+
+import boto3
+import pytest
+import pytest_asyncio
+from moto.server import ThreadedMotoServer
+
+# Prefect state of the test run stays out of the user's ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="invoices-test-prefect-"))
+os.environ.pop("PREFECT_API_URL", None)
+# The LLM is only used where a test asks for it (against the project's fake server).
+for _name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"):
+    os.environ.pop(_name, None)
+
+# Tests talk to moto over HTTP; these fake credentials never leave the loopback.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A moto S3 server as a real HTTP server on 127.0.0.1 (random port)."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint):
+    """A fresh, empty bucket on the moto server; its name."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest_asyncio.fixture(params=["local", "s3"], loop_scope="function")
+async def store(request, tmp_path):
+    """An opened store on each backend: a local folder, and a prefix of a moto bucket.
+
+    The S3 store lists in pages of 3 so that every list() in a test paginates."""
+    from tasks.storage import LocalStore, S3Store
+
+    if request.param == "local":
+        opened = LocalStore(tmp_path / "store")
+    else:
+        opened = S3Store(
+            request.getfixturevalue("s3_bucket"), "root/",
+            endpoint_url=request.getfixturevalue("moto_endpoint"), page_size=3,
+        )
+    async with opened:
+        yield opened
+
+
+@pytest.fixture
+def proxy(moto_endpoint):
+    """A fault-injecting HTTP proxy in front of the moto server."""
+    from tests.s3_faults import S3FaultProxy
+
+    with S3FaultProxy(moto_endpoint) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for every test that runs flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
