@@ -1,0 +1,145 @@
+"""The manifest protocol without Prefect: merge rules, compare-and-swap, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+
+import pytest
+
+from tasks.manifest import (
+    InvoiceOutcome,
+    Manifest,
+    ManifestWriteError,
+    ManifestWriter,
+    apply_outcomes,
+    commit_outcomes,
+    merge_entry,
+    read_manifest,
+    utcnow,
+)
+
+
+def outcome(key="a.pdf", status="done", etag='"e1"', *, ago=0.0, **kw) -> InvoiceOutcome:
+    return InvoiceOutcome(
+        key=key, etag=etag, status=status, finished_at=utcnow() - timedelta(seconds=ago), **kw
+    )
+
+
+class TestMerge:
+    def test_applying_a_batch_twice_changes_nothing(self):
+        batch = [outcome("a.pdf"), outcome("b.pdf", "failed", error_code="x"), outcome("c.pdf", "needs_review")]
+        once = apply_outcomes(Manifest(), batch)
+        twice = apply_outcomes(once, batch)
+        assert twice.entries == once.entries
+
+    def test_done_is_never_downgraded_for_the_same_content(self):
+        done = merge_entry(None, outcome(status="done", ago=10, result_key="r.json"))
+        later_failure = merge_entry(done, outcome(status="failed", error_code="llm_timeout", attempt=2))
+        assert later_failure.status == "done"
+        assert later_failure.result_key == "r.json"
+        assert later_failure.attempts == 2
+
+    def test_new_content_replaces_done(self):
+        done = merge_entry(None, outcome(status="done", ago=10))
+        changed = merge_entry(done, outcome(status="failed", etag='"e2"', error_code="pdf_damaged"))
+        assert (changed.status, changed.etag, changed.attempts) == ("failed", '"e2"', 1)
+
+    def test_a_late_older_report_does_not_win(self):
+        newer = merge_entry(None, outcome(status="needs_review", ago=1))
+        stale = merge_entry(newer, outcome(status="failed", ago=5, error_code="x"))
+        assert stale.status == "needs_review"
+
+    def test_a_late_done_still_beats_a_newer_failure(self):
+        failed = merge_entry(None, outcome(status="failed", ago=1, error_code="x"))
+        assert merge_entry(failed, outcome(status="done", ago=5)).status == "done"
+
+    def test_first_seen_is_kept_and_attempts_never_go_back(self):
+        first = merge_entry(None, outcome(status="failed", ago=10, attempt=3, error_code="x"))
+        second = merge_entry(first, outcome(status="done", attempt=2))
+        assert second.first_seen_at == first.first_seen_at
+        assert second.attempts == 3
+
+
+async def test_commit_creates_then_updates_with_a_version_counter(store):
+    first = await commit_outcomes(store, [outcome("a.pdf")])
+    second = await commit_outcomes(store, [outcome("b.pdf")])
+    manifest, etag = await read_manifest(store)
+    assert (first.version, second.version, manifest.version) == (1, 2, 2)
+    assert set(manifest.entries) == {"a.pdf", "b.pdf"}
+    assert etag is not None
+
+
+async def test_recommitting_the_same_batch_writes_nothing(store):
+    batch = [outcome("a.pdf"), outcome("b.pdf")]
+    await commit_outcomes(store, batch)
+    _, etag_before = await read_manifest(store)
+    again = await commit_outcomes(store, batch)
+    _, etag_after = await read_manifest(store)
+    assert not again.written and etag_before == etag_after
+
+
+async def test_compare_and_swap_alone_loses_nothing_under_contention(store):
+    """50 unsynchronised writers, no lock at all: the conditional write keeps every update."""
+    results = await asyncio.gather(
+        *(commit_outcomes(store, [outcome(f"inv-{i}.pdf")], max_attempts=200, backoff_max=0.2)
+          for i in range(50))
+    )
+    manifest, _ = await read_manifest(store)
+    assert len(manifest.entries) == 50
+    assert manifest.version == 50
+    assert any(r.attempts > 1 for r in results), "the test must actually produce conflicts"
+
+
+async def test_identical_entries_still_change_the_etag(store):
+    await commit_outcomes(store, [outcome("a.pdf", status="failed", error_code="x", ago=5)])
+    _, etag1 = await read_manifest(store)
+    await commit_outcomes(store, [outcome("a.pdf", status="failed", error_code="x", ago=1)])
+    data = json.loads((await store.get("manifest.json")).data)
+    _, etag2 = await read_manifest(store)
+    assert etag1 != etag2 and data["version"] == 2
+
+
+class TestManifestWriter:
+    async def test_group_commit_batches_what_arrives_during_a_write(self):
+        committed: list[list[str]] = []
+
+        async def slow_commit(batch):
+            await asyncio.sleep(0.05)
+            committed.append([o.key for o in batch])
+
+        async with ManifestWriter(slow_commit) as writer:
+            for i in range(200):
+                writer.submit(outcome(f"{i}.pdf"))
+                if i % 20 == 0:
+                    await asyncio.sleep(0.01)
+        keys = [k for batch in committed for k in batch]
+        assert sorted(keys) == sorted(f"{i}.pdf" for i in range(200))
+        assert len(committed) < 20
+        assert writer.recorded == 200 and len(writer.batches) == len(committed)
+
+    async def test_a_failed_write_is_retried_with_its_batch(self):
+        calls = []
+
+        async def flaky(batch):
+            calls.append(len(batch))
+            if len(calls) == 1:
+                raise OSError("S3 unreachable")
+
+        async with ManifestWriter(flaky, retry_delay=0.01) as writer:
+            for i in range(5):
+                writer.submit(outcome(f"{i}.pdf"))
+        assert calls == [5, 5] and writer.recorded == 5
+
+    async def test_a_manifest_that_cannot_be_written_fails_loudly_naming_what_is_unrecorded(self):
+        async def broken(batch):
+            raise OSError("access denied")
+
+        writer = ManifestWriter(broken, max_failures=2, retry_delay=0.01)
+        with pytest.raises(ManifestWriteError) as caught:
+            async with writer:
+                writer.submit(outcome("a.pdf"))
+                writer.submit(outcome("b.pdf"))
+        assert sorted(o.key for o in caught.value.unrecorded) == ["a.pdf", "b.pdf"]
+        assert "2 outcomes are not recorded" in str(caught.value)
