@@ -1,0 +1,96 @@
+"""`invoices`: run the pipeline, make sample invoices, serve a local fake LLM.
+
+Exit codes of `invoices run`: 0 every invoice done or needs_review; 1 some invoices failed
+(each recorded with its reason); 2 the run itself could not go ahead (e.g. no manifest lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from tasks.report import RunSummary
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    from flows.process_invoices import BUNDLED_SAMPLES
+
+    run = sub.add_parser(
+        "run",
+        help="process invoices and print a summary",
+        description="Process every PDF invoice under SOURCE and record each outcome in "
+        "OUTPUT/manifest.json. Uses Prefect's API from PREFECT_API_URL, or a temporary local "
+        "server when none is set.",
+    )
+    run.add_argument(
+        "source", nargs="?", default=BUNDLED_SAMPLES,
+        help="s3://bucket/prefix or a local folder (default: the bundled sample invoices)",
+    )
+    run.add_argument("-o", "--output", default="out",
+                     help="s3://bucket/prefix or a folder for results and the manifest (default: ./out)")
+    run.add_argument("--extractor", choices=["auto", "offline", "openai"], default="auto",
+                     help="auto: the LLM when OPENAI_API_KEY or OPENAI_BASE_URL is set, else offline")
+    run.add_argument("--max-concurrency", type=int, default=100, help="invoices in flight (default 100)")
+    run.add_argument("--invoice-timeout", type=float, default=300.0,
+                     help="seconds one invoice may take, all stages (default 300)")
+    run.add_argument("--max-attempts", type=int, default=3,
+                     help="attempts per invoice before a failure is final (default 3)")
+    run.add_argument("--reprocess-needs-review", action="store_true",
+                     help="also redo invoices recorded as needs_review")
+    run.add_argument("--parse-executor", choices=["process", "thread"], default="process",
+                     help="where PyMuPDF runs (default: a process pool)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.process_invoices import process_invoices
+    from tasks.report import format_table
+
+    state = asyncio.run(
+        process_invoices(
+            source=args.source,
+            output=args.output,
+            extractor=args.extractor,
+            max_concurrency=args.max_concurrency,
+            invoice_timeout=args.invoice_timeout,
+            max_attempts=args.max_attempts,
+            reprocess_needs_review=args.reprocess_needs_review,
+            parse_executor=args.parse_executor,
+            return_state=True,
+        )
+    )
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, RunSummary):
+        print(f"run failed: {state.message or summary}", file=sys.stderr)
+        return 2
+    print(summary.model_dump_json(indent=2) if args.json else format_table(summary))
+    return 1 if summary.failed else 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from tasks.samples import write_samples
+
+    paths = write_samples(Path(args.folder), args.count, seed=args.seed)
+    print(f"wrote {len(paths)} invoices to {args.folder}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-llm"]:  # its own argparse; forward everything after the name
+        from fake_llm.server import main as fake_llm_main
+
+        return fake_llm_main(argv[1:]) or 0
+    parser = argparse.ArgumentParser(prog="invoices", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    samples = sub.add_parser("samples", help="generate sample invoice PDFs")
+    samples.add_argument("folder", help="where to write them")
+    samples.add_argument("--count", type=int, default=12)
+    samples.add_argument("--seed", type=int, default=0)
+    sub.add_parser("fake-llm", help="serve a local OpenAI-compatible fake LLM (see: invoices fake-llm --help)")
+    args = parser.parse_args(argv)
+    return {"run": cmd_run, "samples": cmd_samples}[args.command](args)

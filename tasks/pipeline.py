@@ -1,0 +1,228 @@
+"""One invoice, start to finish: download, parse, extract, check, write the result.
+
+`process_invoice` is a plain async function that always returns an outcome: every failure,
+expected (`InvoiceFailure`) or not, ends as a `failed` outcome with a code and a message,
+so the batch goes on and nothing is silent. `plan_batch` decides what a run has to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import PurePosixPath
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from tasks.errors import InvoiceFailure
+from tasks.extract import Extractor
+from tasks.invoice import Invoice, check_invoice
+from tasks.manifest import InvoiceOutcome, Manifest, utcnow
+from tasks.parse import PdfParser
+from tasks.storage import ObjectInfo, StorageError, Store
+
+logger = logging.getLogger(__name__)
+
+RESULTS_PREFIX = "results/"
+
+
+@dataclass(frozen=True)
+class InvoiceJob:
+    key: str
+    etag: str
+    size: int
+    attempt: int = 1
+
+
+@dataclass
+class BatchPlan:
+    todo: list[InvoiceJob] = field(default_factory=list)
+    skipped_done: list[str] = field(default_factory=list)
+    skipped_review: list[str] = field(default_factory=list)
+    skipped_exhausted: list[str] = field(default_factory=list)
+
+
+def plan_batch(
+    listing: list[ObjectInfo],
+    manifest: Manifest,
+    *,
+    max_attempts: int = 3,
+    reprocess_needs_review: bool = False,
+) -> BatchPlan:
+    """Which invoices this run processes, given what the manifest already records.
+
+    Same content (ETag) already `done` is skipped; `needs_review` too unless asked; `failed`
+    is retried until it has had `max_attempts` attempts.
+    """
+    plan = BatchPlan()
+    for obj in listing:
+        entry = manifest.entries.get(obj.key)
+        same = entry is not None and entry.etag == obj.etag
+        attempt = entry.attempts + 1 if same else 1
+        if same and entry.status == "done":
+            plan.skipped_done.append(obj.key)
+        elif same and entry.status == "needs_review" and not reprocess_needs_review:
+            plan.skipped_review.append(obj.key)
+        elif same and entry.status == "failed" and entry.attempts >= max_attempts:
+            plan.skipped_exhausted.append(obj.key)
+        else:
+            plan.todo.append(InvoiceJob(obj.key, obj.etag, obj.size, attempt))
+    return plan
+
+
+def result_key_for(key: str) -> str:
+    return RESULTS_PREFIX + str(PurePosixPath(key).with_suffix(".json"))
+
+
+class InvoiceResult(BaseModel):
+    """The result object written per extracted invoice (results/<key>.json)."""
+
+    key: str
+    etag: str
+    sha256: str
+    status: str
+    reasons: list[str]
+    invoice: Invoice
+    extractor: str
+    source: str
+    pages: int
+    prompt_tokens: int
+    completion_tokens: int
+    truncated: bool
+    processed_at: datetime
+    flow_run_id: str | None
+
+
+@dataclass
+class InvoiceContext:
+    """What every invoice of a run shares: stores, the parser pool, the extractor."""
+
+    source: Store
+    output: Store
+    parser: PdfParser
+    extractor: Extractor
+    flow_run_id: str | None = None
+    invoice_timeout: float = 300.0
+    max_bytes: int = 50 * 1024 * 1024
+
+
+@dataclass
+class ProcessedInvoice:
+    outcome: InvoiceOutcome
+    vendor_name: str | None = None
+    total: Decimal | None = None
+    currency: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+async def process_invoice(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
+    """Run one invoice through every stage; always returns, never raises (but cancellation)."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(ctx.invoice_timeout):
+            processed = await _run_stages(ctx, job)
+    except InvoiceFailure as exc:
+        processed = _failed(ctx, job, exc.code, exc.message)
+    except TimeoutError:
+        processed = _failed(
+            ctx, job, "invoice_timeout", f"not finished within {ctx.invoice_timeout:g} s"
+        )
+    except StorageError as exc:
+        processed = _failed(ctx, job, "storage_error", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        logger.exception("unexpected error on %s", job.key)
+        processed = _failed(ctx, job, "internal_error", f"{type(exc).__name__}: {exc}")
+    processed.seconds = time.perf_counter() - started
+    return processed
+
+
+async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
+    if job.size > ctx.max_bytes:
+        raise InvoiceFailure(
+            "too_large", f"{job.size} bytes is over the {ctx.max_bytes}-byte limit per invoice"
+        )
+    stored = await ctx.source.get(job.key)
+    sha256 = hashlib.sha256(stored.data).hexdigest()
+    document = await ctx.parser.parse(stored.data)
+    extraction = await ctx.extractor.extract(document)
+    reasons = check_invoice(extraction.invoice)
+    status = "needs_review" if reasons else "done"
+    result = InvoiceResult(
+        key=job.key,
+        etag=job.etag,
+        sha256=sha256,
+        status=status,
+        reasons=reasons,
+        invoice=extraction.invoice,
+        extractor=ctx.extractor.name,
+        source=extraction.source,
+        pages=document.page_count,
+        prompt_tokens=extraction.prompt_tokens,
+        completion_tokens=extraction.completion_tokens,
+        truncated=extraction.truncated,
+        processed_at=utcnow(),
+        flow_run_id=ctx.flow_run_id,
+    )
+    result_key = result_key_for(job.key)
+    # The result is written before the manifest can say `done`: `done` always has a result.
+    await ctx.output.put(
+        result_key, result.model_dump_json(indent=2).encode(), content_type="application/json"
+    )
+    invoice = extraction.invoice
+    return ProcessedInvoice(
+        outcome=InvoiceOutcome(
+            key=job.key,
+            etag=job.etag,
+            sha256=sha256,
+            status=status,
+            result_key=result_key,
+            reasons=reasons,
+            attempt=job.attempt,
+            flow_run_id=ctx.flow_run_id,
+            extractor=ctx.extractor.name,
+        ),
+        vendor_name=invoice.vendor_name,
+        total=invoice.total,
+        currency=invoice.currency,
+        prompt_tokens=extraction.prompt_tokens,
+        completion_tokens=extraction.completion_tokens,
+    )
+
+
+def _failed(ctx: InvoiceContext, job: InvoiceJob, code: str, message: str) -> ProcessedInvoice:
+    logger.warning("invoice %s failed: %s: %s", job.key, code, message)
+    return ProcessedInvoice(
+        outcome=InvoiceOutcome(
+            key=job.key,
+            etag=job.etag,
+            status="failed",
+            error_code=code,
+            error_message=message,
+            attempt=job.attempt,
+            flow_run_id=ctx.flow_run_id,
+            extractor=ctx.extractor.name,
+        )
+    )
+
+
+def failed_outcome(ctx: InvoiceContext, job: InvoiceJob, exc: BaseException) -> ProcessedInvoice:
+    """For the flow: a task run that itself crashed (e.g. its backstop timeout) is recorded too."""
+    return _failed(ctx, job, "task_crashed", f"{type(exc).__name__}: {exc}")
+
+
+@task(
+    name="process-invoice",
+    task_run_name="{job.key}",
+    cache_policy=NO_CACHE,
+    timeout_seconds=3600,  # backstop only: process_invoice bounds itself by invoice_timeout
+)
+async def process_invoice_task(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
+    return await process_invoice(ctx, job)
