@@ -6,17 +6,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
 
+from pydantic import SecretStr
+
 from tasks.extract import Extractor, OfflineExtractor
+from tasks.limits import ensure_llm_limits, llm_call_guard
 
 ExtractorChoice = Literal["auto", "offline", "openai"]
 
 
 @asynccontextmanager
-async def build_extractor(choice: ExtractorChoice) -> AsyncIterator[Extractor]:
-    """`auto` uses the LLM when one is configured (OPENAI_API_KEY or OPENAI_BASE_URL), else offline."""
+async def build_extractor(
+    choice: ExtractorChoice, *, api_key: SecretStr | None = None
+) -> AsyncIterator[Extractor]:
+    """`auto` uses the LLM when one is configured (an API key or OPENAI_BASE_URL), else offline."""
     from tasks.llm import LLMSettings, OpenAIExtractor
 
     settings = LLMSettings.from_env()
+    if api_key is not None:
+        settings.api_key = api_key
     configured = settings.api_key is not None or settings.base_url is not None
     if choice == "offline" or (choice == "auto" and not configured):
         yield OfflineExtractor()
@@ -26,5 +33,7 @@ async def build_extractor(choice: ExtractorChoice) -> AsyncIterator[Extractor]:
             "extractor 'openai' needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local "
             "OpenAI-compatible server)"
         )
-    async with OpenAIExtractor(settings) as extractor:
+    # Every LLM call takes Prefect slots, so all runs together stay within the account's limits.
+    await ensure_llm_limits(update_existing=False)
+    async with OpenAIExtractor(settings, call_guard=llm_call_guard()) as extractor:
         yield extractor

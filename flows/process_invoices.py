@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -13,9 +12,10 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
+from flows.blocks import load_aws_credentials, load_secret
 from flows.extractors import ExtractorChoice, build_extractor
 from tasks.limits import ensure_manifest_lock
-from tasks.manifest import ManifestWriter, read_manifest, update_manifest
+from tasks.manifest import InvoiceOutcome, ManifestWriter, read_manifest, update_manifest
 from tasks.parse import PdfParser
 from tasks.pipeline import (
     InvoiceContext,
@@ -25,7 +25,7 @@ from tasks.pipeline import (
     plan_batch,
     process_invoice_task,
 )
-from tasks.report import RunSummary, publish_summary, summarize
+from tasks.report import RunProgress, RunSummary, publish_summary, summarize
 from tasks.storage import open_store
 
 BUNDLED_SAMPLES = str(Path(__file__).resolve().parents[1] / "samples" / "invoices")
@@ -42,6 +42,8 @@ async def process_invoices(
     reprocess_needs_review: bool = False,
     parse_executor: Literal["process", "thread"] = "process",
     fail_on_invoice_errors: bool = True,
+    aws_credentials_block: str | None = None,
+    openai_api_key_secret: str | None = None,
 ) -> State:
     """Process invoices (PDF) under `source` (s3://bucket/prefix or a folder) into `output`.
 
@@ -56,15 +58,22 @@ async def process_invoices(
         reprocess_needs_review: also redo invoices the manifest marks `needs_review`.
         parse_executor: PyMuPDF runs in a `process` pool (default) or a `thread` pool.
         fail_on_invoice_errors: end the run Failed when any invoice failed (after recording).
+        aws_credentials_block: name of a prefect-aws `AwsCredentials` block for S3; none:
+            the default AWS credential chain.
+        openai_api_key_secret: name of a Prefect `Secret` block holding the OpenAI API key;
+            none: `OPENAI_API_KEY` from the environment.
     """
     logger = get_run_logger()
     started = time.perf_counter()
     await ensure_manifest_lock()
+    credentials = await load_aws_credentials(aws_credentials_block)
     async with AsyncExitStack() as stack:
-        src = await stack.enter_async_context(open_store(source))
-        out = await stack.enter_async_context(open_store(output))
+        src = await stack.enter_async_context(open_store(source, credentials=credentials))
+        out = await stack.enter_async_context(open_store(output, credentials=credentials))
         parser = await stack.enter_async_context(PdfParser(parse_executor))
-        chosen = await stack.enter_async_context(build_extractor(extractor))
+        chosen = await stack.enter_async_context(
+            build_extractor(extractor, api_key=await load_secret(openai_api_key_secret))
+        )
         ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout)
 
         manifest, _ = await read_manifest(out)
@@ -76,7 +85,13 @@ async def process_invoices(
                     len(plan.todo), src.url, len(plan.skipped_done))
 
         slots = asyncio.Semaphore(max_concurrency)
-        writer = ManifestWriter(partial(update_manifest, out))
+        progress = await RunProgress.start(len(plan.todo))
+
+        async def record(batch: list[InvoiceOutcome]) -> None:
+            await update_manifest(out, batch)
+            await progress.advance(len(batch))
+
+        writer = ManifestWriter(record)
 
         async def run_one(job: InvoiceJob) -> ProcessedInvoice:
             async with slots:

@@ -11,6 +11,8 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -141,7 +143,25 @@ async def process_invoice(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvo
         logger.exception("unexpected error on %s", job.key)
         processed = _failed(ctx, job, "internal_error", f"{type(exc).__name__}: {exc}")
     processed.seconds = time.perf_counter() - started
+    outcome = processed.outcome
+    logger.info(
+        "%s %s in %.2fs%s", job.key, outcome.status, processed.seconds,
+        f" ({outcome.error_code}: {outcome.error_message})" if outcome.error_code else "",
+        extra={"invoice_key": job.key, "stage": outcome.status,
+               "duration_s": round(processed.seconds, 4), "error_code": outcome.error_code},
+    )
     return processed
+
+
+@contextmanager
+def _stage(job: InvoiceJob, stage: str, timings: dict[str, float]) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(time.perf_counter() - started, 4)
+        logger.debug("%s %s in %.3fs", job.key, stage, timings[stage],
+                     extra={"invoice_key": job.key, "stage": stage, "duration_s": timings[stage]})
 
 
 async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
@@ -149,10 +169,14 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
         raise InvoiceFailure(
             "too_large", f"{job.size} bytes is over the {ctx.max_bytes}-byte limit per invoice"
         )
-    stored = await ctx.source.get(job.key)
-    sha256 = hashlib.sha256(stored.data).hexdigest()
-    document = await ctx.parser.parse(stored.data)
-    extraction = await ctx.extractor.extract(document)
+    timings: dict[str, float] = {}
+    with _stage(job, "download", timings):
+        stored = await ctx.source.get(job.key)
+        sha256 = hashlib.sha256(stored.data).hexdigest()
+    with _stage(job, "parse", timings):
+        document = await ctx.parser.parse(stored.data)
+    with _stage(job, "extract", timings):
+        extraction = await ctx.extractor.extract(document)
     reasons = check_invoice(extraction.invoice)
     status = "needs_review" if reasons else "done"
     result = InvoiceResult(
@@ -173,9 +197,10 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
     )
     result_key = result_key_for(job.key)
     # The result is written before the manifest can say `done`: `done` always has a result.
-    await ctx.output.put(
-        result_key, result.model_dump_json(indent=2).encode(), content_type="application/json"
-    )
+    with _stage(job, "write", timings):
+        await ctx.output.put(
+            result_key, result.model_dump_json(indent=2).encode(), content_type="application/json"
+        )
     invoice = extraction.invoice
     return ProcessedInvoice(
         outcome=InvoiceOutcome(
@@ -198,7 +223,6 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
 
 
 def _failed(ctx: InvoiceContext, job: InvoiceJob, code: str, message: str) -> ProcessedInvoice:
-    logger.warning("invoice %s failed: %s: %s", job.key, code, message)
     return ProcessedInvoice(
         outcome=InvoiceOutcome(
             key=job.key,
@@ -215,6 +239,8 @@ def _failed(ctx: InvoiceContext, job: InvoiceJob, code: str, message: str) -> Pr
 
 def failed_outcome(ctx: InvoiceContext, job: InvoiceJob, exc: BaseException) -> ProcessedInvoice:
     """For the flow: a task run that itself crashed (e.g. its backstop timeout) is recorded too."""
+    logger.error("%s: the process-invoice task run crashed: %r", job.key, exc,
+                 extra={"invoice_key": job.key, "stage": "failed"})
     return _failed(ctx, job, "task_crashed", f"{type(exc).__name__}: {exc}")
 
 

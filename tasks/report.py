@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 from prefect import task
-from prefect.artifacts import acreate_table_artifact
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
@@ -108,8 +113,53 @@ def format_table(summary: RunSummary) -> str:
     return "\n".join(out)
 
 
+def format_markdown(summary: RunSummary) -> str:
+    counts = ", ".join(f"**{n}** {status}" for status, n in sorted(summary.counts.items())) or "none"
+    lines = [
+        f"# Invoice run: {summary.processed} processed",
+        "",
+        f"- source: `{summary.source}`",
+        f"- results and manifest: `{summary.output}`",
+        f"- outcomes: {counts}",
+        f"- skipped: {summary.skipped_done} already done, {summary.skipped_review} needs_review, "
+        f"{summary.skipped_exhausted} out of attempts",
+        f"- LLM tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion",
+        f"- manifest writes: {summary.manifest_writes}",
+        f"- time: {summary.seconds:.1f} s",
+    ]
+    failures = [row for row in summary.rows if row.status == "failed"]
+    if failures:
+        lines += ["", "## Failures", "", "| invoice | reason |", "| --- | --- |"]
+        lines += [f"| `{row.invoice}` | {row.reason} |" for row in failures]
+    return "\n".join(lines)
+
+
+class RunProgress:
+    """A progress artifact, moved on as outcomes are recorded in the manifest."""
+
+    def __init__(self, artifact_id, total: int) -> None:
+        self.artifact_id, self.total, self.recorded = artifact_id, total, 0
+
+    @classmethod
+    async def start(cls, total: int) -> RunProgress:
+        artifact_id = await acreate_progress_artifact(
+            0.0 if total else 100.0, key="invoice-run-progress",
+            description=f"0 of {total} invoices recorded",
+        )
+        return cls(artifact_id, total)
+
+    async def advance(self, count: int) -> None:
+        self.recorded += count
+        await aupdate_progress_artifact(
+            self.artifact_id, 100.0 * self.recorded / max(self.total, 1),
+            description=f"{self.recorded} of {self.total} invoices recorded",
+        )
+
+
 @task(name="publish-summary", cache_policy=NO_CACHE, retries=2)
 async def publish_summary(summary: RunSummary) -> None:
+    await acreate_markdown_artifact(format_markdown(summary), key="invoice-run-report",
+                                    description="Counts, failures, tokens and time of the run")
     await acreate_table_artifact(
         key="invoice-run-summary",
         table=[row.model_dump() for row in summary.rows],

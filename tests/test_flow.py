@@ -8,19 +8,11 @@ from pathlib import Path
 import boto3
 import fitz
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterKey,
-    FlowRunFilter,
-    FlowRunFilterId,
-    TaskRunFilter,
-)
-from prefect.client.schemas.sorting import ArtifactSort
 
 from flows.process_invoices import process_invoices
 from tasks.manifest import Manifest
 from tasks.samples import write_samples
+from tests.conftest import read_artifacts
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -102,13 +94,8 @@ async def test_s3_end_to_end_with_summary_artifact(moto_endpoint, s3_bucket, tmp
     assert set(manifest.entries) == {f"2026/{p.name}" for p in pdfs}
     results = s3.list_objects_v2(Bucket=s3_bucket, Prefix="processed/results/")["Contents"]
     assert len(results) == 5
-    async with get_client() as client:
-        artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["invoice-run-summary"])),
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
-            # this server (fastapi<0.155) rejects the nulls the client sends for these
-            task_run_filter=TaskRunFilter(), limit=10, sort=ArtifactSort.CREATED_DESC,
-        )
+    artifacts = await read_artifacts(key="invoice-run-summary",
+                                     flow_run_id=state.state_details.flow_run_id)
     assert len(artifacts) == 1 and artifacts[0].type == "table"
     table = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
     assert sorted(row["invoice"] for row in table) == sorted(f"2026/{p.name}" for p in pdfs)
