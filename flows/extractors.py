@@ -9,14 +9,14 @@ from typing import Literal
 from pydantic import SecretStr
 
 from tasks.extract import Extractor, OfflineExtractor
-from tasks.limits import ensure_llm_limits, llm_call_guard
+from tasks.limits import LLMSlots, ensure_llm_limits
 
 ExtractorChoice = Literal["auto", "offline", "openai"]
 
 
 @asynccontextmanager
 async def build_extractor(
-    choice: ExtractorChoice, *, api_key: SecretStr | None = None
+    choice: ExtractorChoice, *, api_key: SecretStr | None = None, max_in_flight: int = 100
 ) -> AsyncIterator[Extractor]:
     """`auto` uses the LLM when one is configured (an API key or OPENAI_BASE_URL), else offline."""
     from tasks.llm import LLMSettings, OpenAIExtractor
@@ -33,7 +33,8 @@ async def build_extractor(
             "extractor 'openai' needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local "
             "OpenAI-compatible server)"
         )
-    # Every LLM call takes Prefect slots, so all runs together stay within the account's limits.
-    await ensure_llm_limits(update_existing=False)
-    async with OpenAIExtractor(settings, call_guard=llm_call_guard()) as extractor:
-        yield extractor
+    # LLM calls are capped by Prefect limits, so all runs together stay within the account's.
+    in_flight, rate_burst = await ensure_llm_limits(update_existing=False)
+    async with LLMSlots(min(max_in_flight, in_flight, rate_burst)) as slots:
+        async with OpenAIExtractor(settings, call_guard=slots.call) as extractor:
+            yield extractor

@@ -72,7 +72,8 @@ async def process_invoices(
         out = await stack.enter_async_context(open_store(output, credentials=credentials))
         parser = await stack.enter_async_context(PdfParser(parse_executor))
         chosen = await stack.enter_async_context(
-            build_extractor(extractor, api_key=await load_secret(openai_api_key_secret))
+            build_extractor(extractor, api_key=await load_secret(openai_api_key_secret),
+                            max_in_flight=max_concurrency)
         )
         ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout)
 

@@ -7,8 +7,9 @@ limit before the first manifest write and refuses to run when it cannot.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 from prefect.client.orchestration import get_client
@@ -85,8 +86,9 @@ LLM_RATE_LIMIT = "llm-rate"
 
 async def ensure_llm_limits(
     max_in_flight: int = 100, requests_per_minute: int = 3000, *, update_existing: bool = True
-) -> None:
-    """The limits every LLM call takes a slot of, shared by all runs of one account.
+) -> tuple[int, int]:
+    """The limits LLM calls take slots of, shared by all runs of one account; returns the
+    sizes in force on the server (in flight, rate burst).
 
     `llm-in-flight` caps calls in flight; `llm-rate` is a rate limit (slots decay at
     requests_per_minute / 60 per second; its size, the burst, is at most `max_in_flight`).
@@ -98,27 +100,85 @@ async def ensure_llm_limits(
         LLM_RATE_LIMIT, max(1, min(requests_per_minute, max_in_flight)),
         slot_decay_per_second=requests_per_minute / 60, update_existing=update_existing,
     )
+    async with get_client() as client:
+        in_flight = await client.read_global_concurrency_limit_by_name(LLM_IN_FLIGHT_LIMIT)
+        rate = await client.read_global_concurrency_limit_by_name(LLM_RATE_LIMIT)
+    return in_flight.limit, rate.limit
 
 
-def llm_call_guard(timeout: float = 600.0) -> Callable[[], AbstractAsyncContextManager[None]]:
-    """Around each LLM HTTP call: a `llm-rate` slot, then a `llm-in-flight` slot held for the
-    call. Waiting for slots is bounded; running out of time is a recorded failure."""
+class LLMSlots:
+    """Caps LLM calls in flight and their rate through Prefect limits, without a server
+    round trip per call.
+
+    Prefect 3.8.8 serializes slot acquisitions per limit (one at a time, ~0.1-0.7 s each
+    here), so a slot per call would make 100 concurrent calls wait tens of seconds. Instead
+    a run takes its `capacity` of `llm-in-flight` slots once, at its first call, and holds
+    them (under a renewed lease) until it ends; `llm-rate` slots are taken `capacity` at a
+    time. Each call takes only local tokens. Runs together never exceed the limits.
+    """
+
+    def __init__(self, capacity: int, *, timeout: float = 600.0) -> None:
+        self.capacity = capacity
+        self.timeout = timeout
+        self._local = asyncio.Semaphore(capacity)
+        self._holder: asyncio.Task[None] | None = None
+        self._release = asyncio.Event()
+        self._hold_lock = asyncio.Lock()
+        self._rate_lock = asyncio.Lock()
+        self._rate_tokens = 0
+
+    async def __aenter__(self) -> LLMSlots:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release.set()
+        if self._holder is not None:
+            await self._holder
 
     @asynccontextmanager
-    async def guard() -> AsyncIterator[None]:
-        async with AsyncExitStack() as held:
-            try:
-                await rate_limit(LLM_RATE_LIMIT, occupy=1, timeout_seconds=timeout, strict=True)
-                await held.enter_async_context(
-                    concurrency(LLM_IN_FLIGHT_LIMIT, occupy=1, timeout_seconds=timeout, strict=True)
-                )
-            except TimeoutError:
-                raise InvoiceFailure(
-                    "llm_slot_timeout",
-                    f"no LLM slot within {timeout:g} s (limits {LLM_IN_FLIGHT_LIMIT!r} and "
-                    f"{LLM_RATE_LIMIT!r} are shared by every run)",
-                    retryable=True,
-                ) from None
+    async def call(self) -> AsyncIterator[None]:
+        try:
+            await self._hold_in_flight_slots()
+            await self._take_rate_token()
+        except TimeoutError:
+            raise InvoiceFailure(
+                "llm_slot_timeout",
+                f"no LLM slot within {self.timeout:g} s (limits {LLM_IN_FLIGHT_LIMIT!r} and "
+                f"{LLM_RATE_LIMIT!r} are shared by every run)",
+                retryable=True,
+            ) from None
+        async with self._local:
             yield
 
-    return guard
+    async def _hold_in_flight_slots(self) -> None:
+        async with self._hold_lock:
+            if self._holder is None:
+                held = asyncio.get_running_loop().create_future()
+                self._holder = asyncio.create_task(self._hold(held), name="llm-slots")
+                try:
+                    await held
+                except BaseException:
+                    self._holder = None  # not held: the next call tries again
+                    raise
+
+    async def _hold(self, held: asyncio.Future[None]) -> None:
+        # One task enters and exits Prefect's concurrency context (it holds a cancel scope
+        # for lease renewal, which must be exited by the task that entered it).
+        try:
+            async with concurrency(LLM_IN_FLIGHT_LIMIT, occupy=self.capacity,
+                                   timeout_seconds=self.timeout, strict=True):
+                held.set_result(None)
+                await self._release.wait()
+        except BaseException as exc:
+            if not held.done():
+                held.set_exception(exc)
+                return
+            raise
+
+    async def _take_rate_token(self) -> None:
+        async with self._rate_lock:
+            if self._rate_tokens == 0:
+                await rate_limit(LLM_RATE_LIMIT, occupy=self.capacity,
+                                 timeout_seconds=self.timeout, strict=True)
+                self._rate_tokens = self.capacity
+            self._rate_tokens -= 1
