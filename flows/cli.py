@@ -48,8 +48,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.process_invoices import process_invoices
     from tasks.report import format_table
 
-    state = asyncio.run(
-        process_invoices(
+    try:
+        state = asyncio.run(process_invoices(
             source=args.source,
             output=args.output,
             extractor=args.extractor,
@@ -59,8 +59,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             reprocess_needs_review=args.reprocess_needs_review,
             parse_executor=args.parse_executor,
             return_state=True,
-        )
-    )
+        ))
+    except Exception as exc:  # the run could not even start (e.g. no Prefect API): say so
+        print(f"run failed before processing any invoice: {type(exc).__name__}: {exc}\n"
+              "nothing was processed: the manifest is only written under Prefect's lock",
+              file=sys.stderr)
+        return 2
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, RunSummary):
         print(f"run failed: {state.message or summary}", file=sys.stderr)
