@@ -141,18 +141,14 @@ def prefect_server(tmp_path_factory):
 
 
 async def read_artifacts(*, key: str | None = None, flow_run_id=None) -> list:
-    """Artifacts through the Prefect API (filters passed in full: this server, with
-    fastapi<0.155, rejects the nulls the 3.8.8 client sends for unset ones)."""
+    """Artifacts through the Prefect API, by key and/or flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, TaskRunFilter,
+        ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,
     )
-    from prefect.client.schemas.sorting import ArtifactSort
 
-    artifact_filter = ArtifactFilter(key=ArtifactFilterKey(any_=[key]) if key else None)
-    flow_run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]) if flow_run_id else None)
     async with get_client() as client:
         return await client.read_artifacts(
-            artifact_filter=artifact_filter, flow_run_filter=flow_run_filter,
-            task_run_filter=TaskRunFilter(), limit=200, sort=ArtifactSort.CREATED_DESC,
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])) if key else None,
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])) if flow_run_id else None,
         )

@@ -56,7 +56,7 @@ async def test_llm_flow_records_every_outcome_and_never_leaks_the_key(llm, tmp_p
     # The key is nowhere: not in the manifest, results, logs or artifacts.
     written = [p.read_text() for p in output.rglob("*.json")]
     artifacts = await read_artifacts(flow_run_id=state.state_details.flow_run_id)
-    assert {a.key for a in artifacts} >= {"invoice-run-summary", "invoice-run-report"}
+    assert {a.key for a in artifacts} >= {"invoice-run-summary", "invoice-run-report", "invoice-run-progress"}
     assert not any(API_KEY in text for text in written)
     assert API_KEY not in caplog.text
     assert not any(API_KEY in json.dumps(a.data, default=str) for a in artifacts)

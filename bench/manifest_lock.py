@@ -1,0 +1,590 @@
+"""Manifest lock benchmark: how the manifest writes scale, and what they cost.
+
+    .venv/bin/python bench/manifest_lock.py --n 100 --n 1000
+
+For each N and each variant, one run of the same workload: N invoices, each
+"finishes" after a simulated 0.5 s extraction (``asyncio.sleep``), and its
+outcome must end up as one entry in a single JSON object ``manifest.json``
+in S3. S3 is moto, started in this process as a real HTTP server on
+127.0.0.1 (``ThreadedMotoServer(port=0)``) and reached through aioboto3
+(one shared client per variant run). One table row per variant and N:
+
+    variant  N  wall s  lost  writes  note
+
+- ``wall s``: the variant's own timing of the workload (a Prefect server's
+  start-up is not included; creating the tag limit is not included either).
+- ``lost``: N minus the invoice keys found in the final manifest (read back
+  by the harness, not reported by the variant).
+- ``writes``: PUTs of ``manifest.json`` received by the S3 server for that
+  variant's bucket (counted server side, by a WSGI wrapper around moto);
+  ``writes`` shows ``ok/total`` when some PUTs were refused (412 etc.).
+
+Variants (``--variants``, default all):
+
+- ``a``  plain asyncio: gather over N coroutines; each sleeps 0.5 s, then
+  read-modify-writes the manifest under one ``asyncio.Lock``.
+- ``a0`` the same without the lock (shows the lost updates).
+- ``b``  naive Prefect: one ``@flow``; each invoice coroutine awaits
+  ``update_manifest_entry(key)``, a ``@task(tags=["manifest"])`` doing the
+  read-modify-write, after the ``tag:manifest`` limit (1) has been created.
+
+Adding a variant: write ``async def variant_x(n, endpoint, bucket) ->
+Result`` (the bucket exists and is empty; ``endpoint`` is the S3 URL; the
+manifest key is ``MANIFEST_KEY``; invoice keys are ``invoice_keys(n)``), and
+register it in ``VARIANTS`` (``needs_prefect=True`` when it runs flows: the
+harness then starts or connects to the Prefect server before it runs).
+``Result.lost`` / ``Result.writes`` may be left ``None``: the harness fills
+them from the final manifest and the server-side PUT count. The manifest
+may be ``{"entries": {key: ...}, ...}`` or ``{key: ...}``.
+
+A variant whose linear estimate (from its previous, smaller N) exceeds
+``--budget`` seconds is skipped and printed as ``skipped (est. X s)``.
+
+Prefect server (``--prefect``): ``start`` (default) runs ``prefect server
+start`` in a temporary PREFECT_HOME with SQLite on a free port, the way the
+pipeline runs against a local server; ``harness`` uses
+``prefect.testing.utilities.prefect_test_harness()`` (what the tests use;
+it is also a SQLite server in a subprocess and behaves the same); a URL
+uses an existing server. ``--server-env K=V`` passes settings to a started
+server (e.g. ``PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://...``).
+
+Timings on a shared 2-core machine are noisy: compare runs made one after
+another, not across days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from typing import Any, Awaitable, Callable, Optional
+
+MANIFEST_KEY = "manifest.json"
+EXTRACT_SECONDS = 0.5
+TAG = "manifest"
+REGION = "us-east-1"
+
+
+# --------------------------------------------------------------------------
+# Result record
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    variant: str
+    n: int
+    wall_s: Optional[float]
+    lost: Optional[int] = None
+    writes: Optional[int] = None
+    note: str = ""
+    writes_total: Optional[int] = None  # filled by the harness (incl. refused PUTs)
+
+
+def invoice_keys(n: int) -> list[str]:
+    return [f"invoices/inv-{i:05d}.pdf" for i in range(n)]
+
+
+# --------------------------------------------------------------------------
+# S3: moto server with a server-side PUT counter, aioboto3 client helpers
+# --------------------------------------------------------------------------
+
+
+class PutCounter:
+    """WSGI wrapper counting PUTs of the manifest key per bucket (and their status)."""
+
+    def __init__(self, app: Callable[..., Any]):
+        self.app = app
+        self.lock = threading.Lock()
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]):
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") == "PUT" and path.endswith("/" + MANIFEST_KEY):
+            bucket = path.lstrip("/").split("/", 1)[0]
+
+            def _start_response(status: str, headers: Any, exc_info: Any = None):
+                ok = status.startswith("2")
+                with self.lock:
+                    c = self.counts.setdefault(bucket, {"ok": 0, "total": 0})
+                    c["total"] += 1
+                    c["ok"] += int(ok)
+                if exc_info is not None:
+                    return start_response(status, headers, exc_info)
+                return start_response(status, headers)
+
+            return self.app(environ, _start_response)
+        return self.app(environ, start_response)
+
+    def get(self, bucket: str) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counts.get(bucket, {"ok": 0, "total": 0}))
+
+
+def start_moto() -> tuple[Any, str, PutCounter]:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no per-request access log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    counter = PutCounter(server._server.app)  # werkzeug serves self.server.app per request
+    server._server.app = counter
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}", counter
+
+
+def s3_client(endpoint: str):
+    """One aioboto3 S3 client context manager (path-style, fake credentials)."""
+    import aioboto3
+    from aiobotocore.config import AioConfig
+
+    return aioboto3.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=AioConfig(s3={"addressing_style": "path"}),
+    )
+
+
+async def read_manifest(client: Any, bucket: str) -> dict[str, Any]:
+    try:
+        obj = await client.get_object(Bucket=bucket, Key=MANIFEST_KEY)
+    except client.exceptions.NoSuchKey:
+        return {"version": 0, "entries": {}}
+    async with obj["Body"] as body:
+        return json.loads(await body.read())
+
+
+async def write_manifest(client: Any, bucket: str, manifest: dict[str, Any]) -> None:
+    await client.put_object(
+        Bucket=bucket,
+        Key=MANIFEST_KEY,
+        Body=json.dumps(manifest, separators=(",", ":")).encode(),
+        ContentType="application/json",
+    )
+
+
+async def read_modify_write(client: Any, bucket: str, key: str) -> None:
+    """The unsafe primitive every variant serializes: read, add one entry, write."""
+    manifest = await read_manifest(client, bucket)
+    manifest.setdefault("entries", {})[key] = {"status": "done"}
+    manifest["version"] = int(manifest.get("version", 0)) + 1
+    await write_manifest(client, bucket, manifest)
+
+
+def count_entries(manifest: dict[str, Any], keys: list[str]) -> int:
+    entries = manifest.get("entries", manifest)
+    if not isinstance(entries, dict):
+        return 0
+    return sum(1 for k in keys if k in entries)
+
+
+# --------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------
+
+
+async def variant_a(n: int, endpoint: str, bucket: str) -> Result:
+    lock = asyncio.Lock()
+    async with s3_client(endpoint) as client:
+
+        async def one(key: str) -> None:
+            await asyncio.sleep(EXTRACT_SECONDS)
+            async with lock:
+                await read_modify_write(client, bucket, key)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(k) for k in invoice_keys(n)))
+        return Result("a", n, time.perf_counter() - t0, note="asyncio.Lock, 1 write/invoice")
+
+
+async def variant_a0(n: int, endpoint: str, bucket: str) -> Result:
+    async with s3_client(endpoint) as client:
+
+        async def one(key: str) -> None:
+            await asyncio.sleep(EXTRACT_SECONDS)
+            await read_modify_write(client, bucket, key)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(k) for k in invoice_keys(n)))
+        return Result("a0", n, time.perf_counter() - t0, note="no lock")
+
+
+# Prefect objects are built lazily: prefect must be imported only after the
+# harness has chosen PREFECT_HOME / PREFECT_API_URL.
+_B_CLIENT: dict[str, Any] = {}
+_PREFECT_DEFS: dict[str, Any] = {}
+
+
+def _prefect_b_defs() -> tuple[Any, Any]:
+    if not _PREFECT_DEFS:
+        from prefect import flow, task
+
+        @task(tags=[TAG])
+        async def update_manifest_entry(bucket: str, key: str) -> None:
+            await read_modify_write(_B_CLIENT["client"], bucket, key)
+
+        @flow(name="bench-naive-manifest")
+        async def naive_manifest_flow(bucket: str, keys: list[str]) -> None:
+            async def one(key: str) -> None:
+                await asyncio.sleep(EXTRACT_SECONDS)
+                await update_manifest_entry(bucket, key)
+
+            await asyncio.gather(*(one(k) for k in keys))
+
+        _PREFECT_DEFS["b"] = (update_manifest_entry, naive_manifest_flow)
+    return _PREFECT_DEFS["b"]
+
+
+async def ensure_tag_limit(tag: str, limit: int) -> str:
+    """Create or update the global limit `tag:<tag>` (what the 3.8.8 task engine enforces)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = f"tag:{tag}"
+    async with get_client() as client:
+        try:
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True)
+            )
+        except ObjectAlreadyExists:
+            await client.update_global_concurrency_limit(
+                name, GlobalConcurrencyLimitUpdate(limit=limit, active=True)
+            )
+        found = await client.read_global_concurrency_limit_by_name(name)
+    if found.limit != limit or not found.active:
+        raise RuntimeError(f"{name}: limit={found.limit} active={found.active}, wanted {limit}")
+    return f"{name} limit={found.limit} active_slots={found.active_slots}"
+
+
+class _RetryLogCounter(logging.Handler):
+    """Counts the client's 423 (Retry-After) waits and 503 retries from Prefect's debug logs."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.waits_423 = 0
+        self.wait_423_s = 0.0
+        self.retries_503 = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "Unable to acquire concurrency slot" in msg and "Retrying in" in msg:
+            self.waits_423 += 1
+            with contextlib.suppress(ValueError, IndexError):
+                self.wait_423_s += float(msg.rsplit("Retrying in", 1)[1].split()[0])
+        elif "retryable status code 503" in msg:
+            self.retries_503 += 1
+
+
+@contextlib.contextmanager
+def count_prefect_retries():
+    counter = _RetryLogCounter()
+    loggers = [logging.getLogger("prefect._internal.concurrency"), logging.getLogger("prefect.client")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(counter)
+        lg.setLevel(logging.DEBUG)
+    try:
+        yield counter
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.removeHandler(counter)
+            lg.setLevel(level)
+
+
+async def variant_b(n: int, endpoint: str, bucket: str) -> Result:
+    _, naive_manifest_flow = _prefect_b_defs()
+    await ensure_tag_limit(TAG, 1)
+    async with s3_client(endpoint) as client:
+        _B_CLIENT["client"] = client
+        try:
+            with count_prefect_retries() as retries:
+                t0 = time.perf_counter()
+                await naive_manifest_flow(bucket, invoice_keys(n))
+                wall = time.perf_counter() - t0
+        finally:
+            _B_CLIENT.clear()
+    waits = (
+        f"423 waits {retries.waits_423} (sum {retries.wait_423_s:.1f} s)"
+        if os.environ.get("PREFECT_LOGGING_INTERNAL_LEVEL") == "DEBUG"
+        else "423 waits n/a (--diagnose)"
+    )
+    note = f"{n} tagged task runs; {waits}; 503 retries {retries.retries_503}"
+    return Result("b", n, wall, note=note)
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    fn: Callable[[int, str, str], Awaitable[Result]]
+    needs_prefect: bool = False
+
+
+VARIANTS: list[Variant] = [
+    Variant("a", variant_a),
+    Variant("a0", variant_a0),
+    Variant("b", variant_b, needs_prefect=True),
+    # Variant("c", variant_c, needs_prefect=True),  # the project's flow
+]
+
+
+# --------------------------------------------------------------------------
+# Prefect server management
+# --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}; see {log}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.25)
+    raise RuntimeError(f"prefect server not healthy after {timeout:.0f} s; see {log}")
+
+
+class PrefectServer:
+    """Prefect API for the variants that need one; must be entered before importing prefect."""
+
+    def __init__(self, mode: str, server_env: list[str], keep_home: bool):
+        self.mode = mode
+        self.server_env = dict(kv.split("=", 1) for kv in server_env)
+        self.keep_home = keep_home
+        self.home: Optional[str] = None
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self._stack = contextlib.ExitStack()
+        self.description = ""
+        self.startup_s = 0.0
+
+    def __enter__(self) -> "PrefectServer":
+        t0 = time.perf_counter()
+        self.home = tempfile.mkdtemp(prefix="bench-manifest-prefect-")
+        os.environ["PREFECT_HOME"] = os.path.join(self.home, "client")
+        if self.mode == "start":
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}/api"
+            env = dict(os.environ)
+            env.pop("PREFECT_API_URL", None)
+            env.update(
+                PREFECT_HOME=os.path.join(self.home, "server"),
+                PREFECT_UI_ENABLED="false",
+                PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            )
+            env.update(self.server_env)
+            log = os.path.join(self.home, "server.log")
+            prefect_bin = os.path.join(os.path.dirname(sys.executable), "prefect")
+            with open(log, "wb") as out:
+                self.proc = subprocess.Popen(
+                    [prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            _wait_healthy(url, self.proc, 120, log)
+            os.environ["PREFECT_API_URL"] = url
+            db = self.server_env.get("PREFECT_SERVER_DATABASE_CONNECTION_URL", "SQLite")
+            self.description = f"prefect server start at {url} ({db.split('://')[0]})"
+        elif self.mode == "harness":
+            os.environ.pop("PREFECT_API_URL", None)
+            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            from prefect.testing.utilities import prefect_test_harness
+
+            self._stack.enter_context(prefect_test_harness())
+            self.description = "prefect_test_harness() (SQLite, subprocess server)"
+        else:
+            os.environ["PREFECT_API_URL"] = self.mode
+            self.description = f"existing server {self.mode}"
+        self.startup_s = time.perf_counter() - t0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)  # our own child's session only
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.home and not self.keep_home:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Harness
+# --------------------------------------------------------------------------
+
+HEADER = f"{'variant':<8} {'N':>6} {'wall s':>8} {'lost':>6} {'writes':>9}  note"
+
+
+def fmt_row(r: Result) -> str:
+    wall = f"{r.wall_s:8.2f}" if r.wall_s is not None else f"{'-':>8}"
+    lost = f"{r.lost:6d}" if r.lost is not None else f"{'-':>6}"
+    if r.writes is None:
+        writes = "-"
+    elif r.writes_total is not None and r.writes_total != r.writes:
+        writes = f"{r.writes}/{r.writes_total}"
+    else:
+        writes = str(r.writes)
+    return f"{r.variant:<8} {r.n:>6} {wall} {lost} {writes:>9}  {r.note}"
+
+
+async def run_one(
+    v: Variant, n: int, endpoint: str, counter: PutCounter, timeout: float
+) -> Result:
+    bucket = f"bench-{v.name.lower()}-{n}-{uuid.uuid4().hex[:8]}"
+    async with s3_client(endpoint) as admin:
+        await admin.create_bucket(Bucket=bucket)
+    try:
+        result = await asyncio.wait_for(v.fn(n, endpoint, bucket), timeout=timeout)
+    except asyncio.TimeoutError:
+        result = Result(v.name, n, None, note=f"timed out after {timeout:.0f} s")
+    except Exception as exc:  # a failing variant is a row, not a crash of the table
+        result = Result(v.name, n, None, note=f"failed: {type(exc).__name__}: {exc}"[:200])
+    async with s3_client(endpoint) as admin:
+        found = count_entries(await read_manifest(admin, bucket), invoice_keys(n))
+    puts = counter.get(bucket)
+    if result.lost is not None and result.lost != n - found:
+        result.note += f" [variant said lost={result.lost}]"
+    if result.writes is not None and result.writes != puts["ok"]:
+        result.note += f" [variant said writes={result.writes}]"
+    result.lost = n - found
+    result.writes = puts["ok"]
+    result.writes_total = puts["total"]
+    return result
+
+
+async def main_async(args: argparse.Namespace, chosen: list[Variant]) -> int:
+    # Entered and left inside this task: prefect_test_harness() sets context variables.
+    stack = contextlib.ExitStack()
+    moto, endpoint, counter = start_moto()
+    server: Optional[PrefectServer] = None
+    results: list[Result] = []
+    last: dict[str, tuple[int, float]] = {}
+    try:
+        print(HEADER, flush=True)
+        for n in args.n:
+            for v in chosen:
+                prev = last.get(v.name)
+                if prev is not None and prev[0] < n:
+                    est = prev[1] * n / prev[0]
+                    if est > args.budget:
+                        r = Result(v.name, n, None, note=f"skipped (est. {est:.0f} s, linear from N={prev[0]})")
+                        results.append(r)
+                        print(fmt_row(r), flush=True)
+                        continue
+                if v.needs_prefect and server is None:
+                    # Started lazily, so the variants without Prefect that come first do
+                    # not share the CPU with a server that is still starting its services.
+                    server = stack.enter_context(
+                        PrefectServer(args.prefect, args.server_env, args.keep_home)
+                    )
+                    import prefect
+
+                    print(
+                        f"# prefect {prefect.__version__}: {server.description}, ready in "
+                        f"{server.startup_s:.1f} s" + (f", home {server.home}" if args.keep_home else ""),
+                        flush=True,
+                    )
+                r = await run_one(v, n, endpoint, counter, args.timeout)
+                if r.wall_s is not None:
+                    last[v.name] = (n, r.wall_s)
+                results.append(r)
+                print(fmt_row(r), flush=True)
+    finally:
+        if server is not None:
+            # Flush Prefect's event and log workers while the server is still up;
+            # otherwise they retry against a stopped server at interpreter exit.
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            await APILogWorker.drain_all(timeout=15)
+            await EventsWorker.drain_all(timeout=15)
+        stack.close()
+        moto.stop()
+
+    print()
+    print("Summary")
+    print(HEADER)
+    for r in results:
+        print(fmt_row(r))
+    return 0
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, action="append", help="number of invoices (repeatable); default 100")
+    p.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated variant names")
+    p.add_argument("--prefect", default="start", help="'start' (default), 'harness', or an API URL")
+    p.add_argument("--server-env", action="append", default=[], metavar="K=V", help="setting for a started server")
+    p.add_argument("--budget", type=float, default=300.0, help="skip a variant whose estimate exceeds this (s)")
+    p.add_argument("--timeout", type=float, default=900.0, help="hard limit for one variant run (s)")
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="count the client's 423 waits (turns on Prefect's internal debug logging: slightly perturbs timings)",
+    )
+    p.add_argument("--keep-home", action="store_true", help="keep the temporary PREFECT_HOME (server log)")
+    args = p.parse_args(argv)
+    args.n = sorted(set(args.n or [100]))
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    by_name = {v.name: v for v in VARIANTS}
+    names = [s.strip() for s in args.variants.split(",") if s.strip()]
+    unknown = [s for s in names if s not in by_name]
+    if unknown:
+        print(f"unknown variants: {unknown}; known: {list(by_name)}", file=sys.stderr)
+        return 2
+    chosen = [by_name[s] for s in names]
+
+    # Quiet Prefect's console (task-run INFO lines); logs still go to the API as usual.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    if args.diagnose:
+        # services.py logs each 423 wait at DEBUG through a logger gated by this setting
+        os.environ["PREFECT_LOGGING_INTERNAL_LEVEL"] = "DEBUG"
+        os.environ["PREFECT_LOGGING_HANDLERS_DEBUG_LEVEL"] = "WARNING"
+
+    print(
+        f"manifest_lock bench: N={args.n} variants={names} python {platform.python_version()} "
+        f"cpus={os.cpu_count()} (shared machine: timings are noisy)"
+    )
+    return asyncio.run(main_async(args, chosen))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
