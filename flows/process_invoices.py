@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +16,7 @@ from prefect.states import Completed, Failed, State
 from flows.blocks import load_aws_credentials, load_secret
 from flows.extractors import ExtractorChoice, build_extractor
 from tasks.limits import ensure_manifest_lock
-from tasks.manifest import InvoiceOutcome, ManifestWriter, read_manifest, update_manifest
+from tasks.manifest import ManifestWriter, read_manifest, run_locked_session
 from tasks.parse import PdfParser
 from tasks.pipeline import (
     InvoiceContext,
@@ -87,12 +88,9 @@ async def process_invoices(
 
         slots = asyncio.Semaphore(max_concurrency)
         progress = await RunProgress.start(len(plan.todo))
-
-        async def record(batch: list[InvoiceOutcome]) -> None:
-            await update_manifest(out, batch)
-            await progress.advance(len(batch))
-
-        writer = ManifestWriter(record)
+        writer = ManifestWriter(partial(run_locked_session, out), on_commit=progress.advance)
+        if plan.todo:  # take the lock before this run's own task runs load the server
+            await writer.open(wait_for_lock=2.0)
 
         async def run_one(job: InvoiceJob) -> ProcessedInvoice:
             async with slots:

@@ -75,10 +75,13 @@ async def test_llm_limits_are_created_and_cap_calls_in_flight(llm, tmp_path: Pat
     from tasks.limits import ensure_llm_limits
 
     await ensure_llm_limits(max_in_flight=3, requests_per_minute=6000)
-    state = await process_invoices(source=str(source), output=str(output), extractor="openai",
-                                   return_state=True)
-    assert state.is_completed(), state.message
-    assert llm.max_in_flight <= 3
-    async with get_client() as client:
-        limit = await client.read_global_concurrency_limit_by_name(LLM_IN_FLIGHT_LIMIT)
-    assert limit.limit == 3  # the run used the operator's limit and did not override it
+    try:
+        state = await process_invoices(source=str(source), output=str(output),
+                                       extractor="openai", return_state=True)
+        assert state.is_completed(), state.message
+        assert llm.max_in_flight <= 3
+        async with get_client() as client:
+            limit = await client.read_global_concurrency_limit_by_name(LLM_IN_FLIGHT_LIMIT)
+        assert limit.limit == 3  # the run used the operator's limit and did not override it
+    finally:
+        await ensure_llm_limits()  # the defaults again, for the other tests on this server

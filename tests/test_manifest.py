@@ -101,6 +101,14 @@ async def test_identical_entries_still_change_the_etag(store):
     assert etag1 != etag2 and data["version"] == 2
 
 
+def session_of(commit):
+    """A lock session as the flow runs one (minus Prefect): commit each batch it is given."""
+    async def session(batches):
+        async for batch in batches:
+            await commit(batch)
+    return session
+
+
 class TestManifestWriter:
     async def test_group_commit_batches_what_arrives_during_a_write(self):
         committed: list[list[str]] = []
@@ -109,7 +117,7 @@ class TestManifestWriter:
             await asyncio.sleep(0.05)
             committed.append([o.key for o in batch])
 
-        async with ManifestWriter(slow_commit) as writer:
+        async with ManifestWriter(session_of(slow_commit), min_interval=0) as writer:
             for i in range(200):
                 writer.submit(outcome(f"{i}.pdf"))
                 if i % 20 == 0:
@@ -117,9 +125,56 @@ class TestManifestWriter:
         keys = [k for batch in committed for k in batch]
         assert sorted(keys) == sorted(f"{i}.pdf" for i in range(200))
         assert len(committed) < 20
-        assert writer.recorded == 200 and len(writer.batches) == len(committed)
+        assert writer.recorded == 200 and writer.batches == [len(b) for b in committed]
 
-    async def test_a_failed_write_is_retried_with_its_batch(self):
+    async def test_writes_linger_so_each_carries_more(self):
+        committed: list[int] = []
+
+        async def commit(batch):
+            committed.append(len(batch))
+
+        async with ManifestWriter(session_of(commit), min_interval=0.2) as writer:
+            for i in range(100):
+                writer.submit(outcome(f"{i}.pdf"))
+                await asyncio.sleep(0.005)
+        assert sum(committed) == 100 and len(committed) <= 5
+        assert writer.sessions == 1, "one lock acquisition for the whole run"
+
+    async def test_an_eager_session_holds_the_lock_before_anything_is_submitted(self):
+        async def commit(batch):
+            pass
+
+        writer = await ManifestWriter(session_of(commit)).open(wait_for_lock=1.0)
+        assert writer._held.is_set()
+        writer.submit(outcome("a.pdf"))
+        await writer.close()
+        assert writer.sessions == 1 and writer.recorded == 1
+
+    async def test_a_session_is_released_after_max_hold_so_other_runs_get_the_lock(self):
+        async def commit(batch):
+            pass
+
+        async with ManifestWriter(session_of(commit), max_hold=0.05, min_interval=0) as writer:
+            for i in range(4):
+                writer.submit(outcome(f"{i}.pdf"))
+                await asyncio.sleep(0.1)
+        assert writer.recorded == 4 and writer.sessions == 4
+
+    async def test_progress_is_reported_per_committed_batch(self):
+        reported = []
+
+        async def commit(batch):
+            pass
+
+        async def on_commit(count):
+            reported.append(count)
+
+        async with ManifestWriter(session_of(commit), on_commit=on_commit) as writer:
+            for i in range(5):
+                writer.submit(outcome(f"{i}.pdf"))
+        assert sum(reported) == 5
+
+    async def test_a_failed_write_is_retried_with_its_batch_in_a_new_session(self):
         calls = []
 
         async def flaky(batch):
@@ -127,16 +182,16 @@ class TestManifestWriter:
             if len(calls) == 1:
                 raise OSError("S3 unreachable")
 
-        async with ManifestWriter(flaky, retry_delay=0.01) as writer:
+        async with ManifestWriter(session_of(flaky), retry_delay=0.01) as writer:
             for i in range(5):
                 writer.submit(outcome(f"{i}.pdf"))
-        assert calls == [5, 5] and writer.recorded == 5
+        assert calls == [5, 5] and writer.recorded == 5 and writer.sessions == 2
 
     async def test_a_manifest_that_cannot_be_written_fails_loudly_naming_what_is_unrecorded(self):
         async def broken(batch):
             raise OSError("access denied")
 
-        writer = ManifestWriter(broken, max_failures=2, retry_delay=0.01)
+        writer = ManifestWriter(session_of(broken), max_failures=2, retry_delay=0.01)
         with pytest.raises(ManifestWriteError) as caught:
             async with writer:
                 writer.submit(outcome("a.pdf"))

@@ -69,7 +69,7 @@ class TestInOneProcess:
         manifest = read_s3_manifest(s3, s3_bucket)
         assert_every_entry_recorded_with_a_result(s3, s3_bucket, manifest, names)
         assert summary.processed == 500
-        assert summary.manifest_writes <= 50, "group commit: writes grow with batches, not invoices"
+        assert summary.manifest_writes <= 50, "group commit: writes grow with time, not invoices"
         assert manifest.version == summary.manifest_writes
 
     async def test_a_writer_that_bypasses_prefect_loses_nothing_and_nothing_is_lost(
