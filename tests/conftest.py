@@ -85,6 +85,16 @@ def prefect_harness():
         yield
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -132,11 +142,7 @@ def prefect_server(tmp_path_factory):
     client_env = {**env, "PREFECT_API_URL": url}
     client_env.pop("PREFECT_API_DATABASE_CONNECTION_URL")
     yield PrefectServer(url=url, home=home, env=client_env)
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc)
     log.close()
 
 

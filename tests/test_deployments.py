@@ -24,6 +24,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
@@ -115,12 +117,7 @@ def worker(deployed, tmp_path_factory):
             cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     yield log_path
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
 
 
 def put_invoices(moto_endpoint: str, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
@@ -326,12 +323,7 @@ def test_serve_runs_the_deployments_without_a_worker(deployed, prefect_server, t
         manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
         assert list(manifest["entries"]) == ["invoice-0006-dutch.pdf"]
     finally:
-        serving.terminate()
-        try:
-            serving.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            serving.kill()
-            serving.wait()
+        stop_process(serving)
 
 
 def test_ci_example_triggers_an_on_demand_deployment_and_fails_with_the_run():
