@@ -18,6 +18,7 @@ in S3. S3 is moto, started in this process as a real HTTP server on
 - ``writes``: PUTs of ``manifest.json`` received by the S3 server for that
   variant's bucket (counted server side, by a WSGI wrapper around moto);
   ``writes`` shows ``ok/total`` when some PUTs were refused (412 etc.).
+- ``w/inv``: accepted manifest writes per invoice.
 
 Variants (``--variants``, default all):
 
@@ -27,6 +28,23 @@ Variants (``--variants``, default all):
 - ``b``  naive Prefect: one ``@flow``; each invoice coroutine awaits
   ``update_manifest_entry(key)``, a ``@task(tags=["manifest"])`` doing the
   read-modify-write, after the ``tag:manifest`` limit (1) has been created.
+- ``c``  this project's flow, unmodified: ``process_invoices(source=
+  "s3://<bucket>/in", output="s3://<bucket>/out", extractor="openai",
+  max_concurrency=N)``. N small invoice PDFs (``make_invoice(seed)`` for 50
+  seeds, reused) are uploaded under ``in/`` before timing; the 0.5 s
+  extraction is a ``FakeLLMServer(FakeLLMConfig(latency=0.5))`` started in
+  this process and reached through the real LLM path (``OPENAI_BASE_URL``,
+  the ``openai`` client). Beyond a/b, each invoice is also downloaded,
+  parsed by PyMuPDF in a process pool, validated, and its result JSON is
+  written to S3; the manifest is ``out/manifest.json``. ``wall s`` is timed
+  around the flow call; the note gives the flow's own ``summary.seconds``
+  (time inside the flow), its count of manifest writes, the outcomes and
+  the fake server's peak of requests in flight. ``--llm-limits fit``
+  (default) first sets the Prefect limits the LLM calls take
+  (``llm-in-flight`` = N, ``llm-rate`` burst N, refilled at N/s) so that all
+  N extractions can be in flight at once, as in a/b; ``keep`` leaves them as
+  they are (the flow creates the project's defaults, 100 in flight and
+  3000/min, when missing).
 
 Adding a variant: write ``async def variant_x(n, endpoint, bucket) ->
 Result`` (the bucket exists and is empty; ``endpoint`` is the S3 URL; the
@@ -35,7 +53,8 @@ register it in ``VARIANTS`` (``needs_prefect=True`` when it runs flows: the
 harness then starts or connects to the Prefect server before it runs).
 ``Result.lost`` / ``Result.writes`` may be left ``None``: the harness fills
 them from the final manifest and the server-side PUT count. The manifest
-may be ``{"entries": {key: ...}, ...}`` or ``{key: ...}``.
+may be ``{"entries": {key: ...}, ...}`` or ``{key: ...}``; a variant that
+writes it elsewhere in the bucket says so with ``Variant.manifest_key``.
 
 A variant whose linear estimate (from its previous, smaller N) exceeds
 ``--budget`` seconds is skipped and printed as ``skipped (est. X s)``.
@@ -72,7 +91,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Iterator, Optional
 
 MANIFEST_KEY = "manifest.json"
 EXTRACT_SECONDS = 0.5
@@ -163,9 +182,9 @@ def s3_client(endpoint: str):
     )
 
 
-async def read_manifest(client: Any, bucket: str) -> dict[str, Any]:
+async def read_manifest(client: Any, bucket: str, key: str = MANIFEST_KEY) -> dict[str, Any]:
     try:
-        obj = await client.get_object(Bucket=bucket, Key=MANIFEST_KEY)
+        obj = await client.get_object(Bucket=bucket, Key=key)
     except client.exceptions.NoSuchKey:
         return {"version": 0, "entries": {}}
     async with obj["Body"] as body:
@@ -334,18 +353,178 @@ async def variant_b(n: int, endpoint: str, bucket: str) -> Result:
     return Result("b", n, wall, note=note)
 
 
+# --------------------------------------------------------------------------
+# Variant c: the project's flow (helpers shared with bench/llm_latency.py)
+# --------------------------------------------------------------------------
+
+INPUT_PREFIX = "in"
+OUTPUT_PREFIX = "out"
+C_MANIFEST_KEY = f"{OUTPUT_PREFIX}/{MANIFEST_KEY}"
+PDF_POOL = 50
+_PDFS: list[bytes] = []
+
+
+def invoice_pdfs() -> list[bytes]:
+    """PDF_POOL small invoice PDFs (make_invoice(seed), seeds 0..PDF_POOL-1), made once."""
+    if not _PDFS:
+        from tasks.samples import make_invoice
+
+        _PDFS.extend(make_invoice(seed)[0] for seed in range(PDF_POOL))
+    return _PDFS
+
+
+async def upload_invoices(endpoint: str, bucket: str, prefix: str, keys: list[str]) -> None:
+    """PUT one pool PDF per key under `prefix/` (the pool is reused round-robin)."""
+    pdfs = invoice_pdfs()
+    gate = asyncio.Semaphore(50)
+    async with s3_client(endpoint) as client:
+
+        async def put(i: int, key: str) -> None:
+            async with gate:
+                await client.put_object(
+                    Bucket=bucket, Key=f"{prefix}/{key}", Body=pdfs[i % len(pdfs)],
+                    ContentType="application/pdf",
+                )
+
+        await asyncio.gather(*(put(i, k) for i, k in enumerate(keys)))
+
+
+@contextlib.contextmanager
+def flow_environment(s3_endpoint: str, llm_base_url: str) -> Iterator[None]:
+    """The environment the flow reads its S3 endpoint and LLM from, restored afterwards.
+
+    The API key is a dummy on purpose: a real OPENAI_API_KEY from the caller's
+    environment must not be sent to the fake server."""
+    values = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "OPENAI_BASE_URL": llm_base_url,
+        "OPENAI_API_KEY": "bench-unused",
+    }
+    unset = ["AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "OPENAI_MODEL"]
+    saved = {k: os.environ.get(k) for k in [*values, *unset]}
+    os.environ.update(values)
+    for k in unset:
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+async def set_llm_limits(mode: str, n: int) -> str:
+    """Size the Prefect limits the flow's LLM calls take ('fit': all N in flight at once)
+    or leave them ('keep'); returns what is in force."""
+    from tasks.limits import ensure_llm_limits
+
+    if mode == "fit":
+        in_flight, burst = await ensure_llm_limits(
+            max_in_flight=n, requests_per_minute=60 * n, update_existing=True
+        )
+    elif mode == "keep":
+        # What the flow itself does: create the project defaults if missing, else leave them.
+        in_flight, burst = await ensure_llm_limits(update_existing=False)
+    else:
+        raise ValueError(f"--llm-limits must be 'fit' or 'keep', not {mode!r}")
+    return f"llm limits ({mode}): {in_flight} in flight, rate burst {burst}"
+
+
+@dataclasses.dataclass
+class FlowRun:
+    wall_s: float  # around the flow call
+    inside_s: Optional[float]  # summary.seconds: time inside the flow
+    manifest_writes: Optional[int]  # summary.manifest_writes (the flow's own count)
+    state: str
+    message: str
+    retries_503: int = 0  # the Prefect client's retries after a 503 (about 2 s each)
+
+
+async def run_flow(bucket: str, n: int, output_prefix: str = OUTPUT_PREFIX) -> FlowRun:
+    """One process-invoices run over s3://bucket/in -> s3://bucket/<output_prefix>, all N in flight."""
+    from flows.process_invoices import process_invoices
+    from tasks.report import RunSummary
+
+    with count_prefect_retries() as retries:
+        t0 = time.perf_counter()
+        state = await process_invoices(
+            source=f"s3://{bucket}/{INPUT_PREFIX}",
+            output=f"s3://{bucket}/{output_prefix}",
+            extractor="openai",
+            max_concurrency=n,
+            return_state=True,
+        )
+        wall = time.perf_counter() - t0
+    summary = await state.aresult(raise_on_failure=False)
+    if not isinstance(summary, RunSummary):
+        return FlowRun(wall, None, None, state.type.value, f"{state.message}: {summary!r}"[:200],
+                       retries.retries_503)
+    return FlowRun(wall, summary.seconds, summary.manifest_writes, state.type.value,
+                   state.message or "", retries.retries_503)
+
+
+def manifest_outcomes(manifest: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in manifest.get("entries", {}).values():
+        label = entry.get("status", "?")
+        if entry.get("error_code"):
+            label += f":{entry['error_code']}"
+        counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+_LLM_LIMITS_MODE = {"mode": "fit"}  # set from --llm-limits
+
+
+async def variant_c(n: int, endpoint: str, bucket: str) -> Result:
+    from fake_llm.server import FakeLLMConfig, FakeLLMServer
+
+    await upload_invoices(endpoint, bucket, INPUT_PREFIX, invoice_keys(n))
+    limits = await set_llm_limits(_LLM_LIMITS_MODE["mode"], n)
+    with FakeLLMServer(FakeLLMConfig(latency=EXTRACT_SECONDS)) as llm:
+        with flow_environment(endpoint, llm.base_url):
+            run = await run_flow(bucket, n)
+        stats = llm.stats()
+    async with s3_client(endpoint) as client:
+        outcomes = manifest_outcomes(await read_manifest(client, bucket, C_MANIFEST_KEY))
+    inside = f"{run.inside_s:.2f} s" if run.inside_s is not None else "n/a"
+    note = (
+        f"flow {run.state}, inside {inside}, summary.manifest_writes {run.manifest_writes}; "
+        + ", ".join(f"{v} {k}" for k, v in outcomes.items())
+        + f"; LLM {stats['total_requests']} requests, max {stats['max_in_flight']} in flight; "
+        f"503 retries {run.retries_503}; {limits}"
+    )
+    if run.state != "COMPLETED":
+        note += f"; {run.message}"
+    return Result("c", n, run.wall_s, writes=run.manifest_writes, note=note)
+
+
+C_DESCRIPTION = (
+    "c = the process-invoices flow: per invoice, beyond a/b's sleep + manifest entry, it "
+    "downloads the PDF from S3, parses it with PyMuPDF in a process pool, calls the fake "
+    f"LLM over HTTP ({EXTRACT_SECONDS} s), validates the fields and writes a result JSON; "
+    "manifest writes are group commits under tag:manifest. wall s = around the flow call."
+)
+
+
 @dataclasses.dataclass
 class Variant:
     name: str
     fn: Callable[[int, str, str], Awaitable[Result]]
     needs_prefect: bool = False
+    manifest_key: str = MANIFEST_KEY  # where in the bucket the variant keeps its manifest
 
 
 VARIANTS: list[Variant] = [
     Variant("a", variant_a),
     Variant("a0", variant_a0),
     Variant("b", variant_b, needs_prefect=True),
-    # Variant("c", variant_c, needs_prefect=True),  # the project's flow
+    Variant("c", variant_c, needs_prefect=True, manifest_key=C_MANIFEST_KEY),
 ]
 
 
@@ -442,11 +621,21 @@ class PrefectServer:
             shutil.rmtree(self.home, ignore_errors=True)
 
 
+async def drain_prefect_workers() -> None:
+    """Flush Prefect's event and log workers while the server is still up; otherwise
+    they retry against a stopped server at interpreter exit."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    await APILogWorker.drain_all(timeout=15)
+    await EventsWorker.drain_all(timeout=15)
+
+
 # --------------------------------------------------------------------------
 # Harness
 # --------------------------------------------------------------------------
 
-HEADER = f"{'variant':<8} {'N':>6} {'wall s':>8} {'lost':>6} {'writes':>9}  note"
+HEADER = f"{'variant':<8} {'N':>6} {'wall s':>8} {'lost':>6} {'writes':>9} {'w/inv':>6}  note"
 
 
 def fmt_row(r: Result) -> str:
@@ -458,7 +647,8 @@ def fmt_row(r: Result) -> str:
         writes = f"{r.writes}/{r.writes_total}"
     else:
         writes = str(r.writes)
-    return f"{r.variant:<8} {r.n:>6} {wall} {lost} {writes:>9}  {r.note}"
+    per_invoice = f"{r.writes / r.n:6.3f}" if r.writes is not None and r.n else f"{'-':>6}"
+    return f"{r.variant:<8} {r.n:>6} {wall} {lost} {writes:>9} {per_invoice}  {r.note}"
 
 
 async def run_one(
@@ -474,7 +664,7 @@ async def run_one(
     except Exception as exc:  # a failing variant is a row, not a crash of the table
         result = Result(v.name, n, None, note=f"failed: {type(exc).__name__}: {exc}"[:200])
     async with s3_client(endpoint) as admin:
-        found = count_entries(await read_manifest(admin, bucket), invoice_keys(n))
+        found = count_entries(await read_manifest(admin, bucket, v.manifest_key), invoice_keys(n))
     puts = counter.get(bucket)
     if result.lost is not None and result.lost != n - found:
         result.note += f" [variant said lost={result.lost}]"
@@ -525,13 +715,7 @@ async def main_async(args: argparse.Namespace, chosen: list[Variant]) -> int:
                 print(fmt_row(r), flush=True)
     finally:
         if server is not None:
-            # Flush Prefect's event and log workers while the server is still up;
-            # otherwise they retry against a stopped server at interpreter exit.
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-
-            await APILogWorker.drain_all(timeout=15)
-            await EventsWorker.drain_all(timeout=15)
+            await drain_prefect_workers()
         stack.close()
         moto.stop()
 
@@ -557,6 +741,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="count the client's 423 waits (turns on Prefect's internal debug logging: slightly perturbs timings)",
     )
     p.add_argument("--keep-home", action="store_true", help="keep the temporary PREFECT_HOME (server log)")
+    p.add_argument(
+        "--llm-limits",
+        choices=["fit", "keep"],
+        default="fit",
+        help="c: size the Prefect LLM limits to N ('fit', default) or leave them ('keep')",
+    )
     args = p.parse_args(argv)
     args.n = sorted(set(args.n or [100]))
     return args
@@ -571,6 +761,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"unknown variants: {unknown}; known: {list(by_name)}", file=sys.stderr)
         return 2
     chosen = [by_name[s] for s in names]
+    _LLM_LIMITS_MODE["mode"] = args.llm_limits
 
     # Quiet Prefect's console (task-run INFO lines); logs still go to the API as usual.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
@@ -583,6 +774,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"manifest_lock bench: N={args.n} variants={names} python {platform.python_version()} "
         f"cpus={os.cpu_count()} (shared machine: timings are noisy)"
     )
+    if "c" in names:
+        print("# " + C_DESCRIPTION)
     return asyncio.run(main_async(args, chosen))
 
 
