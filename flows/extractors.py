@@ -36,5 +36,6 @@ async def build_extractor(
     # LLM calls are capped by Prefect limits, so all runs together stay within the account's.
     in_flight, rate_burst = await ensure_llm_limits(update_existing=False)
     async with LLMSlots(min(max_in_flight, in_flight, rate_burst)) as slots:
+        await slots.open()
         async with OpenAIExtractor(settings, call_guard=slots.call) as extractor:
             yield extractor

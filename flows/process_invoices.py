@@ -103,6 +103,7 @@ async def process_invoices(
 
         async with writer:
             processed = await asyncio.gather(*(run_one(job) for job in plan.todo))
+        await progress.finish()
 
     summary = summarize(
         source=src.url, output=out.url, plan=plan, processed=list(processed),

@@ -130,6 +130,16 @@ class LLMSlots:
     async def __aenter__(self) -> LLMSlots:
         return self
 
+    async def open(self) -> LLMSlots:
+        """Take the run's slots now, before its task runs load the server (on SQLite a slot
+        request that collides with that load gets a 503 and a 2 s client backoff)."""
+        try:
+            await self._hold_in_flight_slots()
+            await self._take_rate_block()
+        except TimeoutError:
+            pass  # nothing free yet; calls wait for it (bounded) and fail with a reason
+        return self
+
     async def __aexit__(self, *exc_info: object) -> None:
         self._release.set()
         if self._holder is not None:
@@ -178,7 +188,11 @@ class LLMSlots:
     async def _take_rate_token(self) -> None:
         async with self._rate_lock:
             if self._rate_tokens == 0:
-                await rate_limit(LLM_RATE_LIMIT, occupy=self.capacity,
-                                 timeout_seconds=self.timeout, strict=True)
-                self._rate_tokens = self.capacity
+                await self._take_rate_block()
             self._rate_tokens -= 1
+
+    async def _take_rate_block(self) -> None:
+        if self._rate_tokens == 0:
+            await rate_limit(LLM_RATE_LIMIT, occupy=self.capacity,
+                             timeout_seconds=self.timeout, strict=True)
+            self._rate_tokens = self.capacity

@@ -9,10 +9,14 @@ and a pathological file cannot hang the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import importlib.machinery
 import multiprocessing
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -236,6 +240,32 @@ class _Pool:
             executor.shutdown(wait=False, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def _workers_skip_main() -> Iterator[None]:
+    """While worker processes start: make them skip re-importing the parent's __main__.
+
+    multiprocessing's non-fork start methods import the parent's main module in every
+    worker ("prepare"): under `python -m prefect.engine` (a Prefect worker's flow run) or a
+    bench script that is ~2 s per worker, measured here, for nothing: workers only need
+    tasks.parse. A main-module spec whose name ends in `.__main__` is the documented case
+    in which multiprocessing skips that import. Workers are started synchronously inside
+    executor.submit on the event loop's thread, so the swap is scoped to that call.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = main.__dict__.get("__spec__")
+    main.__spec__ = _SKIP_MAIN_SPEC
+    try:
+        yield
+    finally:
+        main.__spec__ = saved
+
+
+_SKIP_MAIN_SPEC = importlib.machinery.ModuleSpec("invoice_pdf_worker.__main__", None)
+
+
 class PdfParser:
     """Owns the executor; parses off the event loop with loop.run_in_executor and a deadline.
 
@@ -305,7 +335,8 @@ class PdfParser:
         # One call per worker, submitted together: each submit finds no idle worker and spawns
         # one. Bounded on its own: starting processes is not parsing, and a tight parse
         # deadline must not make start-up fail.
-        pings = [loop.run_in_executor(self._pool.executor, _ping) for _ in range(self.max_workers)]
+        with _workers_skip_main():
+            pings = [loop.run_in_executor(self._pool.executor, _ping) for _ in range(self.max_workers)]
         try:
             await asyncio.wait_for(asyncio.gather(*pings), _START_TIMEOUT)
         except TimeoutError:
@@ -367,14 +398,16 @@ class PdfParser:
             fn = functools.partial(parse_pdf_bytes, data, max_pages=self.max_pages)
         pool = self._pool
         try:
-            future = loop.run_in_executor(pool.executor, fn)
+            with _workers_skip_main():
+                future = loop.run_in_executor(pool.executor, fn)
         except BrokenProcessPool:
             # The pool broke before this call reached it (a crash nobody awaited yet): not this
             # file's fault, so rebuild and submit once more.
             self._retire(pool)
             self._reap(pool)
             pool = self._pool
-            future = loop.run_in_executor(pool.executor, fn)
+            with _workers_skip_main():
+                future = loop.run_in_executor(pool.executor, fn)
         pool.active += 1
         return pool, future
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import Counter
 
 from prefect import task
@@ -15,6 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from tasks.pipeline import BatchPlan, ProcessedInvoice
+
+logger = logging.getLogger(__name__)
 
 
 class InvoiceRow(BaseModel):
@@ -135,10 +139,16 @@ def format_markdown(summary: RunSummary) -> str:
 
 
 class RunProgress:
-    """A progress artifact, moved on as outcomes are recorded in the manifest."""
+    """A progress artifact, moved on as outcomes are recorded in the manifest.
+
+    Updates never hold up the run: `advance` only schedules one (coalescing those that pile
+    up), and a failed update is logged, not raised: progress is for watching, the manifest
+    is the record."""
 
     def __init__(self, artifact_id, total: int) -> None:
         self.artifact_id, self.total, self.recorded = artifact_id, total, 0
+        self._pushed = 0
+        self._pushing: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, total: int) -> RunProgress:
@@ -150,10 +160,27 @@ class RunProgress:
 
     async def advance(self, count: int) -> None:
         self.recorded += count
-        await aupdate_progress_artifact(
-            self.artifact_id, 100.0 * self.recorded / max(self.total, 1),
-            description=f"{self.recorded} of {self.total} invoices recorded",
-        )
+        if self._pushing is None or self._pushing.done():
+            self._pushing = asyncio.create_task(self._push())
+
+    async def finish(self) -> None:
+        """Wait for the last update, so the artifact ends at what was recorded."""
+        while self._pushing is not None and not self._pushing.done():
+            await self._pushing
+        if self._pushed != self.recorded:
+            await self._push()
+
+    async def _push(self) -> None:
+        while self._pushed != self.recorded:
+            recorded = self.recorded
+            try:
+                await aupdate_progress_artifact(
+                    self.artifact_id, 100.0 * recorded / max(self.total, 1),
+                    description=f"{recorded} of {self.total} invoices recorded",
+                )
+            except Exception as exc:
+                logger.warning("progress artifact not updated: %r", exc)
+            self._pushed = recorded
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE, retries=2)
