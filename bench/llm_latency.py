@@ -183,11 +183,11 @@ async def main_async(args: argparse.Namespace) -> int:
     age = interpreter_age_at_script_start()
     rows: list[Row] = []
     moto, endpoint, _ = ml.start_moto()
-    fixed = FakeLLMServer(FakeLLMConfig(latency=latency)).start()
+    fixed = FakeLLMServer(FakeLLMConfig(latency=latency), answer=ml.canned_answer()).start()
     faulty = FakeLLMServer(FakeLLMConfig(
         latency_median=latency, latency_sigma=FAULT_SIGMA, latency_max=FAULT_LATENCY_CAP,
         error_rate_429=FAULT_429_RATE, retry_after=FAULT_RETRY_AFTER, seed=args.seed,
-    )).start()
+    ), answer=ml.canned_answer()).start()
     server: Optional[ml.PrefectServer] = None
     try:
         bucket = await create_bucket(endpoint, "llm-latency")

@@ -266,6 +266,9 @@ def _workers_skip_main() -> Iterator[None]:
 _SKIP_MAIN_SPEC = importlib.machinery.ModuleSpec("invoice_pdf_worker.__main__", None)
 
 
+PIPELINE = 4
+
+
 class PdfParser:
     """Owns the executor; parses off the event loop with loop.run_in_executor and a deadline.
 
@@ -311,9 +314,11 @@ class PdfParser:
         self.timeout = timeout
         self.max_pages = max_pages
         self._context = _process_context() if kind == "process" else None
-        # Never submit more calls than there are workers: the executor then has no backlog, so
-        # a crash only hits calls that were really running, and the deadline measures parsing.
-        self._slots = asyncio.Semaphore(self.max_workers)
+        # A short backlog per worker keeps workers busy while a result travels back through
+        # the event loop (one call per worker left them idle half the time under load,
+        # measured). It stays short so that a crash hits few calls and the deadline still
+        # measures parsing plus at most PIPELINE - 1 parses queued ahead.
+        self._slots = asyncio.Semaphore(self.max_workers * PIPELINE)
         self._pool = self._new_pool()
         self._retired: list[_Pool] = []
         self._closed = False
