@@ -371,6 +371,10 @@ class S3Store:
             )
         )
         self._stack = stack
+        # aiohttp counts time spent waiting for a pooled connection against the connect
+        # timeout: with more requests than connections (1000 invoices in flight, 100
+        # connections) queued requests failed as timeouts. They queue here instead.
+        self._requests = asyncio.Semaphore(self._max_pool_connections)
         return self
 
     async def __aexit__(
@@ -449,9 +453,10 @@ class S3Store:
         client = self._require_client()
         full_key = self._full_key(key)
         try:
-            response = await client.get_object(Bucket=self.bucket, Key=full_key)
-            async with response["Body"] as body:
-                data = await body.read()
+            async with self._requests:
+                response = await client.get_object(Bucket=self.bucket, Key=full_key)
+                async with response["Body"] as body:
+                    data = await body.read()
         except Exception as e:
             if (err := self._error(e, "get", key)) is None:
                 raise
@@ -480,7 +485,8 @@ class S3Store:
         if if_none_match:
             params["IfNoneMatch"] = "*"
         try:
-            response = await client.put_object(**params)
+            async with self._requests:
+                response = await client.put_object(**params)
         except Exception as e:
             if (err := self._error(e, "put", key, conditional=if_match is not None)) is None:
                 raise
