@@ -203,16 +203,8 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
         )
     invoice = extraction.invoice
     return ProcessedInvoice(
-        outcome=InvoiceOutcome(
-            key=job.key,
-            etag=job.etag,
-            sha256=sha256,
-            status=status,
-            result_key=result_key,
-            reasons=reasons,
-            attempt=job.attempt,
-            flow_run_id=ctx.flow_run_id,
-            extractor=ctx.extractor.name,
+        outcome=_outcome(
+            ctx, job, status=status, sha256=sha256, result_key=result_key, reasons=reasons
         ),
         vendor_name=invoice.vendor_name,
         total=invoice.total,
@@ -222,18 +214,16 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
     )
 
 
+def _outcome(ctx: InvoiceContext, job: InvoiceJob, **fields) -> InvoiceOutcome:
+    return InvoiceOutcome(
+        key=job.key, etag=job.etag, attempt=job.attempt, flow_run_id=ctx.flow_run_id,
+        extractor=ctx.extractor.name, **fields,
+    )
+
+
 def _failed(ctx: InvoiceContext, job: InvoiceJob, code: str, message: str) -> ProcessedInvoice:
     return ProcessedInvoice(
-        outcome=InvoiceOutcome(
-            key=job.key,
-            etag=job.etag,
-            status="failed",
-            error_code=code,
-            error_message=message,
-            attempt=job.attempt,
-            flow_run_id=ctx.flow_run_id,
-            extractor=ctx.extractor.name,
-        )
+        outcome=_outcome(ctx, job, status="failed", error_code=code, error_message=message)
     )
 
 
