@@ -40,6 +40,7 @@ async def ensure_concurrency_limit(
     *,
     slot_decay_per_second: float | None = None,
     update_existing: bool = True,
+    purpose: str = "this limit",
 ) -> None:
     """Create the global concurrency limit `name`, or (with `update_existing`) repair its
     limit, decay and active flag; without it an existing limit is left as the operator set it
@@ -72,12 +73,12 @@ async def ensure_concurrency_limit(
         api = PREFECT_API_URL.value() or "the ephemeral local server"
         raise LockUnavailableError(
             f"cannot set up the concurrency limit {name!r} (limit {limit}) on the Prefect API at "
-            f"{api}: {type(exc).__name__}: {exc}. Refusing to run without the manifest lock."
+            f"{api}: {type(exc).__name__}: {exc}. Refusing to run without {purpose}."
         ) from exc
 
 
 async def ensure_manifest_lock() -> None:
-    await ensure_concurrency_limit(tag_limit_name(MANIFEST_TAG), 1)
+    await ensure_concurrency_limit(tag_limit_name(MANIFEST_TAG), 1, purpose="the manifest lock")
 
 
 LLM_IN_FLIGHT_LIMIT = "llm-in-flight"
@@ -94,11 +95,13 @@ async def ensure_llm_limits(
     requests_per_minute / 60 per second; its size, the burst, is at most `max_in_flight`).
     """
     await ensure_concurrency_limit(
-        LLM_IN_FLIGHT_LIMIT, max_in_flight, update_existing=update_existing
+        LLM_IN_FLIGHT_LIMIT, max_in_flight, update_existing=update_existing,
+        purpose="the LLM limits",
     )
     await ensure_concurrency_limit(
         LLM_RATE_LIMIT, max(1, min(requests_per_minute, max_in_flight)),
         slot_decay_per_second=requests_per_minute / 60, update_existing=update_existing,
+        purpose="the LLM limits",
     )
     async with get_client() as client:
         in_flight = await client.read_global_concurrency_limit_by_name(LLM_IN_FLIGHT_LIMIT)
@@ -112,9 +115,11 @@ class LLMSlots:
 
     Prefect 3.8.8 serializes slot acquisitions per limit (one at a time, ~0.1-0.7 s each
     here), so a slot per call would make 100 concurrent calls wait tens of seconds. Instead
-    a run takes its `capacity` of `llm-in-flight` slots once, at its first call, and holds
-    them (under a renewed lease) until it ends; `llm-rate` slots are taken `capacity` at a
-    time. Each call takes only local tokens. Runs together never exceed the limits.
+    a run takes its `capacity` of `llm-in-flight` slots once (`open()` at flow start, or
+    the first call) and holds them under a renewed lease until it ends; `llm-rate` slots
+    are taken `capacity` at a time. Each call takes only local tokens. Runs together never
+    exceed the limits. `open()` waits for the slots (up to `timeout`) while another run
+    holds them all.
     """
 
     def __init__(self, capacity: int, *, timeout: float = 600.0) -> None:
