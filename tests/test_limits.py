@@ -1,0 +1,60 @@
+"""Prefect limits the pipeline relies on, against a real (test harness) Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from tasks.limits import LLM_IN_FLIGHT_LIMIT, LLMSlots, ensure_llm_limits
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+async def test_two_runs_together_stay_within_the_shared_in_flight_limit():
+    """Two runs (two LLMSlots) asking for 3 slots each of a limit of 4: the second waits for
+    the first to end, so calls in flight across both never exceed the limit."""
+    await ensure_llm_limits(max_in_flight=4, requests_per_minute=60_000)
+    in_flight = peak = 0
+
+    async def run(name: str, calls: int) -> None:
+        nonlocal in_flight, peak
+        async with LLMSlots(3, timeout=60) as slots:
+
+            async def call() -> None:
+                nonlocal in_flight, peak
+                async with slots.call():
+                    in_flight += 1
+                    peak = max(peak, in_flight)
+                    await asyncio.sleep(0.2)
+                    in_flight -= 1
+
+            await asyncio.gather(*(call() for _ in range(calls)))
+
+    try:
+        await asyncio.gather(run("first", 6), run("second", 6))
+        # The limit admits one run's 3 slots at a time (3 + 3 > 4): calls never overlap,
+        # where without the shared limit 6 would be in flight at once.
+        assert peak == 3
+        async with get_client() as client:
+            limit = await client.read_global_concurrency_limit_by_name(LLM_IN_FLIGHT_LIMIT)
+        assert limit.active_slots == 0, "both runs gave their slots back"
+    finally:
+        await ensure_llm_limits()
+
+
+async def test_a_run_that_cannot_get_slots_fails_its_calls_with_a_reason():
+    from tasks.errors import InvoiceFailure
+
+    await ensure_llm_limits(max_in_flight=2, requests_per_minute=60_000)
+    try:
+        async with LLMSlots(2, timeout=60) as holder:
+            await holder.open()
+            async with LLMSlots(2, timeout=1) as starved:
+                with pytest.raises(InvoiceFailure) as caught:
+                    async with starved.call():
+                        pass
+        assert caught.value.code == "llm_slot_timeout"
+    finally:
+        await ensure_llm_limits()
