@@ -30,6 +30,8 @@ class Invoice(BaseModel):
 
     vendor_name: str | None = Field(default=None, description="Who issued the invoice.")
     vendor_tax_id: str | None = Field(default=None, description="Issuer's VAT / tax id.")
+    iban: str | None = Field(default=None, description="IBAN to pay to, without spaces.")
+    bic: str | None = Field(default=None, description="BIC / SWIFT code of the payee's bank.")
     customer_name: str | None = Field(default=None, description="Who is billed.")
     invoice_number: str | None = Field(default=None, description="The invoice's own number.")
     issue_date: date | None = Field(default=None, description="Date of issue (ISO 8601).")
