@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from collections.abc import Coroutine
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -22,11 +24,12 @@ from tasks.pipeline import (
     InvoiceContext,
     InvoiceJob,
     ProcessedInvoice,
+    chunked,
     failed_outcome,
     plan_batch,
-    process_invoice_task,
+    process_chunk_task,
 )
-from tasks.report import RunProgress, RunSummary, publish_summary, summarize
+from tasks.report import LoopStallProbe, RunProgress, RunSummary, publish_summary, summarize
 from tasks.storage import open_store
 
 BUNDLED_SAMPLES = str(Path(__file__).resolve().parents[1] / "samples" / "invoices")
@@ -38,6 +41,7 @@ async def process_invoices(
     output: str = "out",
     extractor: ExtractorChoice = "auto",
     max_concurrency: int = 100,
+    chunk_size: int = 50,
     invoice_timeout: float = 300.0,
     max_attempts: int = 3,
     reprocess_needs_review: bool = False,
@@ -54,6 +58,8 @@ async def process_invoices(
         extractor: `offline` rules, `openai` (any OpenAI-compatible endpoint), or `auto`
             (openai when an API key is configured, else offline).
         max_concurrency: invoices in flight at once.
+        chunk_size: invoices per task run (`process-invoices-chunk`); each invoice's outcome
+            is in the manifest, its log lines and the run report.
         invoice_timeout: seconds one invoice may take, all stages together.
         max_attempts: attempts per invoice (same content) before a failure is final.
         reprocess_needs_review: also redo invoices the manifest marks `needs_review`.
@@ -66,51 +72,79 @@ async def process_invoices(
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    await ensure_manifest_lock()
     credentials = await load_aws_credentials(aws_credentials_block)
+    api_key = await load_secret(openai_api_key_secret)
     async with AsyncExitStack() as stack:
-        src = await stack.enter_async_context(open_store(source, credentials=credentials))
-        out = await stack.enter_async_context(open_store(output, credentials=credentials))
-        parser = await stack.enter_async_context(PdfParser(parse_executor))
-        chosen = await stack.enter_async_context(
-            build_extractor(extractor, api_key=await load_secret(openai_api_key_secret),
-                            max_in_flight=max_concurrency)
+        loop_probe = await stack.enter_async_context(LoopStallProbe())
+        # The set-up steps are independent and each mostly waits (on the Prefect server, S3,
+        # a starting process pool), so they overlap; the first failure stops them all.
+        _, src, out, parser, chosen = await all_or_nothing(
+            ensure_manifest_lock(),
+            stack.enter_async_context(open_store(source, credentials=credentials)),
+            stack.enter_async_context(open_store(output, credentials=credentials)),
+            stack.enter_async_context(PdfParser(parse_executor)),
+            stack.enter_async_context(
+                build_extractor(extractor, api_key=api_key, max_in_flight=max_concurrency)
+            ),
         )
-        ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout)
+        ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout,
+                             in_flight=asyncio.Semaphore(max_concurrency))
 
-        manifest, _ = await read_manifest(out)
+        (manifest, _), listing = await all_or_nothing(read_manifest(out), src.list(suffix=".pdf"))
         plan = plan_batch(
-            await src.list(suffix=".pdf"), manifest,
+            listing, manifest,
             max_attempts=max_attempts, reprocess_needs_review=reprocess_needs_review,
         )
         logger.info("%d invoices to process under %s (%d already done)",
                     len(plan.todo), src.url, len(plan.skipped_done))
 
-        slots = asyncio.Semaphore(max_concurrency)
         progress = await RunProgress.start(len(plan.todo))
         writer = ManifestWriter(partial(run_locked_session, out), on_commit=progress.advance)
         if plan.todo:  # take the lock before this run's own task runs load the server
             await writer.open(wait_for_lock=2.0)
 
-        async def run_one(job: InvoiceJob) -> ProcessedInvoice:
-            async with slots:
-                try:
-                    processed = await process_invoice_task(ctx, job)
-                except Exception as exc:
-                    processed = failed_outcome(ctx, job, exc)
-            writer.submit(processed.outcome)
-            return processed
+        processed: list[ProcessedInvoice] = []
+
+        def record(done: ProcessedInvoice) -> None:
+            processed.append(done)
+            writer.submit(done.outcome)
+
+        # Backstop only: an invoice bounds itself by invoice_timeout once it has a slot, so
+        # a chunk cannot legitimately outlast the waves of invoices queued ahead of it.
+        waves = math.ceil(len(plan.todo) / max_concurrency) + 1
+        chunk_task = process_chunk_task.with_options(timeout_seconds=waves * invoice_timeout + 60)
+
+        async def run_chunk(jobs: list[InvoiceJob]) -> None:
+            try:
+                await chunk_task(ctx, jobs, record)
+            except Exception as exc:  # the task run itself crashed: its rest is recorded too
+                recorded = {done.outcome.key for done in processed}
+                for job in jobs:
+                    if job.key not in recorded:
+                        record(failed_outcome(ctx, job, exc))
 
         async with writer:
-            processed = await asyncio.gather(*(run_one(job) for job in plan.todo))
+            await asyncio.gather(*(run_chunk(jobs) for jobs in chunked(plan.todo, chunk_size)))
         await progress.finish()
 
     summary = summarize(
-        source=src.url, output=out.url, plan=plan, processed=list(processed),
+        source=src.url, output=out.url, plan=plan, processed=processed,
         manifest_writes=len(writer.batches), seconds=time.perf_counter() - started,
+        max_loop_stall_s=loop_probe.max_stall, flow_run_id=str(flow_run.id),
     )
     await publish_summary(summary)
     return outcome_state(summary, fail_on_invoice_errors)
+
+
+async def all_or_nothing(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
+    """Like `asyncio.gather`, but the first failure cancels the other steps (so none is left
+    running past the flow's exit stack) and is raised as itself, not as an ExceptionGroup."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(step) for step in steps]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def outcome_state(summary: RunSummary, fail_on_invoice_errors: bool) -> State:

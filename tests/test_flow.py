@@ -99,3 +99,22 @@ async def test_s3_end_to_end_with_summary_artifact(moto_endpoint, s3_bucket, tmp
     assert len(artifacts) == 1 and artifacts[0].type == "table"
     table = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
     assert sorted(row["invoice"] for row in table) == sorted(f"2026/{p.name}" for p in pdfs)
+
+
+async def test_invoices_run_in_chunks_one_task_run_each_and_all_are_recorded(tmp_path: Path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    pdfs = write_samples(source, 7, seed=21)
+    state, summary = await run(str(source), str(output), chunk_size=3, max_concurrency=2)
+    assert state.is_completed(), state.message
+    assert summary.processed == 7
+    manifest = Manifest.model_validate_json((output / "manifest.json").read_bytes())
+    assert set(manifest.entries) == {p.name for p in pdfs}
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    chunks = sorted(r.name for r in runs if r.task_key.startswith("process_chunk_task"))
+    assert chunks == [f"{pdfs[0].name} (+2)", f"{pdfs[3].name} (+2)", pdfs[6].name]

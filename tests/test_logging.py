@@ -60,11 +60,11 @@ def test_json_lines_carry_run_ids_invoice_stage_and_duration(prefect_server, bat
     for r in ours:
         assert r["flow_run_id"] == flow_run_id
         uuid.UUID(r["task_run_id"])
-        assert r["task_run_name"] == r["invoice_key"]
+        assert r["task_run_name"].startswith(sorted(INVOICES + ["broken.pdf"])[0])
         assert r["stage"] in ("done", "needs_review", "failed")
         assert isinstance(r["duration_s"], float) and r["duration_s"] >= 0
         assert r["invoice_key"] in r["message"]
-    assert len({r["task_run_id"] for r in ours}) == len(ours)
+    assert len({r["task_run_id"] for r in ours}) == 1  # one chunk: fewer invoices than chunk_size
     broken = next(r for r in ours if r["invoice_key"] == "broken.pdf")
     assert broken["stage"] == "failed" and broken["error_code"]
     # Prefect's own task-run records are joined on the same ids.
