@@ -43,11 +43,40 @@ class RunSummary(BaseModel):
     completion_tokens: int = 0
     manifest_writes: int = 0
     seconds: float = 0.0
+    max_loop_stall_s: float = 0.0
+    flow_run_id: str | None = None
     rows: list[InvoiceRow] = Field(default_factory=list)
 
     @property
     def failed(self) -> int:
         return self.counts.get("failed", 0)
+
+
+class LoopStallProbe:
+    """Measures how late the event loop wakes a short sleeper while the run works: CPU work
+    done on the loop (parsing, JSON of a large manifest) shows up here as a stall that
+    delays every other invoice."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.max_stall = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopStallProbe:
+        self._task = asyncio.create_task(self._watch(), name="loop-stall-probe")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asleep = loop.time()
+            await asyncio.sleep(self.interval)
+            self.max_stall = max(self.max_stall, loop.time() - asleep - self.interval)
 
 
 def summarize(
@@ -58,6 +87,8 @@ def summarize(
     processed: list[ProcessedInvoice],
     manifest_writes: int,
     seconds: float,
+    max_loop_stall_s: float = 0.0,
+    flow_run_id: str | None = None,
 ) -> RunSummary:
     rows = []
     for item in sorted(processed, key=lambda p: p.outcome.key):
@@ -90,6 +121,8 @@ def summarize(
         completion_tokens=sum(p.completion_tokens for p in processed),
         manifest_writes=manifest_writes,
         seconds=round(seconds, 3),
+        max_loop_stall_s=round(max_loop_stall_s, 4),
+        flow_run_id=flow_run_id,
         rows=rows,
     )
 
