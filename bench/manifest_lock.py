@@ -145,6 +145,11 @@ class PutCounter:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]):
         path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") == "GET" and path.startswith(COUNTS_PATH):
+            body = json.dumps(self.get(path[len(COUNTS_PATH):])).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
         if environ.get("REQUEST_METHOD") == "PUT" and path.endswith("/" + MANIFEST_KEY):
             bucket = path.lstrip("/").split("/", 1)[0]
 
@@ -166,7 +171,10 @@ class PutCounter:
             return dict(self.counts.get(bucket, {"ok": 0, "total": 0}))
 
 
-def start_moto() -> tuple[Any, str, PutCounter]:
+COUNTS_PATH = "/__put_counts__/"  # GET <endpoint>/__put_counts__/<bucket>: the counter's figures
+
+
+def start_moto_thread() -> tuple[Any, str, PutCounter]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no per-request access log
@@ -176,6 +184,58 @@ def start_moto() -> tuple[Any, str, PutCounter]:
     server._server.app = counter
     host, port = server.get_host_and_port()
     return server, f"http://{host}:{port}", counter
+
+
+class RemotePutCounter:
+    """The PUT counter of a moto server running in another process, read over HTTP."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def get(self, bucket: str) -> dict[str, int]:
+        with urllib.request.urlopen(self.endpoint + COUNTS_PATH + bucket, timeout=30) as r:
+            return json.loads(r.read())
+
+
+class MotoProcess:
+    """moto's S3 server (with the PUT counter) in a child process of its own, so its request
+    handling does not compete with the variant for this process's GIL (real S3 would not)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-moto"],
+            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()  # "PORT <n>" once listening
+        if not line.startswith("PORT "):
+            self.proc.kill()
+            raise RuntimeError(f"moto server did not start: {line!r}")
+        self.endpoint = f"http://127.0.0.1:{int(line.split()[1])}"
+
+    def stop(self) -> None:
+        self.proc.stdin.close()  # the child exits when its stdin closes
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_moto(mode: str = "process") -> tuple[Any, str, Any]:
+    """moto in a child process ('process', the default) or in a thread of this one ('thread')."""
+    if mode == "thread":
+        return start_moto_thread()
+    server = MotoProcess()
+    return server, server.endpoint, RemotePutCounter(server.endpoint)
+
+
+def serve_moto() -> int:
+    """Child side of MotoProcess: serve until stdin closes."""
+    server, endpoint, _ = start_moto_thread()
+    print("PORT", endpoint.rsplit(":", 1)[1], flush=True)
+    sys.stdin.read()
+    server.stop()
+    return 0
 
 
 def s3_client(endpoint: str):
@@ -690,7 +750,7 @@ async def run_one(
 async def main_async(args: argparse.Namespace, chosen: list[Variant]) -> int:
     # Entered and left inside this task: prefect_test_harness() sets context variables.
     stack = contextlib.ExitStack()
-    moto, endpoint, counter = start_moto()
+    moto, endpoint, counter = start_moto(args.moto)
     server: Optional[PrefectServer] = None
     results: list[Result] = []
     last: dict[str, tuple[int, float]] = {}
@@ -758,6 +818,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default="fit",
         help="c: size the Prefect LLM limits to N ('fit', default) or leave them ('keep')",
     )
+    p.add_argument(
+        "--moto",
+        choices=["process", "thread"],
+        default="process",
+        help="run moto's S3 server in a child process (default) or in a thread of the bench",
+    )
+    p.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.n = sorted(set(args.n or [100]))
     return args
@@ -765,6 +832,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.serve_moto:
+        return serve_moto()
     by_name = {v.name: v for v in VARIANTS}
     names = [s.strip() for s in args.variants.split(",") if s.strip()]
     unknown = [s for s in names if s not in by_name]
