@@ -1,0 +1,733 @@
+"""Structured e-invoices (Factur-X / ZUGFeRD, XRechnung, UBL) embedded in PDF invoices.
+
+A Factur-X or ZUGFeRD PDF carries the invoice twice: once printed, once as XML in an embedded
+file (UN/CEFACT CII `CrossIndustryInvoice`; some senders embed UBL 2.1 `Invoice`/`CreditNote`).
+The XML is what the seller's system actually issued, so the pipeline prefers it over anything
+read from the page and keeps the text extraction only as a cross-check (`cross_check`).
+
+The XML comes from whoever sent the PDF, so it is parsed as hostile input: size-capped, and any
+document type declaration is refused outright (e-invoices never carry one). That rules out
+entity expansion (billion laughs), external entities and DTD fetches by construction, and the
+parser is configured so that none of them could happen even if the pre-scan missed one.
+
+Sign convention: credit notes come back with negative amounts, quantities, subtotal, tax and
+total (unit prices stay positive), so lines still sum to the subtotal and subtotal + tax = total,
+exactly as for an invoice; `build_cii_xml` applies the inverse.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
+
+from lxml import etree
+
+from tasks.errors import InvoiceFailure
+from tasks.invoice import Invoice, LineItem
+
+if TYPE_CHECKING:
+    import pymupdf
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "EmbeddedXml",
+    "attach_einvoice",
+    "build_cii_xml",
+    "cross_check",
+    "find_embedded_einvoice",
+    "parse_einvoice",
+]
+
+# Real e-invoices are tens of KiB; even thousands of lines stay well under a few MiB.
+DEFAULT_MAX_BYTES = 5 * 1024 * 1024
+
+# Names the standards prescribe for the embedded file, in order of preference (compared
+# case-insensitively, so ZUGFeRD's "ZUGFeRD-invoice.xml" matches too). Order-X ("order-x.xml")
+# is a purchase order, not an invoice, and is deliberately absent.
+STANDARD_NAMES = ("factur-x.xml", "zugferd-invoice.xml", "xrechnung.xml")
+
+_RSM = "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"
+_RAM = "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100"
+_UDT = "urn:un:unece:uncefact:data:standard:UnqualifiedDataType:100"
+_QDT = "urn:un:unece:uncefact:data:standard:QualifiedDataType:100"
+_UBL_INVOICE = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
+_UBL_CREDIT_NOTE = "urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2"
+_CAC = "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2"
+_CBC = "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2"
+
+# Prefixes used only in this module's own paths; documents may use any prefix (or none).
+_NS = {"rsm": _RSM, "ram": _RAM, "udt": _UDT, "cac": _CAC, "cbc": _CBC}
+
+_CII_ROOT = f"{{{_RSM}}}CrossIndustryInvoice"
+_UBL_INVOICE_ROOT = f"{{{_UBL_INVOICE}}}Invoice"
+_UBL_CREDIT_NOTE_ROOT = f"{{{_UBL_CREDIT_NOTE}}}CreditNote"
+_KNOWN_ROOTS = {_CII_ROOT: "cii", _UBL_INVOICE_ROOT: "ubl", _UBL_CREDIT_NOTE_ROOT: "ubl"}
+
+# UNTDID 1001 document types that are credit notes (EN 16931 code list); 381 is the usual one.
+_CREDIT_NOTE_TYPES = frozenset(
+    {"81", "83", "261", "262", "296", "308", "381", "396", "420", "458", "532"}
+)
+
+# Markup declarations only exist inside a DOCTYPE; seeing any of them is reason enough to refuse.
+_DECLARATION = re.compile(rb"<!\s*(?:DOCTYPE|ENTITY|ELEMENT|ATTLIST|NOTATION)", re.IGNORECASE)
+# xsd:decimal: no exponent, no NaN/Infinity (Decimal() would accept all of those).
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:Z|[+-]\d{2}:\d{2})?")
+_CII_DATE = re.compile(r"(\d{4})(\d{2})(\d{2})")
+_VAT_ID = re.compile(r"[A-Z]{2}[0-9A-Z+*.]{2,13}")
+
+# Each candidate attachment is inflated and parsed; a PDF with thousands of small bombs named
+# *.xml should cost a bounded amount of work, not thousands of 5 MB parses.
+_MAX_CANDIDATES = 16
+
+_CENT = Decimal("0.01")
+_CROSS_CHECK_TOLERANCE = Decimal("0.01")
+
+
+@dataclass(frozen=True)
+class EmbeddedXml:
+    """An e-invoice found in a PDF: the attachment's name (for the record) and its bytes."""
+
+    name: str
+    data: bytes
+
+
+# --------------------------------------------------------------------------------------------
+# Safe XML parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _new_parser() -> etree.XMLParser:
+    """A parser that can neither expand entities nor touch the file system or network.
+
+    One per call: lxml serialises concurrent use of a shared parser instance.
+    """
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=True,
+    )
+
+
+def _parse_xml(data: bytes, max_bytes: int) -> etree._Element:
+    """The root element of `data`, refusing anything an e-invoice never needs (a DTD).
+
+    Three layers, so no single oversight can let an entity through: a byte scan before lxml
+    sees the document (also with NULs dropped, which catches UTF-16/32 encodings), a parser that
+    resolves nothing and fetches nothing, and a check of what the parser recorded.
+    """
+    if len(data) > max_bytes:
+        raise InvoiceFailure(
+            "einvoice_unsafe", f"the XML is {len(data)} bytes, over the {max_bytes}-byte limit"
+        )
+    for view in (data, data.replace(b"\x00", b"")):
+        if _DECLARATION.search(view):
+            raise InvoiceFailure(
+                "einvoice_unsafe", "the XML carries a DOCTYPE or markup declarations; refused"
+            )
+    try:
+        root = etree.fromstring(data, _new_parser())
+    except (etree.XMLSyntaxError, ValueError) as exc:
+        raise InvoiceFailure("einvoice_invalid", f"the XML is not well-formed: {exc}") from None
+    docinfo = root.getroottree().docinfo
+    if (
+        docinfo.doctype
+        or docinfo.internalDTD is not None
+        or docinfo.externalDTD is not None
+        or docinfo.system_url
+        or docinfo.public_id
+        or next(root.iter(etree.Entity), None) is not None
+    ):
+        raise InvoiceFailure("einvoice_unsafe", "the XML carries a DTD or entities; refused")
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Reading values
+# --------------------------------------------------------------------------------------------
+
+
+def _text(element: etree._Element | None) -> str | None:
+    if element is None:
+        return None
+    text = "".join(element.itertext()).strip()
+    return text or None
+
+
+def _first_text(parent: etree._Element | None, *paths: str) -> str | None:
+    """The first non-empty value among `paths`: standards allow several places for one field."""
+    if parent is None:
+        return None
+    for path in paths:
+        for element in parent.iterfind(path, _NS):
+            text = _text(element)
+            if text is not None:
+                return text
+    return None
+
+
+def _number(parent: etree._Element | None, field: str, *paths: str) -> Decimal | None:
+    return _decimal(_first_text(parent, *paths), field)
+
+
+def _decimal(text: str | None, field: str) -> Decimal | None:
+    if text is None:
+        return None
+    if not _DECIMAL.fullmatch(text):
+        raise InvoiceFailure("einvoice_invalid", f"{field}: not a decimal number: {text[:40]!r}")
+    try:
+        return Decimal(text)
+    except InvalidOperation:  # pragma: no cover - the pattern admits only valid literals
+        raise InvoiceFailure(
+            "einvoice_invalid", f"{field}: not a decimal number: {text[:40]!r}"
+        ) from None
+
+
+def _date(match: re.Match[str] | None, text: str, field: str) -> date:
+    if match is None:
+        raise InvoiceFailure("einvoice_invalid", f"{field}: not a date: {text[:40]!r}")
+    try:
+        return date(int(match[1]), int(match[2]), int(match[3]))
+    except ValueError:
+        raise InvoiceFailure("einvoice_invalid", f"{field}: not a date: {text[:40]!r}") from None
+
+
+def _cii_date(parent: etree._Element | None, path: str, field: str) -> date | None:
+    """A CII `udt:DateTimeString`; EN 16931 allows only format 102 (YYYYMMDD) for these dates."""
+    element = _find(parent, f"{path}/udt:DateTimeString")
+    text = _text(element)
+    if text is None:
+        return None
+    fmt = element.get("format")
+    if fmt is not None and fmt.strip() != "102":
+        raise InvoiceFailure("einvoice_invalid", f"{field}: unsupported date format {fmt[:10]!r}")
+    return _date(_CII_DATE.fullmatch(text), text, field)
+
+
+def _iso_date(text: str | None, field: str) -> date | None:
+    if text is None:
+        return None
+    return _date(_ISO_DATE.fullmatch(text), text, field)
+
+
+def _in_currency(parent: etree._Element | None, path: str, currency: str | None) -> str | None:
+    """The amount in the invoice currency among amounts that may also be in the tax currency.
+
+    When VAT is accounted in another currency, CII and UBL carry the tax total twice; taking
+    the wrong one would silently mix currencies, so anything ambiguous yields None instead.
+    """
+    candidates = [e for e in _iterfind(parent, path) if _text(e) is not None]
+    if currency is not None:
+        for element in candidates:
+            if (element.get("currencyID") or "").strip().upper() == currency.upper():
+                return _text(element)
+    unmarked = [e for e in candidates if not (e.get("currencyID") or "").strip()]
+    if unmarked:
+        return _text(unmarked[0])
+    if currency is None and len(candidates) == 1:
+        return _text(candidates[0])
+    return None
+
+
+def _unit_price(price: Decimal | None, basis: Decimal | None) -> Decimal | None:
+    """Price of one unit: both standards allow a price per N units (base quantity)."""
+    if price is None or basis is None or basis in (0, 1):
+        return price
+    return price / basis
+
+
+def _find(parent: etree._Element | None, path: str) -> etree._Element | None:
+    return None if parent is None else parent.find(path, _NS)
+
+
+def _iterfind(parent: etree._Element | None, path: str) -> Iterator[etree._Element]:
+    return iter(()) if parent is None else parent.iterfind(path, _NS)
+
+
+def _negate(value: Decimal | None) -> Decimal | None:
+    return None if value is None else -value
+
+
+def _keep(value: Decimal | None) -> Decimal | None:
+    return value
+
+
+def _compact(value: str | None) -> str | None:
+    """IBAN / BIC as stored and compared: printed in groups, but the spaces are not the number."""
+    return None if value is None else re.sub(r"\s+", "", value).upper() or None
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def parse_einvoice(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Invoice:
+    """The invoice an embedded CII or UBL document states, with credit notes made negative.
+
+    Raises `InvoiceFailure`: `einvoice_unsafe` for anything that could make the parser expand
+    or fetch (and for over-size input), `einvoice_invalid` for malformed XML, a document that
+    is not an invoice, or values that are not numbers / dates. Missing fields are None: the
+    invoice checks downstream judge completeness, as for any other extraction.
+    """
+    root = _parse_xml(bytes(data), max_bytes)
+    kind = _KNOWN_ROOTS.get(root.tag)
+    if kind == "cii":
+        return _parse_cii(root)
+    if kind == "ubl":
+        return _parse_ubl(root)
+    raise InvoiceFailure("einvoice_invalid", f"not a CII or UBL invoice: root is {root.tag[:200]}")
+
+
+def _parse_cii(root: etree._Element) -> Invoice:
+    document = root.find("rsm:ExchangedDocument", _NS)
+    transaction = root.find("rsm:SupplyChainTradeTransaction", _NS)
+    if document is None or transaction is None:
+        raise InvoiceFailure(
+            "einvoice_invalid",
+            "CII document without ExchangedDocument or SupplyChainTradeTransaction",
+        )
+    credit = _first_text(document, "ram:TypeCode") in _CREDIT_NOTE_TYPES
+    sign = _negate if credit else _keep
+
+    agreement = transaction.find("ram:ApplicableHeaderTradeAgreement", _NS)
+    seller = _find(agreement, "ram:SellerTradeParty")
+    settlement = transaction.find("ram:ApplicableHeaderTradeSettlement", _NS)
+    summation = _find(settlement, "ram:SpecifiedTradeSettlementHeaderMonetarySummation")
+    means = "ram:SpecifiedTradeSettlementPaymentMeans"
+    currency = _first_text(settlement, "ram:InvoiceCurrencyCode")
+
+    registrations = [
+        ((element.get("schemeID") or "").strip().upper(), _text(element))
+        for element in _iterfind(seller, "ram:SpecifiedTaxRegistration/ram:ID")
+    ]
+    # The VAT id first (what the page prints and the text path finds); the tax number else.
+    vendor_tax_id = next((v for s, v in registrations if s == "VA" and v), None) or next(
+        (v for s, v in registrations if s == "FC" and v), None
+    )
+
+    lines = []
+    for item in transaction.iterfind("ram:IncludedSupplyChainTradeLineItem", _NS):
+        price = item.find("ram:SpecifiedLineTradeAgreement/ram:NetPriceProductTradePrice", _NS)
+        product = item.find("ram:SpecifiedTradeProduct", _NS)
+        delivery = item.find("ram:SpecifiedLineTradeDelivery", _NS)
+        line_sum = _find(
+            item.find("ram:SpecifiedLineTradeSettlement", _NS),
+            "ram:SpecifiedTradeSettlementLineMonetarySummation",
+        )
+        lines.append(
+            LineItem(
+                description=_first_text(product, "ram:Name", "ram:Description") or "",
+                quantity=sign(_number(delivery, "line quantity", "ram:BilledQuantity")),
+                unit_price=_unit_price(
+                    _number(price, "line net price", "ram:ChargeAmount"),
+                    _number(price, "line price base quantity", "ram:BasisQuantity"),
+                ),
+                amount=sign(_number(line_sum, "line amount", "ram:LineTotalAmount")),
+            )
+        )
+
+    return Invoice(
+        vendor_name=_first_text(seller, "ram:Name"),
+        vendor_tax_id=vendor_tax_id,
+        iban=_compact(
+            _first_text(settlement, f"{means}/ram:PayeePartyCreditorFinancialAccount/ram:IBANID")
+        ),
+        bic=_compact(
+            _first_text(
+                settlement, f"{means}/ram:PayeeSpecifiedCreditorFinancialInstitution/ram:BICID"
+            )
+        ),
+        customer_name=_first_text(agreement, "ram:BuyerTradeParty/ram:Name"),
+        invoice_number=_first_text(document, "ram:ID"),
+        issue_date=_cii_date(document, "ram:IssueDateTime", "issue date"),
+        due_date=_cii_date(
+            settlement, "ram:SpecifiedTradePaymentTerms/ram:DueDateDateTime", "due date"
+        ),
+        currency=currency,
+        subtotal=sign(_number(summation, "subtotal", "ram:TaxBasisTotalAmount")),
+        tax=sign(_decimal(_in_currency(summation, "ram:TaxTotalAmount", currency), "tax total")),
+        total=sign(_number(summation, "grand total", "ram:GrandTotalAmount")),
+        line_items=lines,
+    )
+
+
+def _parse_ubl(root: etree._Element) -> Invoice:
+    is_credit_note = root.tag == _UBL_CREDIT_NOTE_ROOT
+    type_code = _first_text(root, "cbc:CreditNoteTypeCode", "cbc:InvoiceTypeCode")
+    # A CreditNote states positive amounts that mean money going back to the buyer.
+    credit = is_credit_note or type_code in _CREDIT_NOTE_TYPES
+    sign = _negate if credit else _keep
+    currency = _first_text(root, "cbc:DocumentCurrencyCode")
+
+    supplier = root.find("cac:AccountingSupplierParty/cac:Party", _NS)
+    customer = root.find("cac:AccountingCustomerParty/cac:Party", _NS)
+    # The legal name (EN 16931 BT-27, what CII's Name holds) before the trading name.
+    party_name = ("cac:PartyLegalEntity/cbc:RegistrationName", "cac:PartyName/cbc:Name")
+    account = root.find("cac:PaymentMeans/cac:PayeeFinancialAccount", _NS)
+    totals = root.find("cac:LegalMonetaryTotal", _NS)
+
+    schemes = list(_iterfind(supplier, "cac:PartyTaxScheme"))
+    # The VAT registration first (what the page prints and the text path finds); any other else.
+    schemes.sort(key=lambda s: (_first_text(s, "cac:TaxScheme/cbc:ID") or "").upper() != "VAT")
+    vendor_tax_id = next(
+        (v for v in (_first_text(s, "cbc:CompanyID") for s in schemes) if v), None
+    )
+
+    line_tag, quantity_tag = (
+        ("cac:CreditNoteLine", "cbc:CreditedQuantity")
+        if is_credit_note
+        else ("cac:InvoiceLine", "cbc:InvoicedQuantity")
+    )
+    lines = [
+        LineItem(
+            description=_first_text(line, "cac:Item/cbc:Name", "cac:Item/cbc:Description") or "",
+            quantity=sign(_number(line, "line quantity", quantity_tag)),
+            unit_price=_unit_price(
+                _number(line, "line net price", "cac:Price/cbc:PriceAmount"),
+                _number(line, "line price base quantity", "cac:Price/cbc:BaseQuantity"),
+            ),
+            amount=sign(_number(line, "line amount", "cbc:LineExtensionAmount")),
+        )
+        for line in root.iterfind(line_tag, _NS)
+    ]
+
+    return Invoice(
+        vendor_name=_first_text(supplier, *party_name),
+        vendor_tax_id=vendor_tax_id,
+        iban=_compact(_first_text(account, "cbc:ID")),
+        bic=_compact(
+            _first_text(
+                account,
+                "cac:FinancialInstitutionBranch/cbc:ID",
+                "cac:FinancialInstitutionBranch/cac:FinancialInstitution/cbc:ID",  # UBL 2.0 style
+            )
+        ),
+        customer_name=_first_text(customer, *party_name),
+        invoice_number=_first_text(root, "cbc:ID"),
+        issue_date=_iso_date(_first_text(root, "cbc:IssueDate"), "issue date"),
+        due_date=_iso_date(
+            _first_text(root, "cbc:DueDate", "cac:PaymentMeans/cbc:PaymentDueDate"), "due date"
+        ),
+        currency=currency,
+        subtotal=sign(_number(totals, "subtotal", "cbc:TaxExclusiveAmount")),
+        tax=sign(_decimal(_in_currency(root, "cac:TaxTotal/cbc:TaxAmount", currency), "tax total")),
+        total=sign(_number(totals, "total", "cbc:TaxInclusiveAmount", "cbc:PayableAmount")),
+        line_items=lines,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the XML in a PDF
+# --------------------------------------------------------------------------------------------
+
+
+def find_embedded_einvoice(
+    doc: pymupdf.Document, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> EmbeddedXml | None:
+    """The PDF's embedded e-invoice, or None when there is none worth parsing.
+
+    Standard names win over other `.xml` attachments, which are taken only if their root is a
+    CII or UBL invoice. Attachments are sender-controlled, so anything odd (over-size, a
+    compression bomb behind a false declared size, unsafe or malformed XML, an unreadable
+    stream) is skipped rather than raised: the text extraction still handles the invoice.
+    """
+    try:
+        names = doc.embfile_names() if doc.embfile_count() else []
+    except Exception:  # not a PDF, damaged name tree: no attachments we can trust
+        return None
+    candidates: list[tuple[int, int, str]] = []
+    for index, name in enumerate(names):
+        try:
+            info = doc.embfile_info(index)
+        except Exception:
+            continue
+        rank = _attachment_rank(name, info.get("filename"), info.get("ufilename"))
+        if rank is not None:
+            candidates.append((rank, index, name))
+    for _rank, index, name in sorted(candidates)[:_MAX_CANDIDATES]:
+        try:
+            data = _read_attachment(doc, index, max_bytes)
+            if data is None or _parse_xml(data, max_bytes).tag not in _KNOWN_ROOTS:
+                continue
+        except Exception:  # InvoiceFailure (unsafe/malformed) or a MuPDF error: not this one
+            continue
+        return EmbeddedXml(name=name, data=data)
+    return None
+
+
+def _attachment_rank(*names: object) -> int | None:
+    """0.. for the standard names in preference order, after them any `.xml`, else None."""
+    basenames = {
+        re.split(r"[\\/]", name.strip())[-1].lower() for name in names if isinstance(name, str)
+    }
+    for rank, standard in enumerate(STANDARD_NAMES):
+        if standard in basenames:
+            return rank
+    if any(name.endswith(".xml") for name in basenames):
+        return len(STANDARD_NAMES)
+    return None
+
+
+def _read_attachment(doc: pymupdf.Document, index: int, max_bytes: int) -> bytes | None:
+    """The attachment's bytes if its decoded size is within `max_bytes`.
+
+    The size a PDF declares for an attachment is just another sender-controlled number, and
+    `embfile_get` inflates the whole stream, so the decoded size is measured first by reading
+    (and discarding) at most `max_bytes + 1` bytes: a small flate bomb stays small.
+    """
+    import pymupdf
+
+    mupdf = pymupdf.mupdf
+    filespec = mupdf.pdf_array_get(_embedded_files(doc), 2 * index + 1)
+    stream = mupdf.pdf_dict_gets(mupdf.pdf_dict_gets(filespec, "EF"), "F")
+    if not mupdf.pdf_is_stream(stream):
+        return None
+    if mupdf.fz_skip(mupdf.pdf_open_stream(stream), max_bytes + 1) > max_bytes:
+        return None
+    data = doc.embfile_get(index)
+    return data if len(data) <= max_bytes else None
+
+
+def _embedded_files(doc: pymupdf.Document) -> pymupdf.mupdf.PdfObj:
+    """The catalog's flat /EmbeddedFiles name array (name, filespec, ...), as PyMuPDF reads it.
+
+    PyMuPDF has no call for a bounded read or for /AF, so those go through its MuPDF bindings;
+    the indices match `embfile_names()` because both walk this same array.
+    """
+    import pymupdf
+
+    mupdf = pymupdf.mupdf
+    names = mupdf.pdf_trailer(mupdf.pdf_document_from_fz_document(doc.this))
+    for key in ("Root", "Names", "EmbeddedFiles", "Names"):
+        names = mupdf.pdf_dict_gets(names, key)
+    return names
+
+
+def attach_einvoice(pdf: bytes, xml: bytes, name: str = "factur-x.xml") -> bytes:
+    """`pdf` with `xml` embedded the way Factur-X readers look for it.
+
+    Besides the EmbeddedFiles entry this sets the file's MIME subtype and the catalog's /AF
+    (associated files, relationship Data), which stricter readers use to find the invoice.
+    It does not make the file PDF/A-3 (no XMP metadata), so validators will not call it a
+    conformant Factur-X file; it is for samples and tests. Raises ValueError if `name` is taken.
+    """
+    import pymupdf
+
+    mupdf = pymupdf.mupdf
+    with pymupdf.open(stream=pdf, filetype="pdf") as doc:
+        stream_xref = doc.embfile_add(
+            name, xml, filename=name, ufilename=name, desc="Factur-X invoice"
+        )
+        doc.xref_set_key(stream_xref, "Subtype", "/text#2Fxml")
+
+        pdf_doc = mupdf.pdf_document_from_fz_document(doc.this)
+        names = _embedded_files(doc)
+        position = 2 * doc.embfile_names().index(name) + 1
+        filespec = mupdf.pdf_array_get(names, position)
+        mupdf.pdf_dict_puts(filespec, "AFRelationship", mupdf.pdf_new_name("Data"))
+        if not mupdf.pdf_is_indirect(filespec):  # /AF must share it with the name tree
+            filespec = mupdf.pdf_add_object(pdf_doc, filespec)
+            mupdf.pdf_array_put(names, position, filespec)
+        catalog = mupdf.pdf_dict_gets(mupdf.pdf_trailer(pdf_doc), "Root")
+        associated = mupdf.pdf_dict_gets(catalog, "AF")
+        if not mupdf.pdf_is_array(associated):
+            associated = mupdf.pdf_new_array(pdf_doc, 1)
+            mupdf.pdf_dict_puts(catalog, "AF", associated)
+        mupdf.pdf_array_push(associated, filespec)
+        return doc.tobytes(garbage=1, deflate=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing CII
+# --------------------------------------------------------------------------------------------
+
+
+def _is_credit_note(invoice: Invoice) -> bool:
+    """Negative totals mean money back to the buyer: a credit note (381), not an invoice."""
+    for value in (invoice.total, invoice.subtotal):
+        if value is not None:
+            return value < 0
+    return False
+
+
+def _fmt(value: Decimal) -> str:
+    """Plain notation (never 1E+2) and no "-0" from flipping the sign of a zero."""
+    return format(abs(value) if value == 0 else value, "f")
+
+
+def _add(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
+    """Append `ram:<tag>` (or `ns:<tag>` when `tag` is already `{ns}local`)."""
+    child = etree.SubElement(parent, tag if tag.startswith("{") else f"{{{_RAM}}}{tag}", attrs)
+    if text is not None:
+        child.text = text
+    return child
+
+
+def _add_date(parent: etree._Element, tag: str, value: date) -> None:
+    _add(_add(parent, tag), f"{{{_UDT}}}DateTimeString", value.strftime("%Y%m%d"), format="102")
+
+
+def build_cii_xml(invoice: Invoice) -> bytes:
+    """A Factur-X (EN 16931 profile) CII document stating `invoice`; inverse of `parse_einvoice`.
+
+    Negative totals make a credit note (TypeCode 381) with the signs flipped, as CII states
+    credit-note amounts positive. Fields the invoice lacks are left out even where EN 16931
+    requires them, so the document is only schema-complete for a complete invoice. The VAT
+    breakdown is a single category whose rate is derived from tax / subtotal: the `Invoice`
+    model does not carry per-rate breakdowns.
+    """
+    credit = _is_credit_note(invoice)
+
+    def amount(value: Decimal) -> str:
+        return _fmt(-value if credit else value)
+
+    zero_rated = invoice.tax is not None and invoice.tax == 0
+    rate = None
+    if zero_rated:
+        rate = Decimal(0)
+    elif invoice.tax is not None and invoice.subtotal:
+        rate = (abs(invoice.tax) * 100 / abs(invoice.subtotal)).quantize(_CENT)
+
+    def trade_tax(parent: etree._Element, calculated: Decimal | None, basis: Decimal | None):
+        tax = _add(parent, "ApplicableTradeTax")
+        if calculated is not None:
+            _add(tax, "CalculatedAmount", amount(calculated))
+        _add(tax, "TypeCode", "VAT")
+        if basis is not None:
+            _add(tax, "BasisAmount", amount(basis))
+        _add(tax, "CategoryCode", "Z" if zero_rated else "S")
+        if rate is not None:
+            _add(tax, "RateApplicablePercent", _fmt(rate))
+
+    root = etree.Element(
+        f"{{{_RSM}}}CrossIndustryInvoice",
+        nsmap={"rsm": _RSM, "ram": _RAM, "udt": _UDT, "qdt": _QDT},
+    )
+    context = _add(root, f"{{{_RSM}}}ExchangedDocumentContext")
+    guideline = _add(context, "GuidelineSpecifiedDocumentContextParameter")
+    _add(guideline, "ID", "urn:cen.eu:en16931:2017")  # the EN 16931 profile of Factur-X
+
+    document = _add(root, f"{{{_RSM}}}ExchangedDocument")
+    if invoice.invoice_number is not None:
+        _add(document, "ID", invoice.invoice_number)
+    _add(document, "TypeCode", "381" if credit else "380")
+    if invoice.issue_date is not None:
+        _add_date(document, "IssueDateTime", invoice.issue_date)
+
+    transaction = _add(root, f"{{{_RSM}}}SupplyChainTradeTransaction")
+    for number, line in enumerate(invoice.line_items, start=1):
+        item = _add(transaction, "IncludedSupplyChainTradeLineItem")
+        _add(_add(item, "AssociatedDocumentLineDocument"), "LineID", str(number))
+        _add(_add(item, "SpecifiedTradeProduct"), "Name", line.description)
+        agreement = _add(item, "SpecifiedLineTradeAgreement")
+        if line.unit_price is not None:  # a price, not an amount: never sign-flipped
+            price = _add(agreement, "NetPriceProductTradePrice")
+            _add(price, "ChargeAmount", _fmt(line.unit_price))
+        delivery = _add(item, "SpecifiedLineTradeDelivery")
+        if line.quantity is not None:
+            _add(delivery, "BilledQuantity", amount(line.quantity), unitCode="C62")  # C62: piece
+        line_settlement = _add(item, "SpecifiedLineTradeSettlement")
+        trade_tax(line_settlement, None, None)
+        if line.amount is not None:
+            line_sum = _add(line_settlement, "SpecifiedTradeSettlementLineMonetarySummation")
+            _add(line_sum, "LineTotalAmount", amount(line.amount))
+
+    header_agreement = _add(transaction, "ApplicableHeaderTradeAgreement")
+    seller = _add(header_agreement, "SellerTradeParty")
+    if invoice.vendor_name is not None:
+        _add(seller, "Name", invoice.vendor_name)
+    if invoice.vendor_tax_id is not None:
+        # VA: a VAT id (country prefix); FC: a national tax number such as "12/345/67890".
+        scheme = "VA" if _VAT_ID.fullmatch(invoice.vendor_tax_id) else "FC"
+        registration = _add(seller, "SpecifiedTaxRegistration")
+        _add(registration, "ID", invoice.vendor_tax_id, schemeID=scheme)
+    buyer = _add(header_agreement, "BuyerTradeParty")
+    if invoice.customer_name is not None:
+        _add(buyer, "Name", invoice.customer_name)
+    _add(transaction, "ApplicableHeaderTradeDelivery")
+
+    settlement = _add(transaction, "ApplicableHeaderTradeSettlement")
+    if invoice.currency is not None:
+        _add(settlement, "InvoiceCurrencyCode", invoice.currency)
+    if invoice.iban is not None or invoice.bic is not None:
+        means = _add(settlement, "SpecifiedTradeSettlementPaymentMeans")
+        _add(means, "TypeCode", "58" if invoice.iban is not None else "30")  # SEPA / transfer
+        if invoice.iban is not None:
+            _add(_add(means, "PayeePartyCreditorFinancialAccount"), "IBANID", invoice.iban)
+        if invoice.bic is not None:
+            institution = _add(means, "PayeeSpecifiedCreditorFinancialInstitution")
+            _add(institution, "BICID", invoice.bic)
+    trade_tax(settlement, invoice.tax, invoice.subtotal)
+    if invoice.due_date is not None:
+        terms = _add(settlement, "SpecifiedTradePaymentTerms")
+        _add_date(terms, "DueDateDateTime", invoice.due_date)
+
+    summation = _add(settlement, "SpecifiedTradeSettlementHeaderMonetarySummation")
+    line_amounts = [line.amount for line in invoice.line_items]
+    if invoice.line_items and None not in line_amounts:
+        _add(summation, "LineTotalAmount", amount(sum(line_amounts, Decimal(0))))
+    elif invoice.subtotal is not None:
+        _add(summation, "LineTotalAmount", amount(invoice.subtotal))
+    if invoice.subtotal is not None:
+        _add(summation, "TaxBasisTotalAmount", amount(invoice.subtotal))
+    if invoice.tax is not None:
+        currency = {"currencyID": invoice.currency} if invoice.currency is not None else {}
+        _add(summation, "TaxTotalAmount", amount(invoice.tax), **currency)
+    if invoice.total is not None:
+        _add(summation, "GrandTotalAmount", amount(invoice.total))
+        _add(summation, "DuePayableAmount", amount(invoice.total))
+
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-check against the text extraction
+# --------------------------------------------------------------------------------------------
+
+
+def cross_check(embedded: Invoice, text: Invoice) -> list[str]:
+    """Reasons (`einvoice_mismatch: ...`) where the printed invoice contradicts its XML.
+
+    The XML is what gets paid from, so a page that says something else is either a broken
+    generator or a tampered file, and a human should look. Only fields the text path found
+    count: a value it missed is not evidence of anything. A value the XML lacks but the page
+    shows does count (EN 16931 makes all of these mandatory).
+    """
+    return [f"einvoice_mismatch: {reason}" for reason in _mismatches(embedded, text)]
+
+
+def _mismatches(xml: Invoice, text: Invoice) -> Iterator[str]:
+    def same_id(printed: str, stated: str | None) -> bool:
+        """Equal up to case and spacing, which OCR and layouts change freely."""
+        if stated is None:
+            return False
+        return re.sub(r"\s+", "", printed).casefold() == re.sub(r"\s+", "", stated).casefold()
+
+    def says(field: str, stated: object, printed: object) -> str:
+        return f"{field}: XML says {stated!r}, the page says {printed!r}"
+
+    if text.invoice_number is not None and not same_id(text.invoice_number, xml.invoice_number):
+        yield says("invoice_number", xml.invoice_number, text.invoice_number)
+    for field in ("subtotal", "tax", "total"):
+        printed: Decimal | None = getattr(text, field)
+        stated: Decimal | None = getattr(xml, field)
+        # Absolute values: printed credit notes show the amounts with either sign.
+        if printed is not None and (
+            stated is None or abs(abs(printed) - abs(stated)) > _CROSS_CHECK_TOLERANCE
+        ):
+            yield f"{field}: XML says {stated}, the page says {printed}"
+    if text.currency is not None and not same_id(text.currency, xml.currency):
+        yield says("currency", xml.currency, text.currency)
+    if text.issue_date is not None and text.issue_date != xml.issue_date:
+        yield f"issue_date: XML says {xml.issue_date}, the page says {text.issue_date}"
+    # The IBAN too: it is where the money goes, so it is what a tampered PDF would change.
+    if text.iban is not None and _compact(text.iban) != _compact(xml.iban):
+        yield says("iban", xml.iban, text.iban)
