@@ -9,6 +9,11 @@ cover Latin-1: umlauts, accents, the pound sign and "N°" render and extract bac
 euro sign and typographic dashes do not (they come back as "·"), so euro amounts are printed
 with the ISO code "EUR" and every string is checked to be Latin-1 before it is drawn.
 
+Every invoice without a `defect` passes `tasks.invoice.check_invoice`: issue dates lie in
+2024-2025 (in the past whenever this runs), VAT ids follow their country's format and IBANs
+carry correct check digits with the matching bank's BIC. Only the german and dutch layouts
+print IBAN and BIC, so only their truth has `iban` (no spaces) and `bic`; elsewhere both are None.
+
     python -m tasks.samples OUT_DIR --count 12 --seed 0 [--expected DIR] [--pages N]
 """
 
@@ -25,6 +30,7 @@ from pathlib import Path
 import pymupdf
 
 from tasks.invoice import Invoice, LineItem
+from tasks.validation import format_iban, iban_from_bban
 
 LAYOUTS: tuple[str, ...] = ("classic", "modern", "german", "compact", "french", "dutch")
 DEFECTS: tuple[str, ...] = ("total_mismatch",)
@@ -41,7 +47,7 @@ class _Country:
     code: str
     currency: str
     tax_rates: tuple[str, ...]  # percent, as printed
-    tax_id: str  # template: "#" is a random digit, "@" a random capital letter
+    tax_id: str  # template: "#" a random digit, "@" a random capital letter, "%" one of A-W
     streets: tuple[str, ...]
     cities: tuple[str, ...]  # templates with the postcode where the country puts it
     legal_forms: tuple[str, ...]
@@ -49,11 +55,15 @@ class _Country:
     street_first: bool = False  # "12 Kingsway" rather than "Hauptstraße 12"
 
 
+_FILL = {
+    "#": "0123456789",
+    "@": "ABCDEFGHJKLMNPRSTUVWXYZ",
+    "%": "ABCDEFGHIJKLMNOPQRSTUVW",  # an Irish VAT id's check letter (as many letters as "@")
+}
+
+
 def _fill(rng: random.Random, template: str) -> str:
-    return "".join(
-        rng.choice("0123456789") if ch == "#" else rng.choice("ABCDEFGHJKLMNPRSTUVWXYZ") if ch == "@" else ch
-        for ch in template
-    )
+    return "".join(rng.choice(_FILL[ch]) if ch in _FILL else ch for ch in template)
 
 
 def _digits(rng: random.Random, n: int) -> str:
@@ -80,7 +90,7 @@ COUNTRIES: dict[str, _Country] = {
         ("Inc.", "LLC", "Corp.", "Co."), "USA", street_first=True,
     ),
     "IE": _Country(
-        "IE", "EUR", ("23",), "IE#######@",
+        "IE", "EUR", ("23",), "IE#######%",
         ("Grafton Street", "Baggot Street", "Patrick Street", "Shop Street"),
         ("Dublin 2, D02 @#@#", "Dublin 4, D04 @#@#", "Cork T12 @#@#", "Galway H91 @#@#"),
         ("Ltd", "DAC", "Limited"), "Ireland", street_first=True,
@@ -245,6 +255,51 @@ _GERMAN_UNITS = {"hours": "Std.", "days": "Tag(e)", "units": "Stk.", "lump": "Ps
                  "one": "Psch.", "few": "Stk."}
 
 
+# Banks a vendor's account is with: (city the bank is in or "", national bank code, BIC).
+# Real bank codes and BICs, so an IBAN's bank part and the printed BIC agree.
+_BANKS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "DE": (("Berlin", "10050000", "BELADEBEXXX"), ("München", "70150000", "SSKMDEMMXXX"),
+           ("Hamburg", "20050550", "HASPDEHHXXX"), ("Köln", "37050198", "COLSDE33XXX"),
+           ("Leipzig", "86055592", "WELADE8LXXX"), ("Stuttgart", "60050101", "SOLADEST600")),
+    "AT": (("Wien", "20111", "GIBAATWWXXX"), ("Graz", "20815", "STSPAT2GXXX"),
+           ("Linz", "20320", "ASPKAT2LXXX"), ("Salzburg", "20404", "SBGSAT2SXXX")),
+    "NL": (("", "ABNA", "ABNANL2A"), ("", "INGB", "INGBNL2A"), ("", "RABO", "RABONL2U"),
+           ("", "TRIO", "TRIONL2U"), ("", "SNSB", "SNSBNL2A"), ("", "KNAB", "KNABNL2H")),
+    "GB": (("", "NWBK60", "NWBKGB2L"), ("", "BARC20", "BARCGB22"), ("", "LOYD30", "LOYDGB2L"),
+           ("", "HBUK40", "HBUKGB4B")),
+    "IE": (("", "AIBK93", "AIBKIE2D"), ("", "BOFI90", "BOFIIE2D")),
+    "CH": (("", "00230", "UBSWCHZH80A"), ("", "00700", "ZKBKCHZZ80A"), ("", "09000", "POFICHBEXXX")),
+    "FR": (("", "30004", "BNPAFRPPXXX"), ("", "30003", "SOGEFRPPXXX"), ("", "30002", "CRLYFRPPXXX"),
+           ("", "20041", "PSSTFRPPPAR")),
+}
+
+
+def _bank_account(country: str, city_line: str, digits: str) -> tuple[str, str] | None:
+    """A valid IBAN (no spaces) and the matching BIC for a vendor in `country`, or None where
+    there are no IBANs (US). `digits` (20 random digits) supply the account number; the bank
+    is the one in the vendor's city when there is one, else picked by the digits."""
+    banks = _BANKS.get(country)
+    if not banks:
+        return None
+    local = [bank for bank in banks if bank[0] and bank[0] in city_line]
+    _, code, bic = local[0] if local else banks[int(digits[-4:]) % len(banks)]
+    if country == "DE":  # Bankleitzahl (8) + account (10)
+        bban = code + digits[:10]
+    elif country == "AT":  # Bankleitzahl (5) + account (11)
+        bban = code + digits[:11]
+    elif country == "NL":  # bank (4 letters) + account (10)
+        bban = code + digits[:10]
+    elif country in ("GB", "IE"):  # bank (4 letters) + sort code (6) + account (8)
+        bban = code + digits[:12]
+    elif country == "CH":  # clearing number (5) + account (12)
+        bban = code + digits[:12]
+    else:  # FR: bank (5) + branch (5) + account (11) + RIB key (2)
+        branch, account = digits[:5], digits[5:16]
+        key = 97 - (89 * int(code) + 15 * int(branch) + 3 * int(account)) % 97
+        bban = f"{code}{branch}{account}{key:02d}"
+    return iban_from_bban(country, bban), bic
+
+
 # --------------------------------------------------------------------------------------------
 # Formatting
 # --------------------------------------------------------------------------------------------
@@ -334,6 +389,8 @@ class _Content:
     delivery: date
     reverse_charge: bool = False
     extras: dict = field(default_factory=dict)
+    iban: str | None = None  # in the truth only where the layout prints bank details
+    bic: str | None = None
 
     def money(self, value: Decimal) -> str:
         return fmt_number(value, self.num_style)
@@ -348,6 +405,8 @@ class _Content:
         return Invoice(
             vendor_name=self.vendor.name,
             vendor_tax_id=self.vendor.tax_id,
+            iban=self.iban,
+            bic=self.bic,
             customer_name=self.customer.name,
             invoice_number=self.number,
             issue_date=self.issue,
@@ -433,8 +492,8 @@ def _content(rng: random.Random, layout: str, n_lines: int, defect: str | None) 
     reverse_charge = (cust_code != code and code in ("IE", "NL", "DE", "AT", "FR")
                       and cust_code in ("DE", "FR", "NL", "IE") and customer.tax_id is not None)
 
-    # Dates
-    issue = date(2025, 1, 1) + timedelta(days=rng.randint(0, 729))
+    # Dates: two years that are over, so every issue date is in the past whenever this runs
+    issue = date(2024, 1, 1) + timedelta(days=rng.randint(0, 729))
     due = issue + timedelta(days=rng.choice((14, 30, 30, 60)))
     delivery = issue - timedelta(days=rng.randint(0, 10))
 
@@ -578,6 +637,7 @@ class _Layout:
     font, bold, size_ = "helv", "hebo", 9.0
     margin = 44.0
     continued = "Continued on next page"
+    prints_bank_details = False  # IBAN and BIC on the page (then they are in the truth)
 
     def __init__(self, c: _Content) -> None:
         self.c = c
@@ -893,6 +953,7 @@ class _German(_Layout):
     cont_top = 120.0
     bottom = 740.0
     totals_h = 110.0
+    prints_bank_details = True
 
     margin = 56.0
 
@@ -930,7 +991,7 @@ class _German(_Layout):
              (f"Firmenbuch FN {c.extras.get('hrb', '12345')}a" if v.country == "AT"
               else f"Amtsgericht {v.lines[1].split(' ', 1)[1]} HRB {c.extras.get('hrb', '12345')}"),
              f"{self.taxid_label} {v.tax_id}"],
-            ["Sparkasse", f"IBAN {c.extras.get('iban', 'DE89 3704 0044 0532 0130 00')}", "BIC COBADEFFXXX"],
+            ["Sparkasse", f"IBAN {c.extras['iban']}", f"BIC {c.extras['bic']}"],
         ]
         for k, col in enumerate(cols):
             y = h - 60
@@ -1182,6 +1243,7 @@ class _Dutch(_Layout):
     """Dutch factuur: logo-less letterhead right, 'Factuur aan' block, BTW totals, KvK footer."""
 
     first_top = 310.0
+    prints_bank_details = True
 
     margin = 50.0
 
@@ -1248,7 +1310,7 @@ class _Dutch(_Layout):
 
     def footer(self, cv: _Canvas, index: int, n_pages: int) -> None:
         c, w, h = self.c, self.size[0], self.size[1]
-        cv.text(50, h - 34, f"IBAN {c.extras.get('iban', 'NL91 ABNA 0417 1643 00')} | BIC ABNANL2A | "
+        cv.text(50, h - 34, f"IBAN {c.extras['iban']} | BIC {c.extras['bic']} | "
                             f"KvK {c.extras.get('kvk', '12345678')}", size=7, color=GRAY)
         cv.text(w - 50, h - 34, f"Pagina {index + 1} van {n_pages}", size=7, color=GRAY, align="right")
 
@@ -1290,16 +1352,24 @@ def make_invoice(seed: int, layout: str | None = None, *, pages: int | None = No
     else:
         n_lines = geometry.lines_for_pages(pages, plan_rng)
     content = _content(rng, layout, n_lines, defect)
+    manager = rng_choice(rng, ("Anna Schulz", "Thomas Wagner", "Sabine Koch", "Jürgen Wolf"))
+    hrb = str(rng.randint(10000, 199999))
+    account_digits = _digits(rng, 20)  # drawn here so the draws after it stay what they were
     content.extras = {
-        "manager": rng_choice(rng, ("Anna Schulz", "Thomas Wagner", "Sabine Koch", "Jürgen Wolf")),
-        "hrb": str(rng.randint(10000, 199999)),
-        "iban": f"{content.vendor.country if content.vendor.country != 'CH' else 'DE'}{_digits(rng, 2)} "
-                + " ".join(_digits(rng, 4) for _ in range(4)) + f" {_digits(rng, 2)}",
+        "manager": manager,
+        "hrb": hrb,
         "phone": f"{rng.randint(30, 899)} {_digits(rng, 7)}",
         "kvk": _digits(rng, 8),
         "siret": f"{_digits(rng, 3)} {_digits(rng, 3)} {_digits(rng, 3)} {_digits(rng, 5)}",
     }
+    account = _bank_account(content.vendor.country, content.vendor.lines[1], account_digits)
     drawer = _LAYOUT_CLASSES[layout](content, random.Random(f"labels:{seed}"))
+    if account is not None:
+        content.extras["iban"], content.extras["bic"] = format_iban(account[0]), account[1]
+        if drawer.prints_bank_details:
+            content.iban, content.bic = account
+    elif drawer.prints_bank_details:
+        raise AssertionError(f"{layout} prints bank details, {content.vendor.country} has no IBAN")
     data = drawer.render()
     return data, content.invoice()
 

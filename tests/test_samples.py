@@ -10,7 +10,8 @@ import pymupdf
 import pytest
 
 from tasks.invoice import Invoice, check_invoice
-from tasks.samples import DEFECTS, LAYOUTS, main, make_invoice, write_samples
+from tasks.samples import COUNTRIES, DEFECTS, LAYOUTS, _bank_account, main, make_invoice, write_samples
+from tasks.validation import bic_is_valid, format_iban, iban_is_valid, tax_id_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "samples" / "invoices"
@@ -68,6 +69,33 @@ def test_truth_is_consistent_arithmetic_for_many_seeds(layout):
         assert truth.subtotal == sum(line.amount for line in truth.line_items)
         assert truth.total == truth.subtotal + truth.tax
         assert truth.currency in ("EUR", "USD", "GBP", "CHF")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bank_details_are_valid_and_in_the_truth_where_the_layout_prints_them(layout):
+    for seed in range(12):
+        data, truth = make_invoice(seed, layout, pages=2 if seed == 11 else None)
+        text = "\n".join(page_texts(data))
+        assert tax_id_problem(truth.vendor_tax_id) is None, truth.vendor_tax_id
+        if layout in ("german", "dutch"):
+            assert truth.iban == truth.iban.replace(" ", "").upper() and iban_is_valid(truth.iban)
+            assert bic_is_valid(truth.bic) and truth.bic[4:6] == truth.iban[:2]
+            assert f"IBAN {format_iban(truth.iban)}" in text and f"BIC {truth.bic}" in text
+        else:
+            assert (truth.iban, truth.bic) == (None, None)
+            assert "IBAN" not in text and "BIC" not in text
+
+
+@pytest.mark.parametrize("code", sorted(COUNTRIES))
+def test_every_vendor_country_gets_a_valid_iban_and_bic(code):
+    for k in range(50):
+        digits = f"{k * 7919 + 12345:020d}"[::-1]
+        account = _bank_account(code, COUNTRIES[code].cities[k % len(COUNTRIES[code].cities)], digits)
+        if code == "US":  # no IBANs in the US
+            assert account is None
+            continue
+        iban, bic = account
+        assert iban_is_valid(iban) and iban.startswith(code) and bic_is_valid(bic) and bic[4:6] == code
 
 
 def test_pound_and_dollar_signs_extract_back_unchanged():
