@@ -41,6 +41,13 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                      help="also redo invoices recorded as needs_review")
     run.add_argument("--parse-executor", choices=["process", "thread"], default="process",
                      help="where PyMuPDF runs (default: a process pool)")
+    run.add_argument("--max-pages", type=int, default=500,
+                     help="PDFs with more pages fail too_many_pages before parsing (default 500)")
+    run.add_argument("--max-bytes", type=int, default=50 * 1024 * 1024,
+                     help="larger objects fail too_large before download (default 50 MiB)")
+    run.add_argument("--lease-seconds", type=float, default=120.0,
+                     help="how long a run that died keeps its claims and LLM slots (default 120)")
+    run.add_argument("--chunk-size", type=int, default=50, help="invoices per task run (default 50)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
 
@@ -58,6 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             max_attempts=args.max_attempts,
             reprocess_needs_review=args.reprocess_needs_review,
             parse_executor=args.parse_executor,
+            max_pages=args.max_pages,
+            max_bytes=args.max_bytes,
+            chunk_size=args.chunk_size,
+            lease_seconds=args.lease_seconds,
             return_state=True,
         ))
     except Exception as exc:  # the run could not even start (e.g. no Prefect API): say so

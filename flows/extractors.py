@@ -16,7 +16,11 @@ ExtractorChoice = Literal["auto", "offline", "openai"]
 
 @asynccontextmanager
 async def build_extractor(
-    choice: ExtractorChoice, *, api_key: SecretStr | None = None, max_in_flight: int = 100
+    choice: ExtractorChoice,
+    *,
+    api_key: SecretStr | None = None,
+    max_in_flight: int = 100,
+    slot_lease_seconds: float = 120.0,
 ) -> AsyncIterator[Extractor]:
     """`auto` uses the LLM when one is configured (an API key or OPENAI_BASE_URL), else offline."""
     from tasks.llm import LLMSettings, OpenAIExtractor
@@ -35,7 +39,8 @@ async def build_extractor(
         )
     # LLM calls are capped by Prefect limits, so all runs together stay within the account's.
     in_flight, rate_burst = await ensure_llm_limits(update_existing=False)
-    async with LLMSlots(min(max_in_flight, in_flight, rate_burst)) as slots:
+    capacity = min(max_in_flight, in_flight, rate_burst)
+    async with LLMSlots(capacity, lease_seconds=slot_lease_seconds) as slots:
         await slots.open()
         async with OpenAIExtractor(settings, call_guard=slots.call) as extractor:
             yield extractor

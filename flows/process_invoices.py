@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from contextlib import AsyncExitStack
 from functools import partial
@@ -17,17 +16,16 @@ from prefect.states import Completed, Failed, State
 
 from flows.blocks import load_aws_credentials, load_secret
 from flows.extractors import ExtractorChoice, build_extractor
-from tasks.limits import ensure_manifest_lock
+from tasks.claims import Claims
+from tasks.limits import ensure_manifest_lock, report_manifest_lock_wait
 from tasks.manifest import ManifestWriter, read_manifest, run_locked_session
 from tasks.parse import PdfParser
 from tasks.pipeline import (
+    BatchPlan,
     InvoiceContext,
-    InvoiceJob,
     ProcessedInvoice,
-    chunked,
-    failed_outcome,
     plan_batch,
-    process_chunk_task,
+    process_all,
 )
 from tasks.report import LoopStallProbe, RunProgress, RunSummary, publish_summary, summarize
 from tasks.storage import open_store
@@ -43,7 +41,10 @@ async def process_invoices(
     max_concurrency: int = 100,
     chunk_size: int = 50,
     invoice_timeout: float = 300.0,
+    max_pages: int = 500,
+    max_bytes: int = 50 * 1024 * 1024,
     max_attempts: int = 3,
+    lease_seconds: float = 120.0,
     reprocess_needs_review: bool = False,
     parse_executor: Literal["process", "thread"] = "process",
     fail_on_invoice_errors: bool = True,
@@ -61,7 +62,13 @@ async def process_invoices(
         chunk_size: invoices per task run (`process-invoices-chunk`); each invoice's outcome
             is in the manifest, its log lines and the run report.
         invoice_timeout: seconds one invoice may take, all stages together.
+        max_pages: a PDF with more pages fails `too_many_pages` before its text is read.
+        max_bytes: a larger object fails `too_large` before it is downloaded.
         max_attempts: attempts per invoice (same content) before a failure is final.
+        lease_seconds: how long a run that died keeps its claims on invoices (`processing`
+            in the manifest) and its LLM slots; a live run renews both, so only a dead run's
+            run out, and the next run takes its invoices over. (Prefect leases slots for at
+            least 60 s, and fixes the manifest lock's slot lease at 60 s.)
         reprocess_needs_review: also redo invoices the manifest marks `needs_review`.
         parse_executor: PyMuPDF runs in a `process` pool (default) or a `thread` pool.
         fail_on_invoice_errors: end the run Failed when any invoice failed (after recording).
@@ -70,7 +77,6 @@ async def process_invoices(
         openai_api_key_secret: name of a Prefect `Secret` block holding the OpenAI API key;
             none: `OPENAI_API_KEY` from the environment.
     """
-    logger = get_run_logger()
     started = time.perf_counter()
     credentials = await load_aws_credentials(aws_credentials_block)
     api_key = await load_secret(openai_api_key_secret)
@@ -82,49 +88,37 @@ async def process_invoices(
             ensure_manifest_lock(),
             stack.enter_async_context(open_store(source, credentials=credentials)),
             stack.enter_async_context(open_store(output, credentials=credentials)),
-            stack.enter_async_context(PdfParser(parse_executor)),
+            stack.enter_async_context(PdfParser(parse_executor, max_pages=max_pages)),
             stack.enter_async_context(
-                build_extractor(extractor, api_key=api_key, max_in_flight=max_concurrency)
+                build_extractor(extractor, api_key=api_key, max_in_flight=max_concurrency,
+                                slot_lease_seconds=lease_seconds)
             ),
         )
         ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout,
-                             in_flight=asyncio.Semaphore(max_concurrency))
+                             max_bytes=max_bytes, max_concurrency=max_concurrency)
 
         (manifest, _), listing = await all_or_nothing(read_manifest(out), src.list(suffix=".pdf"))
         plan = plan_batch(
             listing, manifest,
             max_attempts=max_attempts, reprocess_needs_review=reprocess_needs_review,
         )
-        logger.info("%d invoices to process under %s (%d already done)",
-                    len(plan.todo), src.url, len(plan.skipped_done))
+        report_plan(plan, src.url)
 
         progress = await RunProgress.start(len(plan.todo))
-        writer = ManifestWriter(partial(run_locked_session, out), on_commit=progress.advance)
-        if plan.todo:  # take the lock before this run's own task runs load the server
-            await writer.open(wait_for_lock=2.0)
+        writer = ManifestWriter(partial(run_locked_session, out), on_commit=progress.advance,
+                                on_lock_wait=report_manifest_lock_wait)
+        if plan.todo:  # ask for the lock now, before this run's own task runs load the server
+            await writer.open()
 
-        processed: list[ProcessedInvoice] = []
+        async with writer, Claims(writer, ctx, lease_seconds=lease_seconds) as claims:
+            plan.todo, claimed_first = await claims.take(plan.todo)
+            plan.in_flight_elsewhere += claimed_first
 
-        def record(done: ProcessedInvoice) -> None:
-            processed.append(done)
-            writer.submit(done.outcome)
+            def record(done: ProcessedInvoice) -> None:
+                claims.release(done.outcome.key)
+                writer.submit(done.outcome)
 
-        # Backstop only: an invoice bounds itself by invoice_timeout once it has a slot, so
-        # a chunk cannot legitimately outlast the waves of invoices queued ahead of it.
-        waves = math.ceil(len(plan.todo) / max_concurrency) + 1
-        chunk_task = process_chunk_task.with_options(timeout_seconds=waves * invoice_timeout + 60)
-
-        async def run_chunk(jobs: list[InvoiceJob]) -> None:
-            try:
-                await chunk_task(ctx, jobs, record)
-            except Exception as exc:  # the task run itself crashed: its rest is recorded too
-                recorded = {done.outcome.key for done in processed}
-                for job in jobs:
-                    if job.key not in recorded:
-                        record(failed_outcome(ctx, job, exc))
-
-        async with writer:
-            await asyncio.gather(*(run_chunk(jobs) for jobs in chunked(plan.todo, chunk_size)))
+            processed = await process_all(ctx, plan.todo, record, chunk_size=chunk_size)
         await progress.finish()
 
     summary = summarize(
@@ -145,6 +139,18 @@ async def all_or_nothing(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
     except BaseExceptionGroup as failed:
         raise failed.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+def report_plan(plan: BatchPlan, source: str) -> None:
+    logger = get_run_logger()
+    logger.info("%d invoices to process under %s (%d already done)",
+                len(plan.todo), source, len(plan.skipped_done))
+    if plan.taken_over:
+        logger.warning("taking over %d invoices whose claim ran out (a run that died): %s",
+                       len(plan.taken_over), ", ".join(plan.taken_over[:10]))
+    if plan.in_flight_elsewhere:
+        logger.warning("leaving %d invoices to the run that claimed them (lease still running)",
+                       len(plan.in_flight_elsewhere))
 
 
 def outcome_state(summary: RunSummary, fail_on_invoice_errors: bool) -> State:

@@ -8,6 +8,7 @@ limit before the first manifest write and refuses to run when it cannot.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,11 +19,14 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitUpdate,
 )
 from prefect.concurrency.asyncio import concurrency, rate_limit
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
+from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_API_URL
 
 from tasks.errors import InvoiceFailure
 from tasks.manifest import MANIFEST_TAG
+
+logger = logging.getLogger(__name__)
 
 
 class LockUnavailableError(RuntimeError):
@@ -81,6 +85,38 @@ async def ensure_manifest_lock() -> None:
     await ensure_concurrency_limit(tag_limit_name(MANIFEST_TAG), 1, purpose="the manifest lock")
 
 
+# Prefect 3.8.8 gives a tag-limit slot a 60 s lease (task_engine.py, not configurable); the
+# server's repossessor frees expired ones every 15 s (PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS).
+TAG_SLOT_LEASE_NOTE = "a holder that died keeps it until its 60 s slot lease runs out (+ up to 15 s)"
+
+
+async def report_manifest_lock_wait(waited: float) -> None:
+    """Say who holds the manifest lock while this run waits for it (never silent)."""
+    try:
+        async with get_client() as client:
+            limit = await client.read_concurrency_limit_by_tag(MANIFEST_TAG)
+            holders = []
+            for run_id in limit.active_slots[:3]:
+                run = await client.read_task_run(run_id)
+                holders.append(
+                    f"task run {run.name!r} ({run.id}) of flow run {run.flow_run_id}, "
+                    f"state {run.state_name}"
+                )
+        held_by = "; ".join(holders) or "no task run (being granted)"
+    except Exception as exc:  # the report must not break the wait it reports on
+        held_by = f"unknown ({type(exc).__name__}: {exc})"
+    _run_logger().warning(
+        "waited %.0f s for the manifest lock, held by %s; %s", waited, held_by, TAG_SLOT_LEASE_NOTE
+    )
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
+
+
 LLM_IN_FLIGHT_LIMIT = "llm-in-flight"
 LLM_RATE_LIMIT = "llm-rate"
 
@@ -122,9 +158,13 @@ class LLMSlots:
     holds them all.
     """
 
-    def __init__(self, capacity: int, *, timeout: float = 600.0) -> None:
+    def __init__(self, capacity: int, *, timeout: float = 600.0, lease_seconds: float = 120.0) -> None:
         self.capacity = capacity
         self.timeout = timeout
+        # The held slots' lease, renewed while the run lives: after a crash (SIGKILL) the
+        # slots come back to the other runs this long after the last renewal. The server
+        # refuses leases under 60 s (422).
+        self.lease_seconds = max(60.0, lease_seconds)
         self._local = asyncio.Semaphore(capacity)
         self._holder: asyncio.Task[None] | None = None
         self._release = asyncio.Event()
@@ -181,7 +221,8 @@ class LLMSlots:
         # for lease renewal, which must be exited by the task that entered it).
         try:
             async with concurrency(LLM_IN_FLIGHT_LIMIT, occupy=self.capacity,
-                                   timeout_seconds=self.timeout, strict=True):
+                                   timeout_seconds=self.timeout, strict=True,
+                                   lease_duration=self.lease_seconds):
                 held.set_result(None)
                 await self._release.wait()
         except BaseException as exc:

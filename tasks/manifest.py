@@ -91,12 +91,36 @@ class Manifest(BaseModel):
 def supersedes(outcome: InvoiceOutcome, existing: ManifestEntry) -> bool:
     """Whether `outcome` replaces `existing`: newer wins, except that for the same content
     `done` is never downgraded, and a late `done` still beats a newer non-`done` report."""
+    if outcome.status == "processing":
+        return claim_granted(outcome, existing)
     if outcome.etag == existing.etag:
         if existing.status == "done":
             return outcome.status == "done" and outcome.finished_at >= existing.updated_at
         if outcome.status == "done":
             return True
     return outcome.finished_at >= existing.updated_at
+
+
+def claim_granted(claim: InvoiceOutcome, existing: ManifestEntry) -> bool:
+    """Whether a run may mark an invoice `processing` (claim it, or renew its claim).
+
+    Not over `done` for the same content, not over another run's claim whose lease is still
+    running, and not over the claiming run's own final outcome (a renewal that arrives late).
+    """
+    if claim.etag != existing.etag:
+        return True
+    if existing.status == "done":
+        return False
+    same_run = existing.flow_run_id == claim.flow_run_id
+    if existing.status == "processing":
+        if same_run:
+            return claim.finished_at >= existing.updated_at
+        return existing.lease_until is None or existing.lease_until <= claim.finished_at
+    return not same_run and claim.finished_at >= existing.updated_at
+
+
+def lease_is_live(entry: ManifestEntry, now: datetime) -> bool:
+    return entry.status == "processing" and entry.lease_until is not None and entry.lease_until > now
 
 
 def merge_entry(existing: ManifestEntry | None, outcome: InvoiceOutcome) -> ManifestEntry:
@@ -110,6 +134,8 @@ def merge_entry(existing: ManifestEntry | None, outcome: InvoiceOutcome) -> Mani
     same_content = existing.etag == outcome.etag
     attempts = max(existing.attempts, outcome.attempt) if same_content else outcome.attempt
     if not supersedes(outcome, existing):
+        if outcome.status == "processing":  # a refused claim leaves no trace
+            return existing
         return existing.model_copy(update={"attempts": attempts}) if same_content else existing
     first_seen = existing.first_seen_at if same_content else outcome.finished_at
     return ManifestEntry(
@@ -267,20 +293,25 @@ class ManifestWriter:
         self,
         session: Session,
         *,
-        max_hold: float = 30.0,
+        max_hold: float = 10.0,
         min_interval: float = 0.25,
         max_failures: int = 3,
         retry_delay: float = 1.0,
         on_commit: Callable[[int], Awaitable[object]] | None = None,
+        on_lock_wait: Callable[[float], Awaitable[object]] | None = None,
+        lock_wait_report_every: float = 10.0,
     ) -> None:
         self._session = session
         self._on_commit = on_commit
+        self._on_lock_wait = on_lock_wait
+        self.lock_wait_report_every = lock_wait_report_every
         self._pending: list[InvoiceOutcome] = []
         self._in_flight: list[InvoiceOutcome] = []
         self._wakeup = asyncio.Event()
         self._held = asyncio.Event()
         self._closing = False
-        self._closed = asyncio.Event()
+        self._no_linger = asyncio.Event()  # set while closing or flushing
+        self._drained = asyncio.Event()
         self._last_write = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
@@ -296,7 +327,28 @@ class ManifestWriter:
         if self._error is not None:
             raise ManifestWriteError([outcome], self._error)
         self._pending.append(outcome)
+        self._drained.clear()
         self._wakeup.set()
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is committed (without the linger)."""
+        self._no_linger.set()
+        self._wakeup.set()
+        try:
+            while self._pending or self._in_flight:
+                if self._error is not None or self._task is None or self._task.done():
+                    raise ManifestWriteError(
+                        self._in_flight + self._pending,
+                        self._error or RuntimeError("the manifest writer is not running"),
+                    )
+                drained = asyncio.ensure_future(self._drained.wait())
+                try:
+                    await asyncio.wait([drained, self._task], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    drained.cancel()
+        finally:
+            if not self._closing:
+                self._no_linger.clear()
 
     async def open(self, wait_for_lock: float = 0.0) -> ManifestWriter:
         """Start the first session now; wait up to `wait_for_lock` s for it to hold the lock."""
@@ -319,7 +371,7 @@ class ManifestWriter:
     async def close(self) -> None:
         """Flush everything submitted so far, then stop; raises if anything is unrecorded."""
         self._closing = True
-        self._closed.set()
+        self._no_linger.set()
         self._wakeup.set()
         if self._task is not None:
             await self._task
@@ -333,9 +385,12 @@ class ManifestWriter:
             if self._in_flight:  # the consumer asked for more: the previous batch is committed
                 committed, self._in_flight = self._in_flight, []
                 self.batches.append(len(committed))
-                self.recorded += len(committed)
-                if self._on_commit is not None:
-                    await self._on_commit(len(committed))
+                final = sum(o.status != "processing" for o in committed)  # not claims
+                self.recorded += final
+                if not self._pending:
+                    self._drained.set()
+                if self._on_commit is not None and final:
+                    await self._on_commit(final)
             if not self._pending:
                 if self._closing or time.monotonic() - held_since >= self.max_hold:
                     return
@@ -350,14 +405,28 @@ class ManifestWriter:
             # Linger: a rewrite costs O(manifest), so writes are spaced by at least
             # min_interval and each carries everything that arrived meanwhile.
             linger = self.min_interval - (time.monotonic() - self._last_write)
-            if linger > 0 and not self._closing:
+            if linger > 0 and not self._no_linger.is_set():
                 try:
-                    await asyncio.wait_for(self._closed.wait(), linger)
+                    await asyncio.wait_for(self._no_linger.wait(), linger)
                 except TimeoutError:
                     pass
             self._last_write = time.monotonic()
             self._in_flight, self._pending = self._pending, []
             yield self._in_flight
+
+    async def _report_lock_wait(self) -> None:
+        """While a session waits for the lock, say so every `lock_wait_report_every` s: a
+        wait on a lock held by a dead run lasts until Prefect's slot lease runs out."""
+        started = time.monotonic()
+        while not self._held.is_set():
+            try:
+                await asyncio.wait_for(self._held.wait(), self.lock_wait_report_every)
+            except TimeoutError:
+                waited = time.monotonic() - started
+                if self._on_lock_wait is not None:
+                    await self._on_lock_wait(waited)
+                else:
+                    logger.warning("waiting %.0f s for the manifest lock", waited)
 
     async def _run(self, *, eager: bool) -> None:
         failures = 0
@@ -370,6 +439,7 @@ class ManifestWriter:
                 continue
             eager = False
             self.sessions += 1
+            reporter = asyncio.create_task(self._report_lock_wait(), name="manifest-lock-wait")
             try:
                 await self._session(self._batches())
             except Exception as exc:  # recorded below and re-raised by close(): never silent
@@ -386,5 +456,6 @@ class ManifestWriter:
                 await asyncio.sleep(self.retry_delay * failures)
                 continue
             finally:
+                reporter.cancel()
                 self._held.clear()
             failures = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from pydantic import BaseModel
 from tasks.errors import InvoiceFailure
 from tasks.extract import Extractor
 from tasks.invoice import Invoice, check_invoice
-from tasks.manifest import InvoiceOutcome, Manifest, utcnow
+from tasks.manifest import InvoiceOutcome, Manifest, lease_is_live, utcnow
 from tasks.parse import PdfParser
 from tasks.storage import ObjectInfo, StorageError, Store
 
@@ -48,6 +49,10 @@ class BatchPlan:
     skipped_done: list[str] = field(default_factory=list)
     skipped_review: list[str] = field(default_factory=list)
     skipped_exhausted: list[str] = field(default_factory=list)
+    # Claimed by another run whose lease is still running (it may be working on them now).
+    in_flight_elsewhere: list[str] = field(default_factory=list)
+    # Claimed by a run whose lease ran out (killed or stuck): this run takes them over.
+    taken_over: list[str] = field(default_factory=list)
 
 
 def plan_batch(
@@ -56,18 +61,27 @@ def plan_batch(
     *,
     max_attempts: int = 3,
     reprocess_needs_review: bool = False,
+    now: datetime | None = None,
 ) -> BatchPlan:
     """Which invoices this run processes, given what the manifest already records.
 
     Same content (ETag) already `done` is skipped; `needs_review` too unless asked; `failed`
-    is retried until it has had `max_attempts` attempts.
+    is retried until it has had `max_attempts` attempts; `processing` under another run's
+    live lease is left to that run, and taken over once the lease has run out.
     """
+    now = now or utcnow()
     plan = BatchPlan()
     for obj in listing:
         entry = manifest.entries.get(obj.key)
         same = entry is not None and entry.etag == obj.etag
         attempt = entry.attempts + 1 if same else 1
-        if same and entry.status == "done":
+        if same and entry.status == "processing":
+            if lease_is_live(entry, now):
+                plan.in_flight_elsewhere.append(obj.key)
+                continue
+            plan.taken_over.append(obj.key)
+            plan.todo.append(InvoiceJob(obj.key, obj.etag, obj.size, attempt))
+        elif same and entry.status == "done":
             plan.skipped_done.append(obj.key)
         elif same and entry.status == "needs_review" and not reprocess_needs_review:
             plan.skipped_review.append(obj.key)
@@ -112,8 +126,12 @@ class InvoiceContext:
     flow_run_id: str | None = None
     invoice_timeout: float = 300.0
     max_bytes: int = 50 * 1024 * 1024
+    max_concurrency: int = 100
     # Invoices in flight across the whole run, whatever chunk they belong to.
-    in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(100))
+    in_flight: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.in_flight = asyncio.Semaphore(self.max_concurrency)
 
 
 @dataclass
@@ -229,6 +247,11 @@ def _failed(ctx: InvoiceContext, job: InvoiceJob, code: str, message: str) -> Pr
     )
 
 
+def claim_outcome(ctx: InvoiceContext, job: InvoiceJob, lease_until: datetime) -> InvoiceOutcome:
+    """`processing` under this run until `lease_until`: other runs leave the invoice alone."""
+    return _outcome(ctx, job, status="processing", lease_until=lease_until)
+
+
 def failed_outcome(ctx: InvoiceContext, job: InvoiceJob, exc: BaseException) -> ProcessedInvoice:
     """For the flow: an invoice whose chunk's task run crashed (e.g. its backstop timeout)."""
     logger.error("%s: the process-invoices-chunk task run crashed: %r", job.key, exc,
@@ -248,6 +271,39 @@ async def process_chunk(
         on_done(processed)
 
     await asyncio.gather(*(one(job) for job in jobs))
+
+
+async def process_all(
+    ctx: InvoiceContext,
+    jobs: list[InvoiceJob],
+    on_done: Callable[[ProcessedInvoice], None],
+    *,
+    chunk_size: int = 50,
+) -> list[ProcessedInvoice]:
+    """Every job, one `process-invoices-chunk` task run per `chunk_size` jobs, all chunks at
+    once. Each job gets exactly one outcome, also when its chunk's task run crashes."""
+    processed: list[ProcessedInvoice] = []
+
+    def record(done: ProcessedInvoice) -> None:
+        processed.append(done)
+        on_done(done)
+
+    # Backstop only: an invoice bounds itself by invoice_timeout once it has a slot, so a
+    # chunk cannot legitimately outlast the waves of invoices queued ahead of it.
+    waves = math.ceil(len(jobs) / ctx.max_concurrency) + 1
+    chunk_task = process_chunk_task.with_options(timeout_seconds=waves * ctx.invoice_timeout + 60)
+
+    async def run_chunk(chunk: list[InvoiceJob]) -> None:
+        try:
+            await chunk_task(ctx, chunk, record)
+        except Exception as exc:  # the task run itself crashed: its rest is recorded too
+            recorded = {done.outcome.key for done in processed}
+            for job in chunk:
+                if job.key not in recorded:
+                    record(failed_outcome(ctx, job, exc))
+
+    await asyncio.gather(*(run_chunk(chunk) for chunk in chunked(jobs, chunk_size)))
+    return processed
 
 
 def chunked(jobs: list[InvoiceJob], size: int) -> list[list[InvoiceJob]]:

@@ -39,6 +39,8 @@ class RunSummary(BaseModel):
     skipped_done: int = 0
     skipped_review: int = 0
     skipped_exhausted: int = 0
+    skipped_in_flight: int = 0
+    taken_over: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     manifest_writes: int = 0
@@ -107,7 +109,8 @@ def summarize(
                 reason=reason,
             )
         )
-    skipped = len(plan.skipped_done) + len(plan.skipped_review) + len(plan.skipped_exhausted)
+    skipped = (len(plan.skipped_done) + len(plan.skipped_review) + len(plan.skipped_exhausted)
+               + len(plan.in_flight_elsewhere))
     return RunSummary(
         source=source,
         output=output,
@@ -117,6 +120,8 @@ def summarize(
         skipped_done=len(plan.skipped_done),
         skipped_review=len(plan.skipped_review),
         skipped_exhausted=len(plan.skipped_exhausted),
+        skipped_in_flight=len(plan.in_flight_elsewhere),
+        taken_over=len(plan.taken_over),
         prompt_tokens=sum(p.prompt_tokens for p in processed),
         completion_tokens=sum(p.completion_tokens for p in processed),
         manifest_writes=manifest_writes,
@@ -141,9 +146,12 @@ def format_table(summary: RunSummary) -> str:
     out.append("")
     out.append(
         f"{summary.processed} processed ({counts}); skipped {summary.skipped_done} done, "
-        f"{summary.skipped_review} needs_review, {summary.skipped_exhausted} out of attempts; "
+        f"{summary.skipped_review} needs_review, {summary.skipped_exhausted} out of attempts, "
+        f"{summary.skipped_in_flight} claimed by another run; "
         f"{summary.manifest_writes} manifest writes; {summary.seconds:.2f} s"
     )
+    if summary.taken_over:
+        out.append(f"taken over from a run that died: {summary.taken_over}")
     if summary.prompt_tokens or summary.completion_tokens:
         out.append(f"LLM tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion")
     out.append(f"results and manifest: {summary.output}")
@@ -159,10 +167,12 @@ def format_markdown(summary: RunSummary) -> str:
         f"- results and manifest: `{summary.output}`",
         f"- outcomes: {counts}",
         f"- skipped: {summary.skipped_done} already done, {summary.skipped_review} needs_review, "
-        f"{summary.skipped_exhausted} out of attempts",
+        f"{summary.skipped_exhausted} out of attempts, {summary.skipped_in_flight} claimed by "
+        f"another run",
+        f"- taken over from a run that died: {summary.taken_over}",
         f"- LLM tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion",
         f"- manifest writes: {summary.manifest_writes}",
-        f"- time: {summary.seconds:.1f} s",
+        f"- time: {summary.seconds:.1f} s (longest event-loop stall {summary.max_loop_stall_s * 1000:.0f} ms)",
     ]
     failures = [row for row in summary.rows if row.status == "failed"]
     if failures:
