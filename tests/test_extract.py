@@ -13,13 +13,24 @@ from tasks.extract import (
     Extraction,
     OfflineExtractor,
     decimal_separator,
+    extract_document,
     extract_fields,
     find_amount,
+    find_amounts,
+    find_bic,
+    find_iban,
+    find_vat_id,
+    header_columns,
     header_roles,
+    iban_checksum_ok,
+    label_rows_by_position,
     line_items_from_rows,
     match_label,
     parse_date,
     parse_number,
+    rows_from_text,
+    rows_from_words,
+    table_items_by_position,
 )
 from tasks.invoice import Invoice, LineItem, check_invoice
 from tasks.parse import ParsedDocument, parse_pdf_bytes
@@ -129,6 +140,17 @@ async def test_offline_extractor_satisfies_the_extractor_protocol():
         ("INV-2026", None, None),
         ("", None, None),
         ("20 1 234,56", None, None),
+        # currencies printed with the number
+        ("Rs 1939", None, "1939"),
+        ("Rs. 1,939.00", None, "1939.00"),
+        ("₹ 1,234.50", None, "1234.50"),
+        ("316,83 PLN", None, "316.83"),
+        ("1 234,56 zł", None, "1234.56"),
+        ("€ 2.321,00", None, "2321.00"),
+        ("€ -9,32", None, "-9.32"),
+        ("1.234,56", ",", "1234.56"),
+        ("1,234.56", ".", "1234.56"),
+        ("1 234 567,89", None, "1234567.89"),
     ],
 )
 def test_parse_number(text, decimal, expected):
@@ -187,6 +209,19 @@ def test_decimal_separator_from_the_documents_amounts():
         ("31.02.2026", None, None),
         ("upon receipt", None, None),
         ("30 days net", None, None),
+        # month names in five languages, odd spacing
+        ("August 3 , 2014", None, date(2014, 8, 3)),
+        ("Jan 1, 2022", None, date(2022, 1, 1)),
+        ("02 Juillet 2015", None, date(2015, 7, 2)),
+        ("7. Mai 2014", None, date(2014, 5, 7)),
+        ("19 april 2014", None, date(2014, 4, 19)),
+        ("29 maart 2014", None, date(2014, 3, 29)),
+        ("1 stycznia 2021", None, date(2021, 1, 1)),
+        ("15 października 2021", None, date(2021, 10, 15)),
+        ("3 lipca 2021", None, date(2021, 7, 3)),
+        ("8-9-2022", True, date(2022, 9, 8)),
+        ("03/20/2023", None, date(2023, 3, 20)),
+        ("21.05.14", None, date(2014, 5, 21)),
     ],
 )
 def test_parse_date(text, day_first, expected):
@@ -220,11 +255,83 @@ def test_parse_date(text, day_first, expected):
         ("Customer No:", "ignore"), ("Kundennummer:", "ignore"), ("N° client :", "ignore"), ("Klantnummer:", "ignore"),
         ("Leistungsdatum:", "ignore"), ("Übertrag: 1.234,56 EUR", "ignore"), ("Payment terms: 30 days", "ignore"),
         ("Network cable", None), ("Totally", None), ("Invoice", None), ("Rechnung", None), ("Netherlands", None),
+        # more synonyms: Polish, Dutch, French, English variants
+        ("Faktura nr:", "invoice_number"), ("Data wystawienia:", "issue_date"), ("Termin płatności:", "due_date"),
+        ("Należność ogółem:", "total"), ("Razem do zapłaty", "total"), ("Wartość netto", "subtotal"),
+        ("Kwota VAT", "tax"), ("NIP:", "tax_id"), ("Sprzedawca:", "vendor"), ("Nabywca:", "customer"),
+        ("Exclusief BTW", "subtotal"), ("Factuur totaal EUR", "total"), ("Factuur datum", "issue_date"),
+        ("Total for this invoice", "total"), ("Total facture", "total"), ("Somme à payer", "amount_due"),
+        ("Tax 15% on $ 112.90", "tax"), ("Issuer:", "vendor"), ("Booking ID", "alt_number"),
+        ("IBAN:", "iban"), ("BIC", "bic"), ("SWIFT", "bic"), ("BIC/SWIFT code", "bic"), ("excl. btw", "subtotal"),
+        ("Ordernummer:", "ignore"), ("Orderdatum:", "ignore"), ("Bank Account:", "ignore"),
+        ("Databank services", None), ("Bicycle", None),
     ],
 )
 def test_label_synonyms_longest_wins(cell, role):
     match = match_label(cell)
     assert (match.role if match else None) == role
+
+
+def test_label_rest_and_tax_base():
+    assert match_label("Tax 15% on $ 112.90").rest == "15% on $ 112.90"
+    assert find_amount("15% on $ 112.90   $ 16.94", ".") == Decimal("16.94")  # the base is not the tax
+    assert match_label("UStId DE 232 446 240").rest == "DE 232 446 240"  # "DE" is no preposition
+
+
+@pytest.mark.parametrize(
+    ("text", "decimal", "expected"),
+    [
+        ("Total  1  278.61  40.39  319.00", ".", ["278.61", "40.39", "319.00"]),
+        ("19 % MwSt. auf 1.000,00 €   190,00 €", ",", ["190.00"]),
+        ("Grand Total   Rs 1939", None, ["1939"]),  # whole, but printed with its currency
+        ("Room 1939 x 1 Night", None, []),  # whole and no currency: not money
+        ("USt-IdNr. DE 232 446 240", ",", []),
+        ("Balance  € -9,32", ",", ["-9.32"]),
+    ],
+)
+def test_find_amounts(text, decimal, expected):
+    assert find_amounts(text, decimal) == [Decimal(e) for e in expected]
+
+
+@pytest.mark.parametrize(
+    ("text", "labelled", "expected"),
+    [
+        ("NL50INGB0683251309", True, "NL50INGB0683251309"),
+        ("DE89 3704 0044 0532 0130 00", False, "DE89370400440532013000"),
+        ("IBAN: DE89 3704 0044 0532 0130 00 BIC COBADEFFXXX", False, "DE89370400440532013000"),
+        ("FR76 10107 00245 00617052317 39 - BIC", True, "FR7610107002450061705231739"),
+        ("FR76 ***************************", True, None),  # masked
+        ("DE12 3456 7890 1234 5678 90", True, "DE12345678901234567890"),  # labelled: as printed
+        ("DE12 3456 7890 1234 5678 90", False, None),  # unlabelled: must pass mod 97
+        ("US1234567890", True, None),  # an account number, not an IBAN
+    ],
+)
+def test_find_iban(text, labelled, expected):
+    assert find_iban(text, labelled=labelled) == expected
+
+
+def test_iban_checksum_and_bic():
+    assert iban_checksum_ok("GB82 WEST 1234 5698 7654 32")
+    assert not iban_checksum_ok("GB82 WEST 1234 5698 7654 33")
+    assert [find_bic(t) for t in ("INGBNL2A", ": BREDFRPP", "HELADEF1GEL", "bic", "BANKING", "12345678")] == [
+        "INGBNL2A", "BREDFRPP", "HELADEF1GEL", None, None, None]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("UStId DE 232 446 240", "DE232446240"),
+        ("BTW NL810433941B01", "NL810433941B01"),
+        ("N° TVA FR 604 219 388 61", "FR60421938861"),
+        ("UID ATU12345678", "ATU12345678"),
+        ("CHE-123.456.789 MWST", "CHE123456789MWST"),
+        ("IBAN DE30507500940000048567", None),  # an IBAN is no VAT id
+        ("Tel. +49 6051 916 44 10", None),
+        ("DE 12345", None),
+    ],
+)
+def test_find_vat_id_by_country_format(text, expected):
+    assert find_vat_id(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -237,6 +344,9 @@ def test_label_synonyms_longest_wins(cell, role):
         ("DESCRIPTION QTY UNIT PRICE AMOUNT", ["desc", "qty", "unit", "amount"]),
         ("Pos. Artikel Menge Einzelpreis Gesamtpreis", ["pos", "desc", "qty", "unit", "amount"]),
         ("Consulting services", None), ("Subtotal", None),
+        ("Pos. Menge Beschreibung Rabatt % VK-Preis Zeilenbetrag", ["pos", "qty", "desc", "discount", "unit", "amount"]),
+        ("Désignation Nombre P.U. HT Montant HT", ["desc", "qty", "unit", "amount"]),
+        ("Hoeveelheid", ["qty"]), ("Disc.%", ["discount"]), ("SKU", ["code"]),
     ],
 )
 def test_table_header_roles(cell, roles):
@@ -433,3 +543,213 @@ def test_accuracy_sweep(text_of):
             if extract_fields(text_of(data)) != truth:
                 wrong.append((seed, layout, pages))
     assert wrong == []
+
+
+# -- tables and labels by position ----------------------------------------------------------
+
+
+def _positioned_pdf(lines: list[list[tuple[float, str, str]]], *, top: float = 60, step: float = 16) -> bytes:
+    """A one-page PDF: each line is a list of (x, align, text); align "l" puts the text's left
+    edge at x, "r" its right edge (numbers in columns are right-aligned). Base-14 Helvetica
+    has no euro sign, so amounts say "EUR"."""
+    doc = pymupdf.open()
+    page = doc.new_page()
+    for n, line in enumerate(lines):
+        for x, align, text in line:
+            if align == "r":
+                x -= pymupdf.get_text_length(text, fontname="helv", fontsize=9)
+            page.insert_text((x, top + n * step), text, fontname="helv", fontsize=9)
+    return doc.tobytes()
+
+
+DESC, QTY, UNIT, DISC, AMOUNT = 50, 300, 380, 440, 540  # header left edges / right edges of numbers
+POSITIONED = [
+    [(DESC, "l", "Lindqvist Trading BV")],
+    [(DESC, "l", "Invoice"), (200, "l", "Invoice date"), (350, "l", "Due date")],
+    [(DESC, "l", "2024-0042"), (200, "l", "12-03-2024"), (350, "l", "11-04-2024")],
+    [],
+    [(DESC, "l", "Description"), (QTY - 20, "l", "Qty"), (UNIT - 45, "l", "Unit price"), (DISC - 30, "l", "Disc.%"),
+     (AMOUNT - 35, "l", "Amount")],
+    [(DESC, "l", "Widget large"), (QTY, "r", "2"), (UNIT, "r", "EUR 50,00"), (DISC, "r", "0,00"), (AMOUNT, "r", "EUR 100,00")],
+    [(DESC + 10, "l", "Serial: AB-123-77")],
+    [(DESC, "l", "Cable set, 3 m"), (QTY, "r", "1"), (UNIT, "r", "EUR 20,00"), (DISC, "r", "10,00"), (AMOUNT + 3, "r", "EUR 18,00")],
+    [(DESC + 10, "l", "Spare plug"), (QTY, "r", "1")],
+    [(DESC, "l", "--- Services ---")],
+    [(DESC, "l", "Installation"), (QTY - 4, "r", "1,5"), (UNIT, "r", "EUR 40,00"), (DISC, "r", "0,00"), (AMOUNT, "r", "EUR 60,00")],
+    [],
+    [(UNIT, "l", "Subtotal"), (AMOUNT, "r", "EUR 178,00")],
+    [(UNIT, "l", "VAT 21% on EUR 178,00"), (AMOUNT, "r", "EUR 37,38")],
+    [(UNIT, "l", "Total"), (AMOUNT, "r", "EUR 215,38")],
+    [(DESC, "l", "IBAN NL91 ABNA 0417 1643 00   BIC ABNANL2A")],
+]
+POSITIONED_ITEMS = [
+    LineItem(description="Widget large", quantity=Decimal(2), unit_price=Decimal("50.00"), amount=Decimal("100.00")),
+    LineItem(description="Cable set, 3 m", quantity=Decimal(1), unit_price=Decimal("20.00"), amount=Decimal("18.00")),
+    LineItem(description="Installation", quantity=Decimal("1.5"), unit_price=Decimal("40.00"), amount=Decimal("60.00")),
+]
+
+
+def test_word_positions_survive_parsing():
+    doc = parse_pdf_bytes(_positioned_pdf(POSITIONED))
+    assert doc.has_words and not ParsedDocument(doc.pages).has_words
+    words = doc.page_words(0)
+    assert [w.text for w in words if w.text in ("Description", "Amount")] == ["Description", "Amount"]
+    row = next(r for r in rows_from_words(words, 0) if r.text.startswith("Description"))
+    assert [c.role for c in header_columns(row)] == ["desc", "qty", "unit", "discount", "amount"]
+
+
+def test_line_item_table_by_word_positions():
+    """Notes, a sub-line with a quantity only, a section title, a discount column (so qty x
+    price is not the amount), a number printed off its column: read by position."""
+    doc = parse_pdf_bytes(_positioned_pdf(POSITIONED))
+    rows = rows_from_words(doc.page_words(0), 0)
+    assert table_items_by_position(rows, ",") == POSITIONED_ITEMS
+
+
+async def test_offline_extractor_reads_a_positioned_invoice():
+    result = await OfflineExtractor().extract(parse_pdf_bytes(_positioned_pdf(POSITIONED)))
+    got = result.invoice
+    assert got.line_items == POSITIONED_ITEMS
+    assert (got.invoice_number, got.issue_date, got.due_date) == ("2024-0042", date(2024, 3, 12), date(2024, 4, 11))
+    assert (got.subtotal, got.tax, got.total, got.currency) == (
+        Decimal("178.00"), Decimal("37.38"), Decimal("215.38"), "EUR")
+    assert (got.iban, got.bic, got.vendor_name) == ("NL91ABNA0417164300", "ABNANL2A", "Lindqvist Trading BV")
+    assert check_invoice(got) == []
+
+
+def test_line_item_table_from_text_columns():
+    """Plain text: the characters' columns are the positions; numbers a character or two off
+    their header still go to the right column, in order."""
+    text = """Pos.  Qty  Description                        Rabatt %   VK-Preis   Zeilenbetrag
+  1     1  Small Business Exchange 2010                       3,89          3,89
+           Grundgebühr pro Einheit
+  2     3  Mailbox Plus                             10          5,00         13,50
+Gesamtbetrag                                                                17,39
+"""
+    rows = rows_from_text(text, 0)
+    assert table_items_by_position(rows, ",") == [
+        LineItem(description="Small Business Exchange 2010", quantity=Decimal(1), unit_price=Decimal("3.89"),
+                 amount=Decimal("3.89")),
+        LineItem(description="Mailbox Plus", quantity=Decimal(3), unit_price=Decimal("5.00"), amount=Decimal("13.50")),
+    ]
+
+
+def test_label_rows_with_values_underneath():
+    text = "Klant        Factuur datum    Factuur         Vervaldatum\n" \
+           "C-001        8-9-2022         VF1005193039    22-9-2022\n"
+    pairs = label_rows_by_position(rows_from_text(text, 0))
+    assert ("issue_date", "8-9-2022") in pairs and ("invoice_number", "VF1005193039") in pairs
+    got = extract_fields(text + "Factuur totaal EUR   49,99\n")
+    assert (got.invoice_number, got.issue_date, got.due_date, got.total) == (
+        "VF1005193039", date(2022, 9, 8), date(2022, 9, 22), Decimal("49.99"))
+
+
+# -- totals: columns, summary tables, conflicts ------------------------------------------------
+
+
+def test_totals_row_with_net_tax_and_gross_columns():
+    text = """Free SAS
+Facture n°562044387 du 02 Juillet 2015
+Date limite de paiement le 05 Juillet 2015
+Total facture              24.99            5.00              29.99
+"""
+    got = extract_fields(text)
+    assert (got.invoice_number, got.issue_date, got.due_date) == ("562044387", date(2015, 7, 2), date(2015, 7, 5))
+    assert (got.subtotal, got.tax, got.total) == (Decimal("24.99"), Decimal("5.00"), Decimal("29.99"))
+
+
+def test_net_and_tax_from_a_tax_summary_table():
+    text = """Factuurnummer: 17
+Factuur totaal EUR       49,99
+BTW %    Grondslag   BTW bedrag   Totaal
+21 %     41,31       8,68         49,99
+"""
+    got = extract_fields(text)
+    assert (got.subtotal, got.tax, got.total) == (Decimal("41.31"), Decimal("8.68"), Decimal("49.99"))
+
+
+def test_different_totals_give_no_total_rather_than_a_guess():
+    base = "Invoice No: 5\nTotal: 100.00 EUR\nSome text\nTotal: 120.00 EUR\n"
+    doc_notes = extract_fields(base)
+    assert doc_notes.total is None
+    assert "missing_total" in " ".join(check_invoice(doc_notes))
+    # with subtotal and tax printed, the total they make is the one
+    got = extract_fields("Invoice No: 5\nSubtotal: 100.00 EUR\nVAT 20%: 20.00 EUR\n" + base)
+    assert got.total == Decimal("120.00")
+
+
+def test_receipt_with_whole_rupees_and_a_booking_id():
+    text = """PAYMENT RECEIPT
+Guest Name: Sanjay                                   Date: 31/12/2017
+Booking ID         Payment Mode
+IBZY2087           Cash at Hotel
+Room Charges                        Rs 1939 x 1 Night         Rs 1939
+Grand Total                                                   Rs 1939
+"""
+    got = extract_fields(text)
+    assert (got.invoice_number, got.issue_date, got.total, got.currency) == (
+        "IBZY2087", date(2017, 12, 31), Decimal("1939"), "INR")
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("Azure Interior\nInvoice INV/2023/03/0008\nTotal $ 10.00\n", "INV/2023/03/0008"),
+        ("Sammy Maystone                 INVOICE\n                  # invoice_number_1\nTotal: $127.50\n",
+         "invoice_number_1"),
+        ("Faktura nr: F 1234K20/1234/12      Data wystawienia: 2021-01-01\n", "F 1234K20/1234/12"),
+        ("Invoice Date: 2024-01-02\nTotal 5.00 EUR\n", None),
+    ],
+)
+def test_invoice_number_after_the_title(text, number):
+    assert extract_fields(text).invoice_number == number
+
+
+def test_polish_invoice():
+    text = """Faktura nr: FV/2021/01/17                                  Data wystawienia: 12 stycznia 2021
+Sprzedawca: Kowalski Sp. z o.o.
+NIP:               774-00-01-454
+Nabywca:           GŁÓWNY URZĄD STATYSTYCZNY
+NIP:               5261040828
+Termin płatności: 26.01.2021
+Razem:         257,59        59,24      316,83
+Należność ogółem: 316,83 PLN
+"""
+    got = extract_fields(text)
+    assert (got.invoice_number, got.issue_date, got.due_date) == ("FV/2021/01/17", date(2021, 1, 12), date(2021, 1, 26))
+    assert (got.subtotal, got.tax, got.total, got.currency) == (
+        Decimal("257.59"), Decimal("59.24"), Decimal("316.83"), "PLN")
+    assert (got.vendor_name, got.customer_name, got.vendor_tax_id) == (
+        "Kowalski Sp. z o.o.", "GŁÓWNY URZĄD STATYSTYCZNY", "774-00-01-454")
+
+
+def test_subtotal_that_adds_up_is_preferred():
+    text = """Factuurnummer: 993548900
+Exclusief BTW       € 593,36          Subtotaal            € 717,97
+BTW 21%       € 124,61
+                                      Totaal            € 717,97
+IBAN NL50INGB0683251309
+BIC INGBNL2A
+"""
+    got = extract_fields(text)
+    assert (got.subtotal, got.tax, got.total) == (Decimal("593.36"), Decimal("124.61"), Decimal("717.97"))
+    assert (got.iban, got.bic) == ("NL50INGB0683251309", "INGBNL2A")
+
+
+def test_extract_document_matches_extract_fields_without_words():
+    data, truth = make_invoice(7, "dutch")
+    doc = parse_pdf_bytes(data)
+    assert extract_document(doc)[0] == extract_fields(doc.text) == truth
+    assert extract_document(ParsedDocument(doc.pages))[0] == truth
+
+
+def test_header_columns_resolve_repeated_price_and_amount_columns():
+    def roles(header: str) -> list[str]:
+        return [c.role for c in header_columns(rows_from_text(header, 0)[0])]
+
+    assert roles("Artikel   Aantal   Prijs per stuk   BTW Prijs incl. BTW") == ["desc", "qty", "unit", "rate", "amount"]
+    assert roles("Désignation   Qté   Montant HT   TVA   Montant TTC") == ["desc", "qty", "amount", "rate", "other"]
+    assert roles("Artikel   Omschrijving   Prijs   BTW   Hoeveelheid   Bedrag") == [
+        "code", "desc", "unit", "rate", "qty", "amount"]
+    assert header_columns(rows_from_text("Description   Qty   Price   Total", 0)[0]) is not None
+    assert header_columns(rows_from_text("Hotel Details   Check In   Check Out   Rooms", 0)[0]) is None

@@ -18,7 +18,7 @@ import pymupdf
 import pytest
 
 from tasks.errors import InvoiceFailure
-from tasks.parse import ParsedDocument, PdfParser, parse_pdf_bytes
+from tasks.parse import ParsedDocument, PdfParser, Word, parse_pdf_bytes
 
 KINDS = ["process", "thread"]
 
@@ -287,3 +287,32 @@ async def test_close_is_idempotent_and_refuses_new_work() -> None:
     parser.close()
     with pytest.raises(RuntimeError, match="closed"):
         await parser.parse(make_pdf(ONE_PAGE))
+
+
+# --- word positions ---------------------------------------------------------------------------
+
+
+def test_parsed_pdf_carries_word_boxes_cheaply() -> None:
+    doc = parse_pdf_bytes(make_pdf(["Invoice INV-001\nTotal: 42.00 EUR", "page two"]))
+    assert doc.has_words and len(doc.words) == doc.page_count == 2
+    words = doc.page_words(0)
+    assert [w.text for w in words] == ["Invoice", "INV-001", "Total:", "42.00", "EUR"]
+    first, second = words[0], words[1]
+    assert isinstance(first, Word) and first.x0 < first.x1 <= second.x0 and first.y0 < first.y1
+    assert (first.block, first.line) == (second.block, second.line)  # one run of text
+    assert doc.page_words(5) == [] and ParsedDocument(["text only"]).page_words(0) == []
+    # equality and repr are by the text; words add little to what crosses a process boundary
+    assert doc == ParsedDocument(doc.pages) and "words" not in repr(doc)
+    copy = pickle.loads(pickle.dumps(doc))
+    assert copy.page_words(0) == words
+    dense = parse_pdf_bytes(dense_pdf(3))
+    n_words = sum(len(dense.page_words(n)) for n in range(dense.page_count))
+    extra = len(pickle.dumps(dense)) - len(pickle.dumps(ParsedDocument(dense.pages)))
+    assert extra < 14 * n_words + sum(len(page) for page in dense.pages)  # 12-byte boxes + the words
+
+
+async def test_words_survive_the_process_pool() -> None:
+    data = make_pdf(ONE_PAGE)
+    async with PdfParser("process", max_workers=1, timeout=30) as parser:
+        doc = await parser.parse(data)
+    assert doc.page_words(0) == parse_pdf_bytes(data).page_words(0) != []
