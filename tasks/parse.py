@@ -173,17 +173,14 @@ def parse_pdf_bytes(data: bytes, *, max_pages: int | None = None) -> ParsedDocum
             )
 
         try:
-            # sort=True gives reading order (top-left to bottom-right, words on one visual
-            # line joined), which is what the extractors need for tables of labels and values.
-            # It is pure Python in PyMuPDF (~10-20 ms per dense page), one more reason to
-            # parse in processes.
             pages = []
             words = []
             for page in doc:
-                pages.append(page.get_text("text", sort=True))
-                # Word boxes for the table readers: ~2-3 ms per page here (a tenth of the sorted
-                # text), 12 bytes per word plus its text when pickled.
-                words.append(pack_words(page.get_text("words")))
+                # One text page gives both: the word boxes (for the table readers; 12 bytes
+                # per word plus its text when pickled) and the reading-order text.
+                page_words = page.get_textpage(flags=pymupdf.TEXTFLAGS_WORDS).extractWORDS()
+                pages.append(sorted_text(page_words))
+                words.append(pack_words(page_words))
         except (RuntimeError, pymupdf.mupdf.FzErrorBase) as exc:
             raise InvoiceFailure(
                 "pdf_damaged",
@@ -200,6 +197,77 @@ def parse_pdf_bytes(data: bytes, *, max_pages: int | None = None) -> ParsedDocum
             "OCR is not configured, so the invoice cannot be read",
         )
     return ParsedDocument(pages=pages, words=tuple(words))
+
+
+def _union(a: tuple, b: tuple) -> tuple:
+    # pymupdf.Rect.include_rect: an empty rect (x0 >= x1 or y0 >= y1) adds nothing.
+    if b[0] >= b[2] or b[1] >= b[3]:
+        return a
+    if a[0] >= a[2] or a[1] >= a[3]:
+        return b
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+
+
+def _reading_order(words: list[tuple], tolerance: float) -> list[tuple]:
+    # pymupdf.utils.get_text_words(sort=True): by bottom then left, then words whose top or
+    # bottom is within `tolerance` of the line's are one line, read left to right.
+    words = sorted(words, key=lambda w: (w[3], w[0]))
+    ordered, line, lrect = [], [words[0]], words[0][:4]
+    for w in words[1:]:
+        box = w[:4]
+        if abs(box[1] - lrect[1]) <= tolerance or abs(box[3] - lrect[3]) <= tolerance:
+            line.append(w)
+            lrect = _union(lrect, box)
+        else:
+            line.sort(key=lambda w: w[0])
+            ordered.extend(line)
+            line, lrect = [w], box
+    line.sort(key=lambda w: w[0])
+    ordered.extend(line)
+    return ordered
+
+
+def _line_text(left: float, line: list[tuple]) -> str:
+    line.sort(key=lambda w: w[0])
+    text, x1 = "", left
+    for w in line:
+        x0, width, word = w[0], max(0.0, w[2] - w[0]), w[4]
+        gap = int(round((x0 - x1) / width * len(word))) if width else 0
+        text += " " * max(gap, 0 if (x1 == left or x0 <= x1) else 1) + word
+        x1 = w[2]
+    return text
+
+
+def sorted_text(words: list[tuple], tolerance: float = 3) -> str:
+    """`page.get_text("text", sort=True)` computed from the page's words: the same text
+    (reading order, words on one visual line joined, gaps kept as spaces), without the
+    per-word `pymupdf.Rect` objects that make PyMuPDF's pure-Python version cost 10-20 ms a
+    page. tests/test_parse.py checks it against PyMuPDF's own on every kind of page we make."""
+    if not words:
+        return ""
+    words = [(float(w[0]), float(w[1]), float(w[2]), float(w[3]), w[4]) for w in words]
+    words = _reading_order(words, tolerance)
+    total = (float("inf"), float("inf"), float("-inf"), float("-inf"))  # EMPTY_RECT
+    for w in words:
+        total = _union(total, w[:4])
+    lines, line, lrect = [], [words[0]], words[0][:4]
+    for w in words[1:]:
+        box = w[:4]
+        if abs(lrect[1] - box[1]) <= tolerance or abs(lrect[3] - box[3]) <= tolerance:
+            line.append(w)
+            lrect = _union(lrect, box)
+        else:
+            lines.append((lrect, _line_text(total[0], line)))
+            line, lrect = [w], box
+    lines.append((lrect, _line_text(total[0], line)))
+    lines.sort(key=lambda l: l[0][3])
+    text, y1 = lines[0][1], lines[0][0][3]
+    for lrect, ltext in lines[1:]:
+        height = max(0.0, lrect[3] - lrect[1])
+        distance = min(int(round((lrect[1] - y1) / height)), 5) if height else 0
+        text += "\n" * (distance + 1) + ltext
+        y1 = lrect[3]
+    return text
 
 
 def _refuse_repaired(doc: pymupdf.Document, size: int) -> None:

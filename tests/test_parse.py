@@ -316,3 +316,21 @@ async def test_words_survive_the_process_pool() -> None:
     async with PdfParser("process", max_workers=1, timeout=30) as parser:
         doc = await parser.parse(data)
     assert doc.page_words(0) == parse_pdf_bytes(data).page_words(0) != []
+
+
+def test_sorted_text_is_pymupdfs_reading_order_text_on_every_layout():
+    import glob
+
+    from tasks.parse import sorted_text
+    from tasks.samples import LAYOUTS, make_invoice
+
+    pdfs = [make_invoice(seed, pages=1 + seed % 3)[0] for seed in range(2 * len(LAYOUTS))]
+    pdfs += [open(p, "rb").read() for p in sorted(glob.glob("../shared/eval/invoice2data/compare/*.pdf"))]
+    pages = 0
+    for data in pdfs:
+        with pymupdf.open(stream=data, filetype="pdf") as doc:
+            for page in doc:
+                words = page.get_textpage(flags=pymupdf.TEXTFLAGS_WORDS).extractWORDS()
+                assert sorted_text(words) == page.get_text("text", sort=True)
+                pages += 1
+    assert pages >= 2 * len(LAYOUTS)
