@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncContextManager, Callable, Mapping
 
 import openai
+import openai.resources.chat.completions  # noqa: F401  (else loaded on the first call, on the loop)
 from pydantic import SecretStr, ValidationError
 
 from tasks.errors import InvoiceFailure

@@ -294,7 +294,7 @@ class ManifestWriter:
         session: Session,
         *,
         max_hold: float = 10.0,
-        min_interval: float = 0.25,
+        min_interval: float = 1.0,
         max_failures: int = 3,
         retry_delay: float = 1.0,
         on_commit: Callable[[int], Awaitable[object]] | None = None,

@@ -9,6 +9,7 @@ and a pathological file cannot hang the batch.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import importlib.machinery
@@ -381,18 +382,22 @@ def _workers_skip_main() -> Iterator[None]:
     bench script that is ~2 s per worker, measured here, for nothing: workers only need
     tasks.parse. A main-module spec whose name ends in `.__main__` is the documented case
     in which multiprocessing skips that import. Workers are started synchronously inside
-    executor.submit on the event loop's thread, so the swap is scoped to that call.
+    executor.submit, so the swap is scoped to that call.
     """
     main = sys.modules.get("__main__")
     if main is None:
         yield
         return
-    saved = main.__dict__.get("__spec__")
-    main.__spec__ = _SKIP_MAIN_SPEC
-    try:
-        yield
-    finally:
-        main.__spec__ = saved
+    with _MAIN_SWAP:  # start() swaps from a thread: never interleave two swaps
+        saved = main.__dict__.get("__spec__")
+        main.__spec__ = _SKIP_MAIN_SPEC
+        try:
+            yield
+        finally:
+            main.__spec__ = saved
+
+
+_MAIN_SWAP = threading.Lock()
 
 
 _SKIP_MAIN_SPEC = importlib.machinery.ModuleSpec("invoice_pdf_worker.__main__", None)
@@ -468,12 +473,18 @@ class PdfParser:
         """Start every worker now (process start, PyMuPDF import) instead of on first parse."""
         if self.kind != "process":
             return
-        loop = asyncio.get_running_loop()
+        executor = self._pool.executor
+
+        def spawn() -> list[concurrent.futures.Future[int]]:
+            with _workers_skip_main():
+                return [executor.submit(_ping) for _ in range(self.max_workers)]
+
         # One call per worker, submitted together: each submit finds no idle worker and spawns
-        # one. Bounded on its own: starting processes is not parsing, and a tight parse
-        # deadline must not make start-up fail.
-        with _workers_skip_main():
-            pings = [loop.run_in_executor(self._pool.executor, _ping) for _ in range(self.max_workers)]
+        # one, and blocks until that process exists (the first time, until the forkserver has
+        # imported pymupdf: up to 2 s measured under load), so it runs off the event loop.
+        # Bounded on its own: starting processes is not parsing, and a tight parse deadline
+        # must not make start-up fail.
+        pings = [asyncio.wrap_future(f) for f in await asyncio.to_thread(spawn)]
         try:
             await asyncio.wait_for(asyncio.gather(*pings), _START_TIMEOUT)
         except TimeoutError:
