@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import SecretStr
 
+from tasks.einvoice import EmbeddedFirstExtractor
 from tasks.extract import Extractor, OfflineExtractor
 from tasks.limits import LLMSlots, ensure_llm_limits
 from tasks.llm import LLMSettings, OpenAIExtractor  # at import: importing openai takes ~0.3 s
@@ -29,7 +30,7 @@ async def build_extractor(
         settings.api_key = api_key
     configured = settings.api_key is not None or settings.base_url is not None
     if choice == "offline" or (choice == "auto" and not configured):
-        yield OfflineExtractor()
+        yield EmbeddedFirstExtractor(OfflineExtractor())
         return
     if not configured:
         raise ValueError(
@@ -42,4 +43,4 @@ async def build_extractor(
     async with LLMSlots(capacity, lease_seconds=slot_lease_seconds) as slots:
         await slots.open()
         async with OpenAIExtractor(settings, call_guard=slots.call) as extractor:
-            yield extractor
+            yield EmbeddedFirstExtractor(extractor)

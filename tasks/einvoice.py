@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from tasks.errors import InvoiceFailure
+from tasks.extract import Extraction, Extractor, OfflineExtractor
 from tasks.invoice import Invoice, LineItem
+from tasks.parse import ParsedDocument
 
 if TYPE_CHECKING:
     import pymupdf
@@ -731,3 +733,42 @@ def _mismatches(xml: Invoice, text: Invoice) -> Iterator[str]:
     # The IBAN too: it is where the money goes, so it is what a tampered PDF would change.
     if text.iban is not None and _compact(text.iban) != _compact(xml.iban):
         yield says("iban", xml.iban, text.iban)
+
+
+# --------------------------------------------------------------------------------------------
+# The extractor: the XML when there is one
+# --------------------------------------------------------------------------------------------
+
+
+class EmbeddedFirstExtractor:
+    """Reads the invoice's own XML when the PDF carries one, else asks `fallback`.
+
+    The XML is exact and costs no LLM call. The page is still read by the offline rules as a
+    cross-check: where the printed invoice contradicts its XML, the result goes to review.
+    An embedded XML that cannot be parsed is noted and the fallback extracts from the text.
+    """
+
+    def __init__(self, fallback: Extractor, printed: Extractor | None = None) -> None:
+        self.fallback = fallback
+        self.printed = printed or OfflineExtractor()
+        self.name = fallback.name
+
+    async def extract(self, document: ParsedDocument) -> Extraction:
+        embedded = document.einvoice
+        if embedded is None:
+            return await self.fallback.extract(document)
+        try:
+            invoice = parse_einvoice(embedded.data)
+        except InvoiceFailure as exc:
+            extraction = await self.fallback.extract(document)
+            extraction.notes.append(
+                f"embedded {embedded.name} not used ({exc.code}: {exc.message})"
+            )
+            return extraction
+        printed = await self.printed.extract(document)
+        return Extraction(
+            invoice=invoice,
+            source="embedded_xml",
+            notes=[f"read from the embedded {embedded.name}"],
+            problems=cross_check(invoice, printed.invoice),
+        )

@@ -63,6 +63,8 @@ class Extraction:
     completion_tokens: int = 0
     truncated: bool = False
     notes: list[str] = field(default_factory=list)
+    # Reasons for review the extractor itself found ("code: message"), on top of the checks.
+    problems: list[str] = field(default_factory=list)
 
 
 class Extractor(Protocol):

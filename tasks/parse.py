@@ -30,6 +30,8 @@ from tasks.errors import InvoiceFailure
 if TYPE_CHECKING:
     import pymupdf
 
+    from tasks.einvoice import EmbeddedXml
+
 
 class Word(NamedTuple):
     """One word on a page: its box in points (origin top-left) and PyMuPDF's block and line
@@ -83,6 +85,8 @@ class ParsedDocument:
 
     pages: list[str]
     words: tuple[PageWords, ...] | None = field(default=None, compare=False, repr=False)
+    # The e-invoice XML (Factur-X / ZUGFeRD / UBL) the PDF carries as an attachment, if any.
+    einvoice: EmbeddedXml | None = field(default=None, compare=False, repr=False)
 
     @property
     def page_count(self) -> int:
@@ -190,14 +194,17 @@ def parse_pdf_bytes(data: bytes, *, max_pages: int | None = None) -> ParsedDocum
             ) from None
         # Repair can also happen lazily, when a page's objects are first loaded.
         _refuse_repaired(doc, size)
+        from tasks.einvoice import find_embedded_einvoice
 
-    if not any(page.strip() for page in pages):
+        einvoice = find_embedded_einvoice(doc)
+
+    if not any(page.strip() for page in pages) and einvoice is None:
         raise InvoiceFailure(
             "no_text_layer",
             f"no text could be extracted from its {_pages(page_count)} (a scanned image?); "
             "OCR is not configured, so the invoice cannot be read",
         )
-    return ParsedDocument(pages=pages, words=tuple(words))
+    return ParsedDocument(pages=pages, words=tuple(words), einvoice=einvoice)
 
 
 def _union(a: tuple, b: tuple) -> tuple:

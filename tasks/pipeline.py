@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.errors import InvoiceFailure
-from tasks.extract import Extractor
+from tasks.extract import Extraction, Extractor
 from tasks.invoice import Invoice, check_invoice
 from tasks.manifest import InvoiceOutcome, Manifest, lease_is_live, utcnow
 from tasks.parse import PdfParser
@@ -107,6 +107,10 @@ class InvoiceResult(BaseModel):
     invoice: Invoice
     extractor: str
     source: str
+    # Where each field that has a value came from: "text" (offline rules on the page),
+    # "llm", or "embedded_xml" (the invoice's own Factur-X / UBL attachment).
+    field_sources: dict[str, str]
+    notes: list[str]
     pages: int
     prompt_tokens: int
     completion_tokens: int
@@ -197,7 +201,7 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
         document = await ctx.parser.parse(stored.data)
     with _stage(job, "extract", timings):
         extraction = await ctx.extractor.extract(document)
-    reasons = check_invoice(extraction.invoice)
+    reasons = extraction.problems + check_invoice(extraction.invoice)
     status = "needs_review" if reasons else "done"
     result = InvoiceResult(
         key=job.key,
@@ -208,6 +212,8 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
         invoice=extraction.invoice,
         extractor=ctx.extractor.name,
         source=extraction.source,
+        field_sources=field_sources(extraction),
+        notes=extraction.notes,
         pages=document.page_count,
         prompt_tokens=extraction.prompt_tokens,
         completion_tokens=extraction.completion_tokens,
@@ -232,6 +238,15 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
         prompt_tokens=extraction.prompt_tokens,
         completion_tokens=extraction.completion_tokens,
     )
+
+
+def field_sources(extraction: Extraction) -> dict[str, str]:
+    invoice = extraction.invoice
+    return {
+        name: extraction.source
+        for name in type(invoice).model_fields
+        if getattr(invoice, name) not in (None, [], "")
+    }
 
 
 def _outcome(ctx: InvoiceContext, job: InvoiceJob, **fields) -> InvoiceOutcome:

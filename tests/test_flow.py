@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import boto3
@@ -118,3 +119,29 @@ async def test_invoices_run_in_chunks_one_task_run_each_and_all_are_recorded(tmp
         )
     chunks = sorted(r.name for r in runs if r.task_key.startswith("process_chunk_task"))
     assert chunks == [f"{pdfs[0].name} (+2)", f"{pdfs[3].name} (+2)", pdfs[6].name]
+
+
+async def test_an_embedded_e_invoice_is_the_result_and_the_page_cross_checks_it(tmp_path: Path):
+    from tasks.einvoice import attach_einvoice, build_cii_xml
+    from tasks.samples import make_invoice
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    pdf, truth = make_invoice(7)
+    (source / "facturx.pdf").write_bytes(attach_einvoice(pdf, build_cii_xml(truth)))
+    tampered = truth.model_copy(update={"total": truth.total + 100})  # the XML says more
+    (source / "tampered.pdf").write_bytes(attach_einvoice(pdf, build_cii_xml(tampered)))
+
+    state, summary = await run(str(source), str(output))
+    assert state.is_completed(), state.message
+    manifest = Manifest.model_validate_json((output / "manifest.json").read_bytes())
+
+    good = json.loads((output / manifest.entries["facturx.pdf"].result_key).read_text())
+    assert manifest.entries["facturx.pdf"].status == "done"
+    assert good["source"] == "embedded_xml"
+    assert good["field_sources"]["total"] == "embedded_xml"
+    assert Decimal(str(good["invoice"]["total"])) == truth.total
+
+    bad = manifest.entries["tampered.pdf"]
+    assert bad.status == "needs_review"
+    assert any(r.startswith("einvoice_mismatch: total") for r in bad.reasons), bad.reasons

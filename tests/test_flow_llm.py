@@ -85,3 +85,21 @@ async def test_llm_limits_are_created_and_cap_calls_in_flight(llm, tmp_path: Pat
         assert limit.limit == 3  # the run used the operator's limit and did not override it
     finally:
         await ensure_llm_limits()  # the defaults again, for the other tests on this server
+
+
+async def test_an_embedded_e_invoice_costs_no_llm_call(llm, tmp_path: Path):
+    from tasks.einvoice import attach_einvoice, build_cii_xml
+    from tasks.samples import make_invoice
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    pdf, truth = make_invoice(3)
+    (source / "facturx.pdf").write_bytes(attach_einvoice(pdf, build_cii_xml(truth)))
+    (source / "plain.pdf").write_bytes(make_invoice(4)[0])
+    state = await process_invoices(source=str(source), output=str(output), extractor="openai",
+                                   return_state=True)
+    assert state.is_completed(), state.message
+    manifest = Manifest.model_validate_json((output / "manifest.json").read_bytes())
+    result = json.loads((output / manifest.entries["facturx.pdf"].result_key).read_text())
+    assert result["source"] == "embedded_xml" and result["prompt_tokens"] == 0
+    assert llm.stats()["total_requests"] == 1  # only plain.pdf went to the LLM

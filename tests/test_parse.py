@@ -334,3 +334,18 @@ def test_sorted_text_is_pymupdfs_reading_order_text_on_every_layout():
                 assert sorted_text(words) == page.get_text("text", sort=True)
                 pages += 1
     assert pages >= 2 * len(LAYOUTS)
+
+
+def test_an_embedded_e_invoice_travels_with_the_parsed_document():
+    from tasks.einvoice import attach_einvoice, build_cii_xml
+    from tasks.samples import make_invoice
+
+    pdf, truth = make_invoice(5)
+    parsed = parse_pdf_bytes(attach_einvoice(pdf, build_cii_xml(truth)))
+    assert parsed.einvoice is not None and parsed.einvoice.name == "factur-x.xml"
+    assert parse_pdf_bytes(pdf).einvoice is None
+    # a scan (no text layer) that carries its XML is still readable
+    doc = pymupdf.open()
+    doc.new_page()
+    scanned = attach_einvoice(doc.tobytes(), build_cii_xml(truth))
+    assert parse_pdf_bytes(scanned).einvoice is not None
