@@ -47,6 +47,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                      help="larger objects fail too_large before download (default 50 MiB)")
     run.add_argument("--lease-seconds", type=float, default=120.0,
                      help="how long a run that died keeps its claims and LLM slots (default 120)")
+    run.add_argument("--shard", default=None,
+                     help="i/n: only the i-th of n disjoint parts of the listing (default: all)")
     run.add_argument("--chunk-size", type=int, default=50, help="invoices per task run (default 50)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
@@ -68,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             max_pages=args.max_pages,
             max_bytes=args.max_bytes,
             chunk_size=args.chunk_size,
+            shard=args.shard,
             lease_seconds=args.lease_seconds,
             return_state=True,
         ))

@@ -24,6 +24,8 @@ from tasks.pipeline import (
     BatchPlan,
     InvoiceContext,
     ProcessedInvoice,
+    in_shard,
+    parse_shard,
     plan_batch,
     process_all,
 )
@@ -40,6 +42,7 @@ async def process_invoices(
     extractor: ExtractorChoice = "auto",
     max_concurrency: int = 100,
     chunk_size: int = 50,
+    shard: str | None = None,
     invoice_timeout: float = 300.0,
     max_pages: int = 500,
     max_bytes: int = 50 * 1024 * 1024,
@@ -61,6 +64,8 @@ async def process_invoices(
         max_concurrency: invoices in flight at once.
         chunk_size: invoices per task run (`process-invoices-chunk`); each invoice's outcome
             is in the manifest, its log lines and the run report.
+        shard: "i/n" to process only the i-th of n disjoint parts of the listing (by a
+            stable hash of the key), so n runs on n workers split one batch; none: all.
         invoice_timeout: seconds one invoice may take, all stages together.
         max_pages: a PDF with more pages fails `too_many_pages` before its text is read.
         max_bytes: a larger object fails `too_large` before it is downloaded.
@@ -78,6 +83,7 @@ async def process_invoices(
             none: `OPENAI_API_KEY` from the environment.
     """
     started = time.perf_counter()
+    part = parse_shard(shard)  # a malformed shard fails before any work
     credentials = await load_aws_credentials(aws_credentials_block)
     api_key = await load_secret(openai_api_key_secret)
     async with AsyncExitStack() as stack:
@@ -99,7 +105,7 @@ async def process_invoices(
 
         (manifest, _), listing = await all_or_nothing(read_manifest(out), src.list(suffix=".pdf"))
         plan = plan_batch(
-            listing, manifest,
+            [obj for obj in listing if in_shard(obj.key, part)], manifest,
             max_attempts=max_attempts, reprocess_needs_review=reprocess_needs_review,
         )
         report_plan(plan, src.url)

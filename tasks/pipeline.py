@@ -92,6 +92,28 @@ def plan_batch(
     return plan
 
 
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """ "i/n" (0 <= i < n) -> (i, n); None or "" -> None (all keys)."""
+    if not shard:
+        return None
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like 'i/n' (e.g. '0/4'), not {shard!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard!r}: need 0 <= i < n")
+    return index, count
+
+
+def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
+    """Whether `key` belongs to shard (i, n): a stable hash of the key, so every run and
+    machine splits a listing the same way and the shards cover it exactly once."""
+    if shard is None:
+        return True
+    index, count = shard
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % count == index
+
+
 def result_key_for(key: str) -> str:
     return RESULTS_PREFIX + str(PurePosixPath(key).with_suffix(".json"))
 

@@ -125,3 +125,18 @@ async def test_claims_are_renewed_until_released(tmp_path):
     lease = lambda m, k: m.entries[k].lease_until  # noqa: E731
     assert lease(later, "kept.pdf") > lease(first, "kept.pdf")
     assert lease(later, "released.pdf") == lease(first, "released.pdf")
+
+
+def test_shards_split_a_listing_exactly_once():
+    from tasks.pipeline import in_shard, parse_shard
+
+    keys = [f"invoices/{i:05d} näme.pdf" for i in range(1000)]
+    parts = [parse_shard(f"{i}/3") for i in range(3)]
+    owners = [[p for p in parts if in_shard(key, p)] for key in keys]
+    assert all(len(o) == 1 for o in owners)
+    sizes = [sum(o[0] == p for o in owners) for p in parts]
+    assert min(sizes) > 250  # roughly even
+    assert parse_shard(None) is None and in_shard("x", None)
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError):
+            parse_shard(bad)

@@ -348,3 +348,63 @@ def test_ci_example_triggers_an_on_demand_deployment_and_fails_with_the_run():
     for job in workflow["jobs"].values():
         env.update(job.get("env") or {})
     assert "secrets.PREFECT_API_URL" in str(env.get("PREFECT_API_URL"))
+
+
+def test_two_workers_split_one_batch_into_shards_sharing_one_manifest(
+    deployed, prefect_server, moto_endpoint, s3_bucket, tmp_path_factory
+):
+    """Past one machine: two `process` workers (separate processes, one flow run at a time
+    each) on one work pool, one batch split into two sharded flow runs, one S3 manifest."""
+    from tasks.pipeline import in_shard, parse_shard
+
+    names = sorted(p.name for p in SAMPLES.glob("*.pdf"))
+    put_invoices(moto_endpoint, s3_bucket, "sharded", sample_files(*names))
+    env = {**deployed, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    workers, logs = [], []
+    for name in ("shard-worker-a", "shard-worker-b"):
+        home = tmp_path_factory.mktemp(name)
+        logs.append(home / "worker.log")
+        with open(logs[-1], "wb") as log:
+            workers.append(subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", "invoices", "--work-queue", "shards",
+                 "--type", "process", "--limit", "1", "--name", name],
+                cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+            ))
+
+    async def run_shards(client):
+        from prefect.deployments import run_deployment
+
+        runs = [
+            await run_deployment(
+                "process-invoices/on-demand", timeout=0, work_queue_name="shards",
+                parameters={"source": f"s3://{s3_bucket}/sharded",
+                            "output": f"s3://{s3_bucket}/sharded-out", "extractor": "offline",
+                            "aws_credentials_block": AWS_BLOCK, "shard": f"{i}/2"},
+            )
+            for i in range(2)
+        ]
+        deadline = time.monotonic() + WATCH_TIMEOUT
+        while True:
+            runs = [await client.read_flow_run(run.id) for run in runs]
+            if all(run.state.is_final() for run in runs) or time.monotonic() > deadline:
+                return runs
+            await asyncio.sleep(1)
+
+    try:
+        runs = on_server(prefect_server, run_shards)
+    finally:
+        for proc in workers:
+            stop_process(proc)
+    worker_logs = [log.read_text() for log in logs]
+    assert all(run.state.is_completed() for run in runs), (
+        [run.state for run in runs], [text[-2000:] for text in worker_logs])
+
+    # Each worker ran one of the two runs; each run recorded exactly its shard, once.
+    # (a worker may try to submit a run the other took first: "Aborted submission")
+    ran = [set(re.findall(r"/runs/flow-run/([0-9a-f-]{36})", text)) for text in worker_logs]
+    assert sorted(map(len, ran)) == [1, 1] and ran[0] | ran[1] == {str(run.id) for run in runs}
+    entries = read_json(moto_endpoint, s3_bucket, "sharded-out/manifest.json")["entries"]
+    assert set(entries) == set(names)
+    for i, run in enumerate(runs):
+        mine = {k for k, e in entries.items() if e["flow_run_id"] == str(run.id)}
+        assert mine == {n for n in names if in_shard(n, parse_shard(f"{i}/2"))} != set()
