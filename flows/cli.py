@@ -45,8 +45,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                      help="PDFs with more pages fail too_many_pages before parsing (default 500)")
     run.add_argument("--max-bytes", type=int, default=50 * 1024 * 1024,
                      help="larger objects fail too_large before download (default 50 MiB)")
-    run.add_argument("--lease-seconds", type=float, default=120.0,
-                     help="how long a run that died keeps its claims and LLM slots (default 120)")
+    run.add_argument("--lease-seconds", type=float, default=60.0,
+                     help="how long a run that died keeps its claims and LLM slots (default 60)")
     run.add_argument("--shard", default=None,
                      help="i/n: only the i-th of n disjoint parts of the listing (default: all)")
     run.add_argument("--chunk-size", type=int, default=50, help="invoices per task run (default 50)")

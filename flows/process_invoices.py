@@ -7,7 +7,7 @@ import time
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -47,7 +47,7 @@ async def process_invoices(
     max_pages: int = 500,
     max_bytes: int = 50 * 1024 * 1024,
     max_attempts: int = 3,
-    lease_seconds: float = 120.0,
+    lease_seconds: float = 60.0,
     reprocess_needs_review: bool = False,
     parse_executor: Literal["process", "thread"] = "process",
     fail_on_invoice_errors: bool = True,
@@ -103,13 +103,15 @@ async def process_invoices(
         ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout,
                              max_bytes=max_bytes, max_concurrency=max_concurrency)
 
-        (manifest, _), listing = await all_or_nothing(read_manifest(out), src.list(suffix=".pdf"))
-        plan = plan_batch(
-            [obj for obj in listing if in_shard(obj.key, part)], manifest,
-            max_attempts=max_attempts, reprocess_needs_review=reprocess_needs_review,
-        )
-        report_plan(plan, src.url)
+        async def make_plan(only: Collection[str] | None = None) -> BatchPlan:
+            (manifest, _), listing = await all_or_nothing(read_manifest(out), src.list(suffix=".pdf"))
+            return plan_batch(
+                [o for o in listing if in_shard(o.key, part) and (only is None or o.key in only)],
+                manifest, max_attempts=max_attempts, reprocess_needs_review=reprocess_needs_review,
+            )
 
+        plan = await make_plan()
+        report_plan(plan, src.url)
         progress = await RunProgress.start(len(plan.todo))
         writer = ManifestWriter(partial(run_locked_session, out), on_commit=progress.advance,
                                 on_lock_wait=report_manifest_lock_wait)
@@ -117,14 +119,23 @@ async def process_invoices(
             await writer.open()
 
         async with writer, Claims(writer, ctx, lease_seconds=lease_seconds) as claims:
-            plan.todo, claimed_first = await claims.take(plan.todo)
-            plan.in_flight_elsewhere += claimed_first
 
             def record(done: ProcessedInvoice) -> None:
                 claims.release(done.outcome.key)
                 writer.submit(done.outcome)
 
+            plan.todo, claimed_first = await claims.take(plan.todo)
+            plan.in_flight_elsewhere += claimed_first
             processed = await process_all(ctx, plan.todo, record, chunk_size=chunk_size)
+            # Claimed by another run: a live run keeps renewing its claims; claims left
+            # unrenewed are a dead run's, so wait for them to run out and take those over.
+            if await claims.outlast_stale(plan.in_flight_elsewhere):
+                late = await make_plan(only=set(plan.in_flight_elsewhere))
+                late.todo, claimed_first = await claims.take(late.todo)
+                late.in_flight_elsewhere += claimed_first
+                plan.fold_in(late)
+                progress.total = len(plan.todo)
+                processed += await process_all(ctx, late.todo, record, chunk_size=chunk_size)
         await progress.finish()
 
     summary = summarize(

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from datetime import timedelta
 
-from tasks.manifest import ManifestWriter, read_manifest, utcnow
+from tasks.manifest import ManifestWriter, lease_is_live, read_manifest, utcnow
 from tasks.pipeline import InvoiceContext, InvoiceJob, claim_outcome
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 class Claims:
     def __init__(
-        self, writer: ManifestWriter, ctx: InvoiceContext, *, lease_seconds: float = 600.0
+        self, writer: ManifestWriter, ctx: InvoiceContext, *, lease_seconds: float = 60.0
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
@@ -54,6 +54,34 @@ class Claims:
             logger.warning("%d invoices were claimed by another run first; left to it: %s",
                            len(refused), ", ".join(job.key for job in refused[:10]))
         return held, [job.key for job in refused]
+
+    async def outlast_stale(self, keys: list[str]) -> bool:
+        """Wait until those claims on `keys` that look abandoned have run out; True if any.
+
+        A live run renews its claims every third of their lease, so a claim not renewed for
+        half its lease is probably a dead run's. Only the lease running out makes it certain
+        (a live run may still renew meanwhile), so this waits for that: at most one lease.
+        """
+        if not keys:
+            return False
+        manifest, _ = await read_manifest(self.ctx.output)
+        now = utcnow()
+        ends = []
+        for key in keys:
+            entry = manifest.entries.get(key)
+            if entry is None or not lease_is_live(entry, now) or entry.lease_until is None:
+                continue
+            if now - entry.updated_at > (entry.lease_until - entry.updated_at) / 2:
+                ends.append(entry.lease_until)
+        if not ends:
+            return False
+        wait = (max(ends) - now).total_seconds() + 0.5
+        logger.warning(
+            "%d invoices are claimed by a run that stopped renewing its claims (killed?); "
+            "waiting %.0f s for the claims to run out, then taking them over", len(ends), wait,
+        )
+        await asyncio.sleep(wait)
+        return True
 
     def release(self, key: str) -> None:
         """The invoice has its final outcome: its claim needs no renewal any more."""

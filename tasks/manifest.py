@@ -324,8 +324,8 @@ class ManifestWriter:
         self.recorded = 0
 
     def submit(self, outcome: InvoiceOutcome) -> None:
-        if self._error is not None:
-            raise ManifestWriteError([outcome], self._error)
+        # Never raises, even after the writer gave up: the outcome joins the unrecorded ones
+        # that close() names, and the invoice that reported it is not torn down with it.
         self._pending.append(outcome)
         self._drained.clear()
         self._wakeup.set()
@@ -338,7 +338,7 @@ class ManifestWriter:
             while self._pending or self._in_flight:
                 if self._error is not None or self._task is None or self._task.done():
                     raise ManifestWriteError(
-                        self._in_flight + self._pending,
+                        self.unrecorded,
                         self._error or RuntimeError("the manifest writer is not running"),
                     )
                 drained = asyncio.ensure_future(self._drained.wait())
@@ -376,7 +376,19 @@ class ManifestWriter:
         if self._task is not None:
             await self._task
         if self._error is not None:
-            raise ManifestWriteError(self._in_flight + self._pending, self._error)
+            raise ManifestWriteError(self.unrecorded, self._error)
+
+    @property
+    def unrecorded(self) -> list[InvoiceOutcome]:
+        """Per invoice, the last outcome submitted but not (yet) committed: its final outcome,
+        or its claim when it never got further (a claim renewal does not hide an outcome)."""
+        last: dict[str, InvoiceOutcome] = {}
+        for outcome in self._in_flight + self._pending:
+            if outcome.status != "processing" or last.get(outcome.key) is None:
+                last[outcome.key] = outcome
+            elif last[outcome.key].status == "processing":
+                last[outcome.key] = outcome
+        return list(last.values())
 
     async def _batches(self) -> AsyncIterator[list[InvoiceOutcome]]:
         held_since = time.monotonic()

@@ -54,6 +54,17 @@ class BatchPlan:
     # Claimed by a run whose lease ran out (killed or stuck): this run takes them over.
     taken_over: list[str] = field(default_factory=list)
 
+    def fold_in(self, late: BatchPlan) -> None:
+        """Add a second look at the invoices that were in flight elsewhere (`late`, planned
+        later over just those keys, its todo already claimed)."""
+        self.todo += late.todo
+        taken = {job.key for job in late.todo}
+        self.taken_over += [key for key in late.taken_over if key in taken]
+        self.skipped_done += late.skipped_done
+        self.skipped_review += late.skipped_review
+        self.skipped_exhausted += late.skipped_exhausted
+        self.in_flight_elsewhere = late.in_flight_elsewhere
+
 
 def plan_batch(
     listing: list[ObjectInfo],

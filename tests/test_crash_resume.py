@@ -20,6 +20,8 @@ from fake_llm.server import FakeLLMConfig, FakeLLMServer
 from tasks.manifest import Manifest
 from tasks.samples import write_samples
 
+pytest_plugins = ["tests.reliability_report"]
+
 N = 30
 LEASE = 10.0  # claims and LLM slots of a dead run come free after this
 
@@ -40,7 +42,7 @@ def start_run(source: Path, output: Path, env: dict[str, str]) -> subprocess.Pop
 
 
 def test_a_killed_run_is_finished_by_the_next_without_redoing_done_invoices(
-    prefect_server, tmp_path: Path
+    prefect_server, tmp_path: Path, scenario
 ):
     source, output = tmp_path / "in", tmp_path / "out"
     keys = {p.name for p in write_samples(source, N, seed=40)}
@@ -84,6 +86,13 @@ def test_a_killed_run_is_finished_by_the_next_without_redoing_done_invoices(
         assert summary["taken_over"] == len(claimed)
         for key in finished:  # untouched by the second run
             assert final.entries[key].flow_run_id == at_kill.entries[key].flow_run_id
+        scenario.record(
+            name="crash (SIGKILL mid-batch) and resume", invoices_in=N, manifest=final,
+            expected_keys=keys, wall_s=waited,
+            results=[json.loads(p.read_text())["key"] for p in (output / "results").glob("*.json")],
+            note=f"{len(finished)} done before the kill, {len(claimed)} claimed in flight "
+                 f"(taken over), rerun {waited:.0f} s incl. the wait for the dead run's lock",
+        )
 
     # The dead run's manifest-lock slot was freed by its Prefect lease, and the wait was
     # reported while it lasted, naming the holder.
