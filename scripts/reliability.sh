@@ -6,8 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"  # cds to the project and installs .venv
 
-tests=(tests/test_reliability.py)
-if [ -f tests/test_crash_resume.py ]; then tests+=(tests/test_crash_resume.py); fi
+tests=(tests/test_reliability.py tests/test_crash_resume.py)
 
 if [ -n "${RELIABILITY_REPORT:-}" ]; then
   : > "$RELIABILITY_REPORT"
