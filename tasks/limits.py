@@ -45,10 +45,10 @@ async def ensure_concurrency_limit(
     slot_decay_per_second: float | None = None,
     update_existing: bool = True,
     purpose: str = "this limit",
-) -> None:
+) -> int:
     """Create the global concurrency limit `name`, or (with `update_existing`) repair its
     limit, decay and active flag; without it an existing limit is left as the operator set it
-    (it is still re-activated: an inactive limit is not enforced)."""
+    (it is still re-activated: an inactive limit is not enforced). Returns the limit in force."""
     try:
         async with get_client() as client:
             try:
@@ -61,7 +61,7 @@ async def ensure_concurrency_limit(
                             slot_decay_per_second=slot_decay_per_second or 0.0,
                         )
                     )
-                    return
+                    return limit
                 except ObjectAlreadyExists:  # another run created it between our read and create
                     existing = await client.read_global_concurrency_limit_by_name(name)
             decay = slot_decay_per_second or 0.0
@@ -73,6 +73,9 @@ async def ensure_concurrency_limit(
                         limit=limit, active=True, slot_decay_per_second=decay
                     )
                 await client.update_global_concurrency_limit(name, update)
+                if update_existing:
+                    return limit
+            return existing.limit
     except (httpx.HTTPError, OSError, RuntimeError) as exc:
         api = PREFECT_API_URL.value() or "the ephemeral local server"
         raise LockUnavailableError(
@@ -130,19 +133,18 @@ async def ensure_llm_limits(
     `llm-in-flight` caps calls in flight; `llm-rate` is a rate limit (slots decay at
     requests_per_minute / 60 per second; its size, the burst, is at most `max_in_flight`).
     """
-    await ensure_concurrency_limit(
-        LLM_IN_FLIGHT_LIMIT, max_in_flight, update_existing=update_existing,
-        purpose="the LLM limits",
+    in_flight, rate = await asyncio.gather(
+        ensure_concurrency_limit(
+            LLM_IN_FLIGHT_LIMIT, max_in_flight, update_existing=update_existing,
+            purpose="the LLM limits",
+        ),
+        ensure_concurrency_limit(
+            LLM_RATE_LIMIT, max(1, min(requests_per_minute, max_in_flight)),
+            slot_decay_per_second=requests_per_minute / 60, update_existing=update_existing,
+            purpose="the LLM limits",
+        ),
     )
-    await ensure_concurrency_limit(
-        LLM_RATE_LIMIT, max(1, min(requests_per_minute, max_in_flight)),
-        slot_decay_per_second=requests_per_minute / 60, update_existing=update_existing,
-        purpose="the LLM limits",
-    )
-    async with get_client() as client:
-        in_flight = await client.read_global_concurrency_limit_by_name(LLM_IN_FLIGHT_LIMIT)
-        rate = await client.read_global_concurrency_limit_by_name(LLM_RATE_LIMIT)
-    return in_flight.limit, rate.limit
+    return in_flight, rate
 
 
 class LLMSlots:
@@ -179,8 +181,7 @@ class LLMSlots:
         """Take the run's slots now, before its task runs load the server (on SQLite a slot
         request that collides with that load gets a 503 and a 2 s client backoff)."""
         try:
-            await self._hold_in_flight_slots()
-            await self._take_rate_block()
+            await asyncio.gather(self._hold_in_flight_slots(), self._take_rate_block())
         except TimeoutError:
             pass  # nothing free yet; calls wait for it (bounded) and fail with a reason
         return self
