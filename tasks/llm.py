@@ -212,6 +212,21 @@ def _redact(text: str, secret: str | None) -> str:
     return _KEYLIKE_RE.sub(r"\1***", text)
 
 
+def _refused_connection(exc: BaseException) -> str | None:
+    """The connection failure behind a "timeout": the SDK's aiohttp transport reports a
+    refused or unreachable connection as a connect timeout (its exception map prefers
+    ConnectTimeout for aiohttp's ClientConnectorError)."""
+    import aiohttp
+
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 10:
+        if isinstance(cause, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
+            return f"{type(cause).__name__}: {cause}"
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
+
+
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     """Server-directed wait from `retry-after-ms` (preferred) or `Retry-After` (seconds,
     fractional allowed, or an HTTP date)."""
@@ -317,6 +332,9 @@ class OpenAIExtractor:
             base_url=settings.base_url,
             timeout=settings.timeout,
             max_retries=0,
+            # The SDK's aiohttp transport: half the CPU per call of its default httpx one
+            # (measured: 4.3 vs 8.3 ms), and calls share the event loop with everything else.
+            http_client=openai.DefaultAioHttpClient(timeout=settings.timeout),
         )
         self._rng = random.Random()
 
@@ -426,7 +444,11 @@ class OpenAIExtractor:
                         extra_body={"response_format": RESPONSE_FORMAT},
                         **kwargs,
                     )
-        except (openai.APITimeoutError, TimeoutError):
+        except (openai.APITimeoutError, TimeoutError) as e:
+            refused = _refused_connection(e)
+            if refused is not None:
+                raise _Retry("llm_connection_error",
+                             _redact(f"connection failed: {refused}", secret)[:300]) from None
             raise _Retry("llm_timeout", f"no answer within the {s.timeout:g}s timeout") from None
         except openai.APIConnectionError as e:
             cause = e.__cause__ or e.__context__
