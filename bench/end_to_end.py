@@ -373,13 +373,7 @@ class LLMProcess:
         return json.loads(self._ask("stats"))
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()  # the child stops when its stdin closes
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        ml.stop_child(self.proc)
 
 
 def serve_llm(latency: float) -> int:

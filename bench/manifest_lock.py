@@ -213,12 +213,18 @@ class MotoProcess:
         self.endpoint = f"http://127.0.0.1:{int(line.split()[1])}"
 
     def stop(self) -> None:
-        self.proc.stdin.close()  # the child exits when its stdin closes
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_child(self.proc)
+
+
+def stop_child(proc: subprocess.Popen[str]) -> None:
+    """End a bench child that serves until its stdin closes; kill it if it does not."""
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_moto(mode: str = "process") -> tuple[Any, str, Any]:
