@@ -324,10 +324,20 @@ def _parse_serialized(data: bytes, max_pages: int | None) -> ParsedDocument:
         return parse_pdf_bytes(data, max_pages=max_pages)
 
 
+# Parsing is batch work; the flow's event loop is latency work (every invoice's I/O, Prefect's
+# heartbeats). With as many workers as cores, workers at the same priority took the cores
+# away from the loop for 0.3-0.7 s at a time (measured as loop stalls, bench/end_to_end.py);
+# niced workers yield to it at once and still get every cycle the loop leaves idle.
+WORKER_NICENESS = 10
+
+
 def _init_worker() -> None:
-    # Runs once per worker process: import PyMuPDF now (a no-op when the forkserver preloaded
-    # it) so the first parse does not pay for it, and keep MuPDF's repair chatter off stderr;
-    # what it says is carried in the InvoiceFailure message instead.
+    # Runs once per worker process: lower its priority (above), import PyMuPDF now (a no-op
+    # when the forkserver preloaded it) so the first parse does not pay for it, and keep
+    # MuPDF's repair chatter off stderr; what it says is carried in the InvoiceFailure
+    # message instead.
+    with contextlib.suppress(OSError):  # no nice() (some sandboxes): parse at full priority
+        os.nice(WORKER_NICENESS)
     import pymupdf as _pymupdf
 
     _pymupdf.TOOLS.mupdf_display_errors(False)
