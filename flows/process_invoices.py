@@ -29,7 +29,9 @@ from tasks.pipeline import (
     plan_batch,
     process_all,
 )
-from tasks.report import LoopStallProbe, RunProgress, RunSummary, publish_summary, summarize
+from tasks.report import (
+    LoopStallProbe, RunProgress, RunSummary, gc_frozen, publish_summary, summarize,
+)
 from tasks.storage import open_store
 
 BUNDLED_SAMPLES = str(Path(__file__).resolve().parents[1] / "samples" / "invoices")
@@ -100,6 +102,7 @@ async def process_invoices(
                                 slot_lease_seconds=lease_seconds)
             ),
         )
+        stack.enter_context(gc_frozen())  # after set-up: its objects live as long as the run
         ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout,
                              max_bytes=max_bytes, max_concurrency=max_concurrency)
 

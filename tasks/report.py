@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prefect import task
 from prefect.artifacts import (
@@ -79,6 +82,21 @@ class LoopStallProbe:
             asleep = loop.time()
             await asyncio.sleep(self.interval)
             self.max_stall = max(self.max_stall, loop.time() - asleep - self.interval)
+
+
+@contextmanager
+def gc_frozen() -> Iterator[None]:
+    """Keep every object alive now (imported modules, botocore's service models, Prefect's
+    clients and settings: several hundred thousand) out of the garbage collector's full
+    collections until the block ends. Each full collection walked them all and held the
+    event loop for 180-220 ms, a few times per 1000-invoice run (bench/end_to_end.py
+    --stall-log); objects made inside the block are collected as before. Unfrozen at the
+    end, so a long-lived process (a served deployment) still frees what the run left."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def summarize(
