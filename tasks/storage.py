@@ -320,6 +320,12 @@ def _botocore_session() -> Any:
         _DATA_LOADER = session.get_component("data_loader")
     else:
         session.register_component("data_loader", _DATA_LOADER)
+    # Timestamps in responses stay strings: nothing here reads them, and parsing them with
+    # dateutil was 60% of the CPU of listing 1000 keys (one page, one uninterrupted step on
+    # the event loop: 120-200 ms, 45-70 ms without).
+    session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=str
+    )
     return session
 
 
@@ -330,6 +336,11 @@ class S3Store:
     connection errors with backoff, up to `max_attempts` attempts in all; it does not retry
     409/412, which surface as `PreconditionFailed` for the caller's compare-and-swap loop.
     `page_size` (keys per ListObjectsV2 call, S3 max 1000) exists mainly for tests.
+
+    `max_pool_connections` bounds the requests in flight (more wait their turn). Each request
+    costs the event loop 2-4 ms of botocore CPU; 100 started at once (a batch's first
+    downloads) held the loop for ~0.4 s, while 16 at a time keep up with far more invoices
+    per second than the LLM stage does.
     """
 
     def __init__(
@@ -340,7 +351,7 @@ class S3Store:
         endpoint_url: str | None = None,
         region_name: str | None = None,
         credentials: AwsCredentials | None = None,
-        max_pool_connections: int = 100,
+        max_pool_connections: int = 16,
         connect_timeout: float = 5,
         read_timeout: float = 30,
         max_attempts: int = 5,
