@@ -329,7 +329,8 @@ async def process_all(
     chunk_size: int = 50,
 ) -> list[ProcessedInvoice]:
     """Every job, one `process-invoices-chunk` task run per `chunk_size` jobs, all chunks at
-    once. Each job gets exactly one outcome, also when its chunk's task run crashes."""
+    once (started one per turn of the event loop). Each job gets exactly one outcome, also
+    when its chunk's task run crashes."""
     processed: list[ProcessedInvoice] = []
 
     def record(done: ProcessedInvoice) -> None:
@@ -350,7 +351,12 @@ async def process_all(
                 if job.key not in recorded:
                     record(failed_outcome(ctx, job, exc))
 
-    await asyncio.gather(*(run_chunk(chunk) for chunk in chunked(jobs, chunk_size)))
+    async with asyncio.TaskGroup() as group:
+        for chunk in chunked(jobs, chunk_size):
+            group.create_task(run_chunk(chunk))
+            # One chunk's start (a task run's set-up, its invoices' first requests) per turn
+            # of the event loop: twenty chunks started in one turn held it for ~0.2 s.
+            await asyncio.sleep(0)
     return processed
 
 
