@@ -71,19 +71,18 @@ this 2-core machine would bill the extraction's CPU to the benchmark; here it an
 ``ml.canned_answer()`` (one valid invoice made once), like the other benches. Its
 statistics are read and reset through its stdin.
 
-``--stall-log`` (diagnosis) says where the event loop stalls: in both children the
-``LoopStallProbe`` is replaced by a subclass (same measurement) that logs every wake-up
->= 50 ms late, with the loop thread's stack sampled (by a thread, every 10 ms, only while
-the probe is overdue) during the stall; the note lists the longest stalls, when they
-happened (seconds after the probe started) and where (for a stall inside an import: the
-importing frame and the modules being imported), and how many came after the first 5 s.
-The flow then runs as ``python bench/end_to_end.py --cli-with-stall-log run ...`` (the
-same ``flows.cli.main``) instead of ``bin/invoices``. A stall whose stack sits in
-``select`` or a socket call is the process waiting for a CPU (2 cores, shared), not code
-holding the loop.
+``--stall-log`` (diagnosis) says what the event loop did while it stalled: in both children
+the ``LoopStallProbe`` is replaced by a subclass (same measurement) that logs every wake-up
+>= 50 ms late, and every callback the loop runs is timed. For each stall the note gives when
+it happened (seconds after the probe started), how many callbacks ran meanwhile and their
+summed time, and the slowest of them by name (a task step is named by its coroutine chain
+where the step stopped). A stall much longer than its callbacks' sum is the loop thread
+waiting: for a CPU (2 shared cores), for the GIL, or in epoll. The flow then runs as
+``python bench/end_to_end.py --cli-with-stall-log run ...`` (the same ``flows.cli.main``)
+instead of ``bin/invoices``. ``--runs flow`` (or ``reference``) runs one of the two rows.
 
 Options: ``--n`` (repeatable; default 100 and 1000), ``--latency``, ``--long-share``,
-``--pool``, ``--timeout`` (per child process), ``--stall-log``, ``--keep-home`` (keep the
+``--pool``, ``--timeout`` (per child process), ``--stall-log``, ``--runs``, ``--keep-home`` (keep the
 Prefect server's temporary home and the children's stdout, stderr and stall logs; their
 folders are printed). Timings on the shared 2-core machine are noisy: compare runs made
 one after another.
@@ -95,6 +94,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -479,49 +479,92 @@ def reference_main(source: str, output: str, concurrency: int) -> int:
 
 STALL_LOG_ENV = "E2E_STALL_LOG"
 STALL_THRESHOLD_S = 0.05
-SAMPLE_EVERY_S = 0.01
 
 
 class _StallLog:
-    """Each wake-up of the probe that is >= 50 ms late is logged with the loop thread's stack
-    as sampled while it waited: a thread looks every 10 ms and takes a stack sample only
-    while the probe is >= 20 ms overdue (so it costs next to nothing otherwise)."""
+    """Each wake-up of the probe that is >= 50 ms late is logged with what the loop ran in
+    the meantime: every callback is timed (a wrapper around asyncio's Handle._run), and a
+    stall's entry gives the callbacks run since the probe last woke, their summed time, and
+    the slowest, named by their task's coroutine chain where the step stopped ("ran until").
+    What the callbacks' sum leaves of the stall is time the loop thread was not running
+    callbacks: waiting for the CPU (other processes), for the GIL (other threads) or in
+    epoll."""
 
     def __init__(self, path: str) -> None:
-        import collections
-
         self.path = path
         self.t0: Optional[float] = None  # the first probe's start
-        self.due: Optional[float] = None  # when the probe should wake next (monotonic)
-        self.loop_thread = threading.get_ident()
-        self.samples: Any = collections.deque(maxlen=2000)
         self.events: list[dict[str, Any]] = []
-        threading.Thread(target=self._sample, daemon=True, name="stall-sampler").start()
+        self.window: list[tuple[float, str]] = []  # (seconds, name) of slow callbacks
+        self.window_n = 0
+        self.window_s = 0.0
+        self.window_gc: list[tuple[int, float]] = []  # (generation, seconds) of collections
+        self._gc_started = 0.0
+        self._install()
 
-    def _sample(self) -> None:
-        import traceback
+    def _install(self) -> None:
+        log = self
+        original = asyncio.events.Handle._run
+        perf = time.perf_counter
 
-        while True:
-            time.sleep(SAMPLE_EVERY_S)
-            due = self.due
-            if due is None or time.monotonic() - due < 0.02:
-                continue
-            frame = sys._current_frames().get(self.loop_thread)
-            if frame is not None:
-                stack = traceback.extract_stack(frame)[-80:]
-                self.samples.append((time.monotonic(), [
-                    f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in stack
-                ]))
+        def timed_run(handle: Any) -> None:
+            started = perf()
+            original(handle)
+            spent = perf() - started
+            log.window_n += 1
+            log.window_s += spent
+            if spent >= 0.005:
+                log.window.append((spent, _handle_name(handle)))
 
-    def stalled(self, due: float, woke: float, stall: float) -> None:
-        # due/woke are loop.time() (monotonic): the samples taken while the loop was held.
-        stacks = [st for t, st in list(self.samples) if due <= t <= woke]
-        self.events.append({"at_s": round(due - (self.t0 or due), 3), "stall_s": round(stall, 4),
-                            "stack": stacks[len(stacks) // 2] if stacks else []})
+        asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.window_gc.append((info["generation"], time.perf_counter() - self._gc_started))
+
+    def reset(self) -> None:
+        self.window, self.window_n, self.window_s, self.window_gc = [], 0, 0.0, []
+
+    def stalled(self, due: float, stall: float) -> None:
+        import collections
+
+        by_name: dict[str, list[float]] = collections.defaultdict(list)
+        for spent, name in self.window:
+            by_name[name].append(spent)
+        slowest = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:3]
+        self.events.append({
+            "at_s": round(due - (self.t0 or due), 3), "stall_s": round(stall, 4),
+            "callbacks": self.window_n, "callbacks_s": round(self.window_s, 4),
+            "gc": [[gen, round(secs, 4)] for gen, secs in self.window_gc if secs >= 0.001],
+            "slowest": [[name, len(times), round(sum(times), 4), round(max(times), 4)]
+                        for name, times in slowest],
+        })
 
     def dump(self) -> None:
         with open(self.path, "w") as f:
             json.dump(self.events, f)
+
+
+def _handle_name(handle: Any) -> str:
+    """A callback's name; for a task step, its coroutine chain down to where it stopped."""
+    callback = handle._callback
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        parts = []
+        coro: Any = task.get_coro()
+        while coro is not None and len(parts) < 40:
+            code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if code is None:
+                parts.append(type(coro).__name__)
+                break
+            parts.append(f"{code.co_qualname}:{frame.f_lineno if frame else 'end'}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        shown = parts if len(parts) <= 5 else parts[:2] + ["..."] + parts[-3:]
+        return "task ran until " + " > ".join(shown)
+    return getattr(callback, "__qualname__", None) or type(callback).__name__
 
 
 def install_stall_log() -> None:
@@ -544,13 +587,13 @@ def install_stall_log() -> None:
             while True:
                 asleep = loop.time()
                 if owner:
-                    log.due = asleep + self.interval
+                    log.reset()
                 await asyncio.sleep(self.interval)
                 woke = loop.time()
                 stall = woke - asleep - self.interval
                 self.max_stall = max(self.max_stall, stall)
                 if owner and stall >= STALL_THRESHOLD_S:
-                    log.stalled(asleep + self.interval, woke, stall)
+                    log.stalled(asleep + self.interval, stall)
 
         async def __aexit__(self, *exc_info: object) -> None:
             await super().__aexit__(*exc_info)
@@ -582,18 +625,12 @@ def stall_summary(path: str, top: int = 4) -> str:
     total = sum(e["stall_s"] for e in events)
     parts = []
     for e in sorted(events, key=lambda e: -e["stall_s"])[:top]:
-        stack = e["stack"]
-        first_import = next((i for i, fr in enumerate(stack) if fr.startswith("<frozen importlib")), None)
-        if first_import is not None:  # who imports, and which modules are being imported
-            modules = [fr.split(" ")[0].split(":")[0] for fr in stack[first_import:]
-                       if fr.endswith(" <module>")]
-            where = (" > ".join(stack[max(0, first_import - 3):first_import])
-                     + " imports " + " > ".join(modules[:4]))
-        else:
-            frames = [fr for fr in stack if not fr.startswith(
-                ("base_events.py", "events.py", "runners.py", "tasks.py"))]
-            where = " > ".join(frames[-5:]) or "?"
-        parts.append(f"{e['stall_s'] * 1000:.0f} ms at +{e['at_s']:.1f} s in {where}")
+        slowest = "; ".join(f"{n}x {spent * 1000:.0f} ms (max {most * 1000:.0f}) {name}"
+                            for name, n, spent, most in e["slowest"]) or "none >= 5 ms"
+        gc_note = "".join(f", gc gen{gen} {secs * 1000:.0f} ms" for gen, secs in e.get("gc", []))
+        parts.append(f"{e['stall_s'] * 1000:.0f} ms at +{e['at_s']:.1f} s: {e['callbacks']} "
+                     f"callbacks, {e['callbacks_s'] * 1000:.0f} ms in them{gc_note}; slowest: "
+                     f"{slowest}")
     late = [e for e in events if e["at_s"] > 5.0]
     return (f"stall log: {len(events)} stalls >= {STALL_THRESHOLD_S * 1000:.0f} ms "
             f"({total:.2f} s in all; {len(late)} after +5 s, longest of those "
@@ -901,15 +938,19 @@ def bench(args: argparse.Namespace) -> int:
 
         print(HEADER, flush=True)
         for n in args.n:
-            flow = run_flow_row(n, bucket, endpoint, llm, api_url, counter, others,
-                                args.timeout, logdir)
-            ref = run_reference_row(n, bucket, endpoint, llm, counter, others, args.timeout,
-                                    logdir, args.concurrency)
-            if flow.wall_s and ref.wall_s:
+            flow = ref = None
+            if "flow" in args.runs:
+                flow = run_flow_row(n, bucket, endpoint, llm, api_url, counter, others,
+                                    args.timeout, logdir)
+                rows.append(flow)
+                print(fmt_row(flow), flush=True)
+            if "reference" in args.runs:
+                ref = run_reference_row(n, bucket, endpoint, llm, counter, others, args.timeout,
+                                        logdir, args.concurrency)
+                rows.append(ref)
+                print(fmt_row(ref), flush=True)
+            if flow and ref and flow.wall_s and ref.wall_s:
                 flow.x_ref = flow.wall_s / ref.wall_s
-            for r in (flow, ref):
-                rows.append(r)
-                print(fmt_row(r), flush=True)
     finally:
         if server is not None:
             with contextlib.suppress(Exception):
@@ -946,8 +987,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=60, help="distinct PDFs generated and reused (default 60)")
     p.add_argument("--timeout", type=float, default=1800.0, help="limit per child process in s")
     p.add_argument("--stall-log", action="store_true",
-                   help="diagnosis: log each event-loop stall >= 50 ms of both runs with the loop "
-                   "thread's stack (the flow then runs through this script, not bin/invoices)")
+                   help="diagnosis: log each event-loop stall >= 50 ms of both runs with the "
+                   "callbacks the loop ran meanwhile (the flow then runs through this script, "
+                   "not bin/invoices)")
+    p.add_argument("--runs", default="flow,reference",
+                   help="diagnosis: which rows to run (default flow,reference)")
     p.add_argument("--keep-home", action="store_true",
                    help="keep the Prefect server's temporary home and the children's stdout/stderr")
     # Sub-modes run by the bench itself.
@@ -956,6 +1000,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--reference", nargs=2, metavar=("SOURCE", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.n = sorted(set(args.n or [100, 1000]))
+    args.runs = {r.strip() for r in args.runs.split(",") if r.strip()}
+    if not args.runs or not args.runs <= {"flow", "reference"}:
+        p.error("--runs takes flow, reference or both")
     if not 0 <= args.long_share <= 1:
         p.error("--long-share must be between 0 and 1")
     return args
