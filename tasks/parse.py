@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from tasks.errors import InvoiceFailure
+from tasks.priority import lower_priority, lowered
 
 if TYPE_CHECKING:
     import pymupdf
@@ -324,20 +325,13 @@ def _parse_serialized(data: bytes, max_pages: int | None) -> ParsedDocument:
         return parse_pdf_bytes(data, max_pages=max_pages)
 
 
-# Parsing is batch work; the flow's event loop is latency work (every invoice's I/O, Prefect's
-# heartbeats). With as many workers as cores, workers at the same priority took the cores
-# away from the loop for 0.3-0.7 s at a time (measured as loop stalls, bench/end_to_end.py);
-# niced workers yield to it at once and still get every cycle the loop leaves idle.
-WORKER_NICENESS = 10
-
-
-def _init_worker() -> None:
-    # Runs once per worker process: lower its priority (above), import PyMuPDF now (a no-op
-    # when the forkserver preloaded it) so the first parse does not pay for it, and keep
-    # MuPDF's repair chatter off stderr; what it says is carried in the InvoiceFailure
-    # message instead.
-    with contextlib.suppress(OSError):  # no nice() (some sandboxes): parse at full priority
-        os.nice(WORKER_NICENESS)
+def _init_worker(niceness: int) -> None:
+    # Runs once per worker process: lower its priority (a no-op when it inherited it from
+    # the forkserver; not when some other code started the forkserver first), import PyMuPDF
+    # now (a no-op when the forkserver preloaded it) so the first parse does not pay for it,
+    # and keep MuPDF's repair chatter off stderr; what it says is carried in the
+    # InvoiceFailure message instead.
+    lower_priority(niceness)
     import pymupdf as _pymupdf
 
     _pymupdf.TOOLS.mupdf_display_errors(False)
@@ -357,9 +351,10 @@ def _process_context() -> multiprocessing.context.BaseContext:
     # for the first pool (it starts the server) and 0.11-0.13 s after; forkserver with pymupdf
     # preloaded 0.02-0.03 s after the first. Pools are rebuilt after a timeout or crash, so
     # forkserver with preload. The preload list is process-wide and only takes effect if the
-    # forkserver has not started yet; preloading pymupdf is harmless for any other user.
+    # forkserver has not started yet; preloading pymupdf is harmless for any other user, and
+    # any other user's processes are batch work too.
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pymupdf"])
+    ctx.set_forkserver_preload(["tasks.forkserver_preload", "pymupdf"])
     return ctx
 
 
@@ -482,7 +477,8 @@ class PdfParser:
             return _Pool(ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdf-parse"))
         return _Pool(
             ProcessPoolExecutor(
-                max_workers=self.max_workers, mp_context=self._context, initializer=_init_worker
+                max_workers=self.max_workers, mp_context=self._context,
+                initializer=_init_worker, initargs=(lowered(os.getpriority(os.PRIO_PROCESS, 0)),),
             )
         )
 
