@@ -18,8 +18,11 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
+import re
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -306,20 +309,57 @@ class LocalStore:
 
 
 _DATA_LOADER: Any = None
+_DATA_LOADER_LOCK = threading.Lock()
 
 
-def _botocore_session() -> Any:
-    """A new botocore session (credentials resolved afresh) sharing one data loader: loading
-    the S3 service model is what makes a client cost 0.1-0.5 s of CPU on the event loop, and
-    the loader caches it."""
+def _s3_data_loader() -> Any:
+    """botocore's data loader, shared by every client made here, with everything an S3
+    client needs loaded (service model, endpoint rules, partitions). Loading them is 0.1-0.2
+    s of CPU (mostly JSON), which is why callers run this in a thread: done on the event loop
+    it was the run's longest stall. The loader caches what it loaded, so this happens once
+    per process."""
+    global _DATA_LOADER
+    with _DATA_LOADER_LOCK:
+        if _DATA_LOADER is None:
+            import botocore.session
+
+            session = botocore.session.Session()
+            # A throwaway client loads exactly what a real one needs; it makes no request.
+            # Should it fail (a broken ~/.aws/config, say), the real client reports why.
+            loader = session.get_component("data_loader")
+            with contextlib.suppress(Exception):
+                session.create_client("s3", region_name="us-east-1",
+                                      aws_access_key_id="load-models",
+                                      aws_secret_access_key="load-models")
+                _drop_unread_endpoint_params(loader)
+            _DATA_LOADER = loader
+    return _DATA_LOADER
+
+
+def _drop_unread_endpoint_params(loader: Any) -> None:
+    """Keep `Key`, `Prefix` and `CopySource` out of S3's endpoint resolution: botocore feeds
+    them to its endpoint rules (a parameter of each request, marked `contextParam` in the
+    service model) although no rule reads them, and so its cache of resolved endpoints,
+    keyed by those parameters, missed for every new key: the rules were evaluated afresh,
+    1-1.5 ms of CPU on the event loop, for every request (9% of the flow's loop, measured).
+    Any parameter a rule does read (`ref`) is left alone, so a botocore whose rules start
+    reading one keeps it. Edits the loader's cached copy of the model, used by every client
+    made here."""
+    rules = json.dumps(loader.load_service_model("s3", "endpoint-rule-set-1")["rules"])
+    read = set(re.findall(r'"ref": "([^"]+)"', rules))
+    for shape in loader.load_service_model("s3", "service-2")["shapes"].values():
+        for member in shape.get("members", {}).values():
+            name = member.get("contextParam", {}).get("name")
+            if name is not None and name not in read:
+                del member["contextParam"]
+
+
+def _botocore_session(data_loader: Any) -> Any:
+    """A new botocore session (credentials resolved afresh) on the shared data loader."""
     from aiobotocore.session import AioSession
 
-    global _DATA_LOADER
     session = AioSession()
-    if _DATA_LOADER is None:
-        _DATA_LOADER = session.get_component("data_loader")
-    else:
-        session.register_component("data_loader", _DATA_LOADER)
+    session.register_component("data_loader", data_loader)
     # Timestamps in responses stay strings: nothing here reads them, and parsing them with
     # dateutil was 60% of the CPU of listing 1000 keys (one page, one uninterrupted step on
     # the event loop: 120-200 ms, 45-70 ms without).
@@ -384,7 +424,8 @@ class S3Store:
     async def __aenter__(self) -> S3Store:
         if self._client is not None:
             raise RuntimeError(f"{self!r} is already open")
-        session = aioboto3.Session(botocore_session=_botocore_session(),
+        loader = await asyncio.to_thread(_s3_data_loader)
+        session = aioboto3.Session(botocore_session=_botocore_session(loader),
                                    **await self._session_kwargs())
         config = Config(
             connect_timeout=self._connect_timeout,
