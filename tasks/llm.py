@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncContextManager, Callable, Mapping
 
 import openai
-from openai.resources.chat import AsyncChat  # noqa: F401  (else imported by the first call, on the loop: ~0.5 s)
+from openai.types.chat import ChatCompletion
 from pydantic import SecretStr, ValidationError
 
 from tasks.errors import InvoiceFailure
@@ -425,24 +425,25 @@ class OpenAIExtractor:
     async def _attempt(self, messages: list[dict[str, str]]) -> tuple[Invoice, tuple[int, int] | None]:
         """One HTTP call: the invoice and usage, or `_Retry`, or a final `InvoiceFailure`."""
         s = self.settings
-        kwargs: dict[str, Any] = {}
+        body: dict[str, Any] = {"model": s.model, "messages": messages,
+                                "response_format": RESPONSE_FORMAT}
         if s.temperature is not None:
-            kwargs["temperature"] = s.temperature
+            body["temperature"] = s.temperature
         if s.max_completion_tokens is not None:
-            kwargs["max_completion_tokens"] = s.max_completion_tokens
+            body["max_completion_tokens"] = s.max_completion_tokens
         secret = self._secret()
         try:
             async with self._guard():
                 # The SDK's timeout bounds each phase of the call; this one bounds the whole call.
                 async with asyncio.timeout(s.timeout):
-                    completion = await self._client.chat.completions.create(
-                        model=s.model,
-                        messages=messages,  # type: ignore[arg-type]
-                        # The same field, sent as is: as `response_format=` the SDK walks the
-                        # whole JSON schema to transform it on every call (~4 ms of CPU on
-                        # the event loop, measured), for a constant that needs nothing.
-                        extra_body={"response_format": RESPONSE_FORMAT},
-                        **kwargs,
+                    # `chat.completions.create` minus its request transform: the same POST,
+                    # auth, retries and parsed ChatCompletion, but the SDK no longer walks the
+                    # body against its TypedDicts (the JSON schema, every message) on each
+                    # call: 2-6 ms of CPU on the event loop per call, measured, for plain
+                    # JSON that needs no transforming.
+                    completion = await self._client.post(
+                        "/chat/completions", body=body, cast_to=ChatCompletion,
+                        options={"security": {"bearer_auth": True}},
                     )
         except (openai.APITimeoutError, TimeoutError) as e:
             refused = _refused_connection(e)
