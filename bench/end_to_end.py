@@ -494,9 +494,11 @@ class _StallLog:
         self.path = path
         self.t0: Optional[float] = None  # the first probe's start
         self.events: list[dict[str, Any]] = []
-        self.window: list[tuple[float, str]] = []  # (seconds, name) of slow callbacks
+        self.loop_thread: Optional[int] = None  # the probe's; other threads' loops are not timed
+        self.window: list[tuple[float, float, str]] = []  # (seconds, CPU s, name) of slow ones
         self.window_n = 0
         self.window_s = 0.0
+        self.window_cpu = 0.0
         self.window_gc: list[tuple[int, float]] = []  # (generation, seconds) of collections
         self._gc_started = 0.0
         self._install()
@@ -504,41 +506,51 @@ class _StallLog:
     def _install(self) -> None:
         log = self
         original = asyncio.events.Handle._run
-        perf = time.perf_counter
+        perf, cpu = time.perf_counter, time.thread_time
+        get_ident = threading.get_ident
 
         def timed_run(handle: Any) -> None:
-            started = perf()
+            if get_ident() != log.loop_thread:
+                return original(handle)
+            before = _task_chain(handle)
+            started, cpu_started = perf(), cpu()
             original(handle)
-            spent = perf() - started
+            spent, cpu_spent = perf() - started, cpu() - cpu_started
             log.window_n += 1
             log.window_s += spent
+            log.window_cpu += cpu_spent
             if spent >= 0.005:
-                log.window.append((spent, _handle_name(handle)))
+                log.window.append((spent, cpu_spent, _handle_name(handle, before)))
 
         asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
         gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if threading.get_ident() != self.loop_thread:
+            return
         if phase == "start":
             self._gc_started = time.perf_counter()
         else:
             self.window_gc.append((info["generation"], time.perf_counter() - self._gc_started))
 
     def reset(self) -> None:
-        self.window, self.window_n, self.window_s, self.window_gc = [], 0, 0.0, []
+        self.window, self.window_n, self.window_s, self.window_cpu = [], 0, 0.0, 0.0
+        self.window_gc = []
 
     def stalled(self, due: float, stall: float) -> None:
         import collections
 
-        by_name: dict[str, list[float]] = collections.defaultdict(list)
-        for spent, name in self.window:
-            by_name[name].append(spent)
-        slowest = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:3]
+        by_name: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+        for spent, cpu_spent, name in self.window:
+            by_name[name].append((spent, cpu_spent))
+        slowest = sorted(by_name.items(), key=lambda kv: -sum(t for t, _ in kv[1]))[:3]
         self.events.append({
             "at_s": round(due - (self.t0 or due), 3), "stall_s": round(stall, 4),
             "callbacks": self.window_n, "callbacks_s": round(self.window_s, 4),
+            "callbacks_cpu_s": round(self.window_cpu, 4),
             "gc": [[gen, round(secs, 4)] for gen, secs in self.window_gc if secs >= 0.001],
-            "slowest": [[name, len(times), round(sum(times), 4), round(max(times), 4)]
+            "slowest": [[name, len(times), round(sum(t for t, _ in times), 4),
+                         round(max(t for t, _ in times), 4), round(sum(c for _, c in times), 4)]
                         for name, times in slowest],
         })
 
@@ -547,24 +559,35 @@ class _StallLog:
             json.dump(self.events, f)
 
 
-def _handle_name(handle: Any) -> str:
-    """A callback's name; for a task step, its coroutine chain down to where it stopped."""
-    callback = handle._callback
-    task = getattr(callback, "__self__", None)
-    if isinstance(task, asyncio.Task):
-        parts = []
-        coro: Any = task.get_coro()
-        while coro is not None and len(parts) < 40:
-            code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
-            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-            if code is None:
-                parts.append(type(coro).__name__)
-                break
-            parts.append(f"{code.co_qualname}:{frame.f_lineno if frame else 'end'}")
-            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-        shown = parts if len(parts) <= 5 else parts[:2] + ["..."] + parts[-3:]
-        return "task ran until " + " > ".join(shown)
-    return getattr(callback, "__qualname__", None) or type(callback).__name__
+def _task_chain(handle: Any) -> Optional[list[str]]:
+    """For a task step, its coroutine chain ("qualname:line" each, "end" once finished)."""
+    task = getattr(handle._callback, "__self__", None)
+    if not isinstance(task, asyncio.Task):
+        return None
+    parts = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(parts) < 40:
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if code is None:
+            parts.append(type(coro).__name__)
+            break
+        parts.append(f"{code.co_qualname}:{frame.f_lineno if frame else 'end'}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return parts
+
+
+def _handle_name(handle: Any, before: Optional[list[str]]) -> str:
+    """A callback's name; a task step is named by its coroutine chain where the step began
+    and where it stopped."""
+    if before is None:
+        callback = handle._callback
+        return getattr(callback, "__qualname__", None) or type(callback).__name__
+
+    def shown(parts: list[str]) -> str:
+        return " > ".join(parts if len(parts) <= 5 else parts[:2] + ["..."] + parts[-3:])
+
+    return f"task step from {shown(before)} until {shown(_task_chain(handle) or [])}"
 
 
 def install_stall_log() -> None:
@@ -584,6 +607,7 @@ def install_stall_log() -> None:
             owner = log.t0 is None  # only the first probe logs (the reference runs two)
             if owner:
                 log.t0 = loop.time()
+                log.loop_thread = threading.get_ident()
             while True:
                 asleep = loop.time()
                 if owner:
@@ -625,11 +649,13 @@ def stall_summary(path: str, top: int = 4) -> str:
     total = sum(e["stall_s"] for e in events)
     parts = []
     for e in sorted(events, key=lambda e: -e["stall_s"])[:top]:
-        slowest = "; ".join(f"{n}x {spent * 1000:.0f} ms (max {most * 1000:.0f}) {name}"
-                            for name, n, spent, most in e["slowest"]) or "none >= 5 ms"
+        slowest = "; ".join(f"{n}x {spent * 1000:.0f} ms (max {most * 1000:.0f}, CPU "
+                            f"{cpu * 1000:.0f}) {name}"
+                            for name, n, spent, most, cpu in e["slowest"]) or "none >= 5 ms"
         gc_note = "".join(f", gc gen{gen} {secs * 1000:.0f} ms" for gen, secs in e.get("gc", []))
         parts.append(f"{e['stall_s'] * 1000:.0f} ms at +{e['at_s']:.1f} s: {e['callbacks']} "
-                     f"callbacks, {e['callbacks_s'] * 1000:.0f} ms in them{gc_note}; slowest: "
+                     f"callbacks, {e['callbacks_s'] * 1000:.0f} ms in them (CPU "
+                     f"{e['callbacks_cpu_s'] * 1000:.0f}){gc_note}; slowest: "
                      f"{slowest}")
     late = [e for e in events if e["at_s"] > 5.0]
     return (f"stall log: {len(events)} stalls >= {STALL_THRESHOLD_S * 1000:.0f} ms "
