@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aioboto3
+import aioboto3.s3.inject  # noqa: F401  (else imported by the first client, on the event loop)
 import aiohttp
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
