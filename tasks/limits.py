@@ -19,6 +19,10 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitUpdate,
 )
 from prefect.concurrency.asyncio import concurrency, rate_limit
+from prefect.concurrency.services import (
+    ConcurrencySlotAcquisitionService,
+    ConcurrencySlotAcquisitionWithLeaseService,
+)
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_API_URL
@@ -147,6 +151,16 @@ async def ensure_llm_limits(
     return in_flight, rate
 
 
+def _start_slot_services() -> None:
+    """Start the Prefect services that acquire the LLM limits' slots, from a worker thread.
+    Prefect starts one on its first use by blocking the calling thread until its own event
+    loop thread has started it (`QueueService._new_instance`); from the flow's event loop
+    that held the loop for 30-120 ms while a run started (bench/end_to_end.py --stall-log).
+    Started here, the calls on the loop find them running."""
+    ConcurrencySlotAcquisitionWithLeaseService.instance(frozenset([LLM_IN_FLIGHT_LIMIT]))
+    ConcurrencySlotAcquisitionService.instance(frozenset([LLM_RATE_LIMIT]))
+
+
 class LLMSlots:
     """Caps LLM calls in flight and their rate through Prefect limits, without a server
     round trip per call.
@@ -180,6 +194,7 @@ class LLMSlots:
     async def open(self) -> LLMSlots:
         """Take the run's slots now, before its task runs load the server (on SQLite a slot
         request that collides with that load gets a 503 and a 2 s client backoff)."""
+        await asyncio.to_thread(_start_slot_services)
         try:
             await asyncio.gather(self._hold_in_flight_slots(), self._take_rate_block())
         except TimeoutError:

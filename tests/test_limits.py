@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.concurrency.services import (
+    ConcurrencySlotAcquisitionService,
+    ConcurrencySlotAcquisitionWithLeaseService,
+)
 
 from tasks.limits import LLM_IN_FLIGHT_LIMIT, LLMSlots, ensure_llm_limits
 
@@ -56,5 +61,37 @@ async def test_a_run_that_cannot_get_slots_fails_its_calls_with_a_reason():
                     async with starved.call():
                         pass
         assert caught.value.code == "llm_slot_timeout"
+    finally:
+        await ensure_llm_limits()
+
+
+async def test_open_starts_prefects_slot_services_off_the_event_loop(monkeypatch):
+    """Prefect starts a slot service by blocking the calling thread until its own loop has
+    started it; `open()` must do that from a worker thread, never from the event loop."""
+    from prefect._internal.concurrency.services import _QueueServiceBase
+
+    started_on: list[tuple[str, bool]] = []
+    new_instance = _QueueServiceBase._new_instance.__func__
+
+    def recording(cls, *args):
+        started_on.append((cls.__name__, threading.get_ident() == loop_thread))
+        return new_instance(cls, *args)
+
+    loop_thread = threading.get_ident()
+    monkeypatch.setattr(_QueueServiceBase, "_new_instance", classmethod(recording))
+    # Services left running by earlier tests would hide the start: begin with none.
+    for service in (ConcurrencySlotAcquisitionService, ConcurrencySlotAcquisitionWithLeaseService):
+        for instance in list(service._instances.values()):
+            instance._remove_instance()
+    await ensure_llm_limits(max_in_flight=4, requests_per_minute=60_000)
+    try:
+        async with LLMSlots(2, timeout=60) as slots:
+            await slots.open()
+            async with slots.call():
+                pass
+        slot_services = [(name, on_loop) for name, on_loop in started_on
+                         if name.startswith("ConcurrencySlotAcquisition")]
+        assert sorted(slot_services) == [("ConcurrencySlotAcquisitionService", False),
+                                         ("ConcurrencySlotAcquisitionWithLeaseService", False)]
     finally:
         await ensure_llm_limits()
