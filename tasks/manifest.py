@@ -170,6 +170,8 @@ class CommitResult:
     entries: int
     attempts: int
     written: bool
+    # The manifest as this commit left it and its ETag: the next commit's starting point.
+    snapshot: tuple[Manifest, str | None] | None = None
 
 
 async def commit_outcomes(
@@ -177,24 +179,37 @@ async def commit_outcomes(
     outcomes: list[InvoiceOutcome],
     *,
     key: str = MANIFEST_KEY,
+    base: tuple[Manifest, str | None] | None = None,
     max_attempts: int = 10,
     backoff_base: float = 0.05,
     backoff_max: float = 2.0,
 ) -> CommitResult:
-    """Record `outcomes` with read, merge, conditional write; re-read and retry on conflicts."""
+    """Record `outcomes` with read, merge, conditional write; re-read and retry on conflicts.
+
+    `base` (a previous commit's `snapshot`) stands in for the first read: a writer that
+    holds the manifest lock is usually the only one writing, and reading and parsing the
+    whole manifest again was most of a commit's CPU on the event loop (40-50 ms at 1000
+    entries). The write is still conditional on `base`'s ETag, so if anyone else wrote
+    since, it fails and the commit re-reads as before."""
     for attempt in range(1, max_attempts + 1):
-        manifest, etag = await read_manifest(store, key)
+        if attempt == 1 and base is not None:
+            manifest, etag = base
+        else:
+            manifest, etag = await read_manifest(store, key)
         merged = apply_outcomes(manifest, outcomes)
         if etag is not None and merged.entries == manifest.entries:
-            return CommitResult(manifest.version, len(manifest.entries), attempt, written=False)
+            return CommitResult(manifest.version, len(manifest.entries), attempt, written=False,
+                                snapshot=(manifest, etag))
         merged.version = manifest.version + 1
         merged.updated_at = utcnow()
         data = merged.model_dump_json().encode()
         try:
             if etag is None:
-                await store.put(key, data, if_none_match=True, content_type="application/json")
+                new_etag = await store.put(key, data, if_none_match=True,
+                                           content_type="application/json")
             else:
-                await store.put(key, data, if_match=etag, content_type="application/json")
+                new_etag = await store.put(key, data, if_match=etag,
+                                           content_type="application/json")
         except PreconditionFailed as exc:
             delay = random.uniform(0, min(backoff_max, backoff_base * 2**attempt))
             logger.info(
@@ -203,7 +218,8 @@ async def commit_outcomes(
             )
             await asyncio.sleep(delay)
             continue
-        return CommitResult(merged.version, len(merged.entries), attempt, written=True)
+        return CommitResult(merged.version, len(merged.entries), attempt, written=True,
+                            snapshot=(merged, new_etag))
     raise ManifestConflictError(
         f"manifest {key} was changed by other writers on each of {max_attempts} attempts; "
         f"{len(outcomes)} outcomes not recorded in this write"
@@ -223,8 +239,9 @@ async def update_manifest(store: Store, batches: AsyncIterator[list[InvoiceOutco
     compare-and-swap. One task run is one lock session; it commits batches until the
     writer ends the session. Returns the number of outcomes committed."""
     committed = 0
+    snapshot = None
     async for batch in batches:
-        await commit_outcomes(store, batch)
+        snapshot = (await commit_outcomes(store, batch, base=snapshot)).snapshot
         committed += len(batch)
     return committed
 

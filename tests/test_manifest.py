@@ -80,6 +80,26 @@ async def test_recommitting_the_same_batch_writes_nothing(store):
     assert not again.written and etag_before == etag_after
 
 
+async def test_commits_from_the_last_snapshot_match_what_a_reader_sees(store):
+    first = await commit_outcomes(store, [outcome("a.pdf")])
+    second = await commit_outcomes(store, [outcome("b.pdf")], base=first.snapshot)
+    manifest, etag = await read_manifest(store)
+    assert second.attempts == 1 and second.snapshot == (manifest, etag)
+    assert set(manifest.entries) == {"a.pdf", "b.pdf"} and manifest.version == 2
+
+
+async def test_a_stale_snapshot_is_refused_and_the_commit_rereads(store):
+    """Someone else wrote after our last commit: the write conditional on our snapshot's
+    ETag fails, and the commit re-reads and keeps both the other writer's entry and ours."""
+    ours = await commit_outcomes(store, [outcome("a.pdf")])
+    await commit_outcomes(store, [outcome("other.pdf")])  # a writer that bypasses ours
+    again = await commit_outcomes(store, [outcome("b.pdf")], base=ours.snapshot,
+                                  backoff_base=0.001)
+    manifest, _ = await read_manifest(store)
+    assert again.attempts == 2
+    assert set(manifest.entries) == {"a.pdf", "other.pdf", "b.pdf"} and manifest.version == 3
+
+
 async def test_compare_and_swap_alone_loses_nothing_under_contention(store):
     """50 unsynchronised writers, no lock at all: the conditional write keeps every update."""
     results = await asyncio.gather(
