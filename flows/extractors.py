@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -42,5 +43,8 @@ async def build_extractor(
     capacity = min(max_in_flight, in_flight, rate_burst)
     async with LLMSlots(capacity, lease_seconds=slot_lease_seconds) as slots:
         await slots.open()
-        async with OpenAIExtractor(settings, call_guard=slots.call) as extractor:
+        # Built in a worker thread: the client's TLS context loads the CA bundle, ~0.1 s that
+        # would otherwise hold the event loop (loading it releases the GIL; measured).
+        client = await asyncio.to_thread(OpenAIExtractor, settings, call_guard=slots.call)
+        async with client as extractor:
             yield EmbeddedFirstExtractor(extractor)

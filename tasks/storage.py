@@ -370,6 +370,10 @@ def _botocore_session(data_loader: Any) -> Any:
     return session
 
 
+def _is_plain_http(url: str | None) -> bool:
+    return url is not None and url.lower().startswith("http://")
+
+
 class S3Store:
     """Objects under `s3://bucket/prefix/` through one aioboto3 client per `async with`.
 
@@ -440,7 +444,12 @@ class S3Store:
         stack = contextlib.AsyncExitStack()
         self._client = await stack.enter_async_context(
             session.client(
-                "s3", endpoint_url=self._endpoint_url, region_name=self._region_name, config=config
+                "s3", endpoint_url=self._endpoint_url, region_name=self._region_name,
+                config=config,
+                # Plain HTTP (a local MinIO, SeaweedFS or moto) has no certificate to verify,
+                # yet botocore would load the CA bundle for it: ~0.1 s of CPU on the event
+                # loop at each client's first request.
+                verify=False if _is_plain_http(self._endpoint_url) else None,
             )
         )
         self._stack = stack
