@@ -76,7 +76,10 @@ times of all runs are printed under the table, and one line per run as it ends.
 Every run checks what it parsed: the generated page count, and the same text
 digest as the first run (sequential's). A mismatch is shown in the note, and a
 row that raises is shown as failed. The last line says whether the issue's target is met:
-``PdfParser("process")`` at least 1.6x faster than sequential, on 2 cores. A miss while
+``PdfParser("process")`` at least 1.6x faster than sequential, on 2 cores, judged on the
+median of the per-round ratios (sequential's run over the parser's run of the same round),
+because the host's speed drifts between rounds; the ratio of the medians is printed too,
+and so is the spread of sequential's CPU seconds, a gauge of that drift. A miss while
 other processes kept more than 0.3 cores busy (``others``, in either median run) is
 called inconclusive: the target assumes two free cores.
 
@@ -269,6 +272,7 @@ class Run:
     pages: int
     text_digest: str
     note: str = ""
+    round_no: int = 0
 
 
 @dataclass
@@ -475,6 +479,7 @@ async def main_async(args: argparse.Namespace, modes: list[Mode], work: Workload
                 run.note = f"MISMATCH: parsed {run.pages} pages, generated {work.total_pages}"
             elif run.text_digest != reference:
                 run.note = f"MISMATCH: text digest {run.text_digest}, first run {reference}"
+            run.round_no = round_no
             mode.runs.append(run)
             start = f", start {run.start_s:.3f} s" if run.start_s is not None else ""
             print(
@@ -510,7 +515,25 @@ async def main_async(args: argparse.Namespace, modes: list[Mode], work: Workload
         print("target: not evaluated (a row needed for it failed)")
         return 1
     target_run = median_run(target_mode.runs)
-    speedup = base / target_run.wall_s
+    # The host's speed drifts (identical sequential runs differ by up to 40 % here, with
+    # nothing else running in this VM), so each round's parser run is set against the
+    # sequential run of the same round, minutes apart at most, and the target is judged on
+    # the median of those paired ratios; the ratio of the medians is printed beside it.
+    seq_by_round = {r.round_no: r.wall_s for r in seq.runs}
+    paired = sorted(
+        seq_by_round[r.round_no] / r.wall_s for r in target_mode.runs if r.round_no in seq_by_round
+    )
+    speedup = paired[(len(paired) - 1) // 2] if paired else base / target_run.wall_s
+    seq_cpu = [r.cpu_s for r in seq.runs]
+    print(
+        f"paired speedup (sequential / PdfParser(\"process\"), same round): "
+        + " ".join(f"{x:.2f}" for x in paired)
+        + f"; median {speedup:.2f}x; ratio of the medians {base / target_run.wall_s:.2f}x"
+    )
+    print(
+        f"host speed drift: the sequential rows' CPU s (identical work) ranged "
+        f"{min(seq_cpu):.2f}-{max(seq_cpu):.2f} ({max(seq_cpu) / min(seq_cpu) - 1:+.0%})"
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     met = speedup >= TARGET_SPEEDUP
     seq_run = median_run(seq.runs)
@@ -523,9 +546,9 @@ async def main_async(args: argparse.Namespace, modes: list[Mode], work: Workload
         else f"; other processes kept up to {busy:.2f} cores busy"
     )
     print(
-        f"target: PdfParser(\"process\") >= {TARGET_SPEEDUP}x faster than sequential on 2 cores: "
-        f"{'MET' if met else 'NOT MET'} ({speedup:.2f}x with {args.workers} workers on "
-        f"{cores} cores{caveat})"
+        f"target: PdfParser(\"process\") >= {TARGET_SPEEDUP}x faster than sequential on 2 cores "
+        f"(median paired speedup): {'MET' if met else 'NOT MET'} ({speedup:.2f}x with "
+        f"{args.workers} workers on {cores} cores{caveat})"
     )
     return 0
 
