@@ -488,7 +488,8 @@ class _StallLog:
     the slowest, named by their task's coroutine chain where the step stopped ("ran until").
     What the callbacks' sum leaves of the stall is time the loop thread was not running
     callbacks: waiting for the CPU (other processes), for the GIL (other threads) or in
-    epoll."""
+    epoll. The loop thread's run-queue wait over the stall (/proc/thread-self/schedstat:
+    runnable, but no core free) tells the first apart from the others."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -501,6 +502,7 @@ class _StallLog:
         self.window_cpu = 0.0
         self.window_gc: list[tuple[int, float]] = []  # (generation, seconds) of collections
         self._gc_started = 0.0
+        self._runq_at_reset = 0.0
         self._install()
 
     def _install(self) -> None:
@@ -536,6 +538,7 @@ class _StallLog:
     def reset(self) -> None:
         self.window, self.window_n, self.window_s, self.window_cpu = [], 0, 0.0, 0.0
         self.window_gc = []
+        self._runq_at_reset = _runqueue_wait_s()
 
     def stalled(self, due: float, stall: float) -> None:
         import collections
@@ -548,6 +551,7 @@ class _StallLog:
             "at_s": round(due - (self.t0 or due), 3), "stall_s": round(stall, 4),
             "callbacks": self.window_n, "callbacks_s": round(self.window_s, 4),
             "callbacks_cpu_s": round(self.window_cpu, 4),
+            "runq_s": round(_runqueue_wait_s() - self._runq_at_reset, 4),
             "gc": [[gen, round(secs, 4)] for gen, secs in self.window_gc if secs >= 0.001],
             "slowest": [[name, len(times), round(sum(t for t, _ in times), 4),
                          round(max(t for t, _ in times), 4), round(sum(c for _, c in times), 4)]
@@ -557,6 +561,15 @@ class _StallLog:
     def dump(self) -> None:
         with open(self.path, "w") as f:
             json.dump(self.events, f)
+
+
+def _runqueue_wait_s() -> float:
+    """Seconds the calling thread has spent runnable but waiting for a core (Linux)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _task_chain(handle: Any) -> Optional[list[str]]:
@@ -655,7 +668,8 @@ def stall_summary(path: str, top: int = 4) -> str:
         gc_note = "".join(f", gc gen{gen} {secs * 1000:.0f} ms" for gen, secs in e.get("gc", []))
         parts.append(f"{e['stall_s'] * 1000:.0f} ms at +{e['at_s']:.1f} s: {e['callbacks']} "
                      f"callbacks, {e['callbacks_s'] * 1000:.0f} ms in them (CPU "
-                     f"{e['callbacks_cpu_s'] * 1000:.0f}){gc_note}; slowest: "
+                     f"{e['callbacks_cpu_s'] * 1000:.0f}), waiting for a core "
+                     f"{e.get('runq_s', 0) * 1000:.0f} ms{gc_note}; slowest: "
                      f"{slowest}")
     late = [e for e in events if e["at_s"] > 5.0]
     return (f"stall log: {len(events)} stalls >= {STALL_THRESHOLD_S * 1000:.0f} ms "
