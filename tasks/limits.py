@@ -196,7 +196,11 @@ class LLMSlots:
         request that collides with that load gets a 503 and a 2 s client backoff)."""
         await asyncio.to_thread(_start_slot_services)
         try:
-            await asyncio.gather(self._hold_in_flight_slots(), self._take_rate_block())
+            # One after the other: on SQLite two slot increments at once collide ("database
+            # is locked" at once, not after the busy timeout: both transactions read before
+            # writing), and the loser's client backs off 2 s (bench/manifest_lock.py).
+            await self._hold_in_flight_slots()
+            await self._take_rate_block()
         except TimeoutError:
             pass  # nothing free yet; calls wait for it (bounded) and fail with a reason
         return self

@@ -327,12 +327,14 @@ def _parse_serialized(data: bytes, max_pages: int | None) -> ParsedDocument:
 
 def _init_worker(niceness: int) -> None:
     # Runs once per worker process: lower its priority (a no-op when it inherited it from
-    # the forkserver; not when some other code started the forkserver first), import PyMuPDF
-    # now (a no-op when the forkserver preloaded it) so the first parse does not pay for it,
-    # and keep MuPDF's repair chatter off stderr; what it says is carried in the
-    # InvoiceFailure message instead.
+    # the forkserver; not when some other code started the forkserver first), import what
+    # a parse needs now (a no-op when the forkserver preloaded it) so the first parse does
+    # not pay for it, and keep MuPDF's repair chatter off stderr; what it says is carried in
+    # the InvoiceFailure message instead.
     lower_priority(niceness)
     import pymupdf as _pymupdf
+
+    import tasks.einvoice  # noqa: F401
 
     _pymupdf.TOOLS.mupdf_display_errors(False)
 
@@ -352,9 +354,12 @@ def _process_context() -> multiprocessing.context.BaseContext:
     # preloaded 0.02-0.03 s after the first. Pools are rebuilt after a timeout or crash, so
     # forkserver with preload. The preload list is process-wide and only takes effect if the
     # forkserver has not started yet; preloading pymupdf is harmless for any other user, and
-    # any other user's processes are batch work too.
+    # any other user's processes are batch work too. tasks.einvoice (which every parse
+    # uses to look for an e-invoice attachment) costs ~0.5 s to import, mostly the offline
+    # extractor's regexes: imported once in the forkserver instead of in every new worker,
+    # the first parses of a run came back 0.5 s sooner (bench/manifest_lock.py, N = 100).
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tasks.forkserver_preload", "pymupdf"])
+    ctx.set_forkserver_preload(["tasks.forkserver_preload", "pymupdf", "tasks.einvoice"])
     return ctx
 
 
@@ -430,6 +435,10 @@ class PdfParser:
     thread-safe), so `max_workers` is ignored. No parallelism; use it where processes are not
     allowed.
 
+    Start: `async with` starts the workers in the background and the first parse waits for
+    them; if they cannot start, every parse fails "parser_unavailable" (retryable) with the
+    reason. `await start()` waits for them at once.
+
     Deadlines: `timeout` bounds each parse from submission to result; waiting for a free
     worker is not counted (every call ahead holds its worker for at most `timeout`), so a
     large batch does not time out merely by queueing. A running parse cannot be cancelled:
@@ -471,6 +480,7 @@ class PdfParser:
         self._pool = self._new_pool()
         self._retired: list[_Pool] = []
         self._closed = False
+        self._starting: asyncio.Future[None] | None = None
 
     def _new_pool(self) -> _Pool:
         if self.kind == "thread":
@@ -483,9 +493,17 @@ class PdfParser:
         )
 
     async def start(self) -> None:
-        """Start every worker now (process start, PyMuPDF import) instead of on first parse."""
+        """Start every worker (process start, imports) and wait until all have answered.
+
+        Idempotent: it also waits for the start that `async with` began in the background.
+        Raises RuntimeError if they do not start within a minute."""
         if self.kind != "process":
             return
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start_workers())
+        await asyncio.shield(self._starting)
+
+    async def _start_workers(self) -> None:
         executor = self._pool.executor
 
         def spawn() -> list[concurrent.futures.Future[int]]:
@@ -508,6 +526,8 @@ class PdfParser:
     async def parse(self, data: bytes) -> ParsedDocument:
         if self._closed:
             raise RuntimeError("PdfParser is closed")
+        if self._starting is not None:
+            await self._wait_started()
         async with self._slots:
             if self._closed:  # closed while we waited for a slot
                 raise RuntimeError("PdfParser is closed")
@@ -550,6 +570,17 @@ class PdfParser:
                 if abandoned:
                     self._retire(pool)  # its worker is still busy with our file
                 self._reap(pool)
+
+    async def _wait_started(self) -> None:
+        assert self._starting is not None
+        try:
+            await asyncio.shield(self._starting)
+        except Exception as exc:
+            raise InvoiceFailure(
+                "parser_unavailable",
+                f"the PDF parser's worker processes did not start: {type(exc).__name__}: {exc}",
+                retryable=True,
+            ) from None
 
     def _submit(self, data: bytes) -> tuple[_Pool, asyncio.Future[ParsedDocument]]:
         loop = asyncio.get_running_loop()
@@ -595,12 +626,23 @@ class PdfParser:
         if self._closed:
             return
         self._closed = True
+        starting = self._starting
+        if starting is not None:
+            if not starting.done():
+                starting.cancel()
+            elif not starting.cancelled():
+                starting.exception()  # retrieved: a failed start was reported by the parses
         for pool in [self._pool, *self._retired]:
             pool.stop()
         self._retired.clear()
 
     async def __aenter__(self) -> PdfParser:
-        await self.start()
+        # The workers start in the background while the caller goes on (a run lists, plans
+        # and downloads meanwhile: the pool's start was 0.6-1.1 s of a 100-invoice run's
+        # set-up, bench/manifest_lock.py); the first parse waits for them. `await start()`
+        # waits now.
+        if self.kind == "process" and self._starting is None:
+            self._starting = asyncio.ensure_future(self._start_workers())
         return self
 
     async def __aexit__(

@@ -234,6 +234,7 @@ async def test_timeout_then_next_parse_succeeds(kind: str) -> None:
     good = make_pdf(ONE_PAGE)
     before = {p.pid for p in multiprocessing.active_children()}
     async with PdfParser(kind, max_workers=1, timeout=0.02, max_pages=None) as parser:
+        await parser.start()
         workers = pool_children(before)
         with pytest.raises(InvoiceFailure) as info:
             await parser.parse(slow)
@@ -269,6 +270,7 @@ async def test_flood_of_timeouts_does_not_wedge_the_parser() -> None:
 async def test_killed_worker_is_parse_crashed_and_the_next_parse_succeeds() -> None:
     before = {p.pid for p in multiprocessing.active_children()}
     async with PdfParser("process", max_workers=1, timeout=30, max_pages=None) as parser:
+        await parser.start()
         (worker,) = pool_children(before)
         task = asyncio.create_task(parser.parse(dense_pdf(30)))
         await asyncio.sleep(0)  # the task submits its parse, then waits for the result
@@ -292,6 +294,22 @@ async def test_workers_run_at_lower_priority_than_the_event_loop() -> None:
         ours = os.getpriority(os.PRIO_PROCESS, 0)
         for worker in workers:
             assert os.getpriority(os.PRIO_PROCESS, worker.pid) == lowered(ours) > ours
+
+
+async def test_workers_that_cannot_start_fail_each_parse_with_the_reason(monkeypatch) -> None:
+    monkeypatch.setattr("tasks.parse._START_TIMEOUT", 1e-9)  # no pool starts that fast
+    async with PdfParser("process", max_workers=1, timeout=30) as parser:
+        for _ in range(2):  # the start is tried once; each parse reports its failure
+            with pytest.raises(InvoiceFailure) as info:
+                await parser.parse(make_pdf(ONE_PAGE))
+            assert info.value.code == "parser_unavailable" and info.value.retryable
+            assert "did not start within" in info.value.message
+    parser = PdfParser("process", max_workers=1)
+    try:
+        with pytest.raises(RuntimeError, match="did not start"):
+            await parser.start()
+    finally:
+        parser.close()
 
 
 async def test_close_is_idempotent_and_refuses_new_work() -> None:
