@@ -90,21 +90,10 @@ async def process_invoices(
     api_key = await load_secret(openai_api_key_secret)
     async with AsyncExitStack() as stack:
         loop_probe = await stack.enter_async_context(LoopStallProbe())
-        # The set-up steps are independent and each mostly waits (on the Prefect server, S3,
-        # a starting process pool), so they overlap; the first failure stops them all.
-        _, src, out, parser, chosen = await all_or_nothing(
-            ensure_manifest_lock(),
+        src, out = await all_or_nothing(
             stack.enter_async_context(open_store(source, credentials=credentials)),
             stack.enter_async_context(open_store(output, credentials=credentials)),
-            stack.enter_async_context(PdfParser(parse_executor, max_pages=max_pages)),
-            stack.enter_async_context(
-                build_extractor(extractor, api_key=api_key, max_in_flight=max_concurrency,
-                                slot_lease_seconds=lease_seconds)
-            ),
         )
-        stack.enter_context(gc_frozen())  # after set-up: its objects live as long as the run
-        ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout,
-                             max_bytes=max_bytes, max_concurrency=max_concurrency)
 
         async def make_plan(only: Collection[str] | None = None) -> BatchPlan:
             (manifest, _), listing = await all_or_nothing(read_manifest(out), src.list(suffix=".pdf"))
@@ -113,7 +102,21 @@ async def process_invoices(
                 manifest, max_attempts=max_attempts, reprocess_needs_review=reprocess_needs_review,
             )
 
-        plan = await make_plan()
+        # The other set-up steps and the plan are independent and each mostly waits (on the
+        # Prefect server, S3, starting processes), so they overlap; the first failure stops
+        # them all. (Reading the manifest needs no lock: writes are compare-and-swap.)
+        _, parser, chosen, plan = await all_or_nothing(
+            ensure_manifest_lock(),
+            stack.enter_async_context(PdfParser(parse_executor, max_pages=max_pages)),
+            stack.enter_async_context(
+                build_extractor(extractor, api_key=api_key, max_in_flight=max_concurrency,
+                                slot_lease_seconds=lease_seconds)
+            ),
+            make_plan(),
+        )
+        stack.enter_context(gc_frozen())  # after set-up: its objects live as long as the run
+        ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout,
+                             max_bytes=max_bytes, max_concurrency=max_concurrency)
         report_plan(plan, src.url)
         progress = await RunProgress.start(len(plan.todo))
         writer = ManifestWriter(partial(run_locked_session, out), on_commit=progress.advance,
