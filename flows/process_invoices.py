@@ -90,6 +90,7 @@ async def process_invoices(
     api_key = await load_secret(openai_api_key_secret)
     async with AsyncExitStack() as stack:
         loop_probe = await stack.enter_async_context(LoopStallProbe())
+        freeze_setup = stack.enter_context(gc_frozen())
         src, out = await all_or_nothing(
             stack.enter_async_context(open_store(source, credentials=credentials)),
             stack.enter_async_context(open_store(output, credentials=credentials)),
@@ -114,7 +115,7 @@ async def process_invoices(
             ),
             make_plan(),
         )
-        stack.enter_context(gc_frozen())  # after set-up: its objects live as long as the run
+        freeze_setup()  # the set-up's objects live as long as the run, like those before it
         ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout,
                              max_bytes=max_bytes, max_concurrency=max_concurrency)
         report_plan(plan, src.url)

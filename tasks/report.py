@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prefect import task
@@ -85,16 +85,18 @@ class LoopStallProbe:
 
 
 @contextmanager
-def gc_frozen() -> Iterator[None]:
+def gc_frozen() -> Iterator[Callable[[], None]]:
     """Keep every object alive now (imported modules, botocore's service models, Prefect's
     clients and settings: several hundred thousand) out of the garbage collector's full
     collections until the block ends. Each full collection walked them all and held the
     event loop for 180-220 ms, a few times per 1000-invoice run (bench/end_to_end.py
-    --stall-log); objects made inside the block are collected as before. Unfrozen at the
-    end, so a long-lived process (a served deployment) still frees what the run left."""
+    --stall-log); objects made inside the block are collected as before, except those
+    alive when the function it yields is called (it freezes them too: call it once the
+    run's long-lived objects exist). Unfrozen at the end, so a long-lived process (a served
+    deployment) still frees what the run left."""
     gc.freeze()
     try:
-        yield
+        yield gc.freeze
     finally:
         gc.unfreeze()
 
