@@ -499,9 +499,12 @@ class PdfParser:
         Raises RuntimeError if they do not start within a minute."""
         if self.kind != "process":
             return
+        await asyncio.shield(self._begin_start())
+
+    def _begin_start(self) -> asyncio.Future[None]:
         if self._starting is None:
             self._starting = asyncio.ensure_future(self._start_workers())
-        await asyncio.shield(self._starting)
+        return self._starting
 
     async def _start_workers(self) -> None:
         executor = self._pool.executor
@@ -641,8 +644,8 @@ class PdfParser:
         # and downloads meanwhile: the pool's start was 0.6-1.1 s of a 100-invoice run's
         # set-up, bench/manifest_lock.py); the first parse waits for them. `await start()`
         # waits now.
-        if self.kind == "process" and self._starting is None:
-            self._starting = asyncio.ensure_future(self._start_workers())
+        if self.kind == "process":
+            self._begin_start()
         return self
 
     async def __aexit__(
