@@ -204,12 +204,9 @@ async def commit_outcomes(
         merged.updated_at = utcnow()
         data = merged.model_dump_json().encode()
         try:
-            if etag is None:
-                new_etag = await store.put(key, data, if_none_match=True,
-                                           content_type="application/json")
-            else:
-                new_etag = await store.put(key, data, if_match=etag,
-                                           content_type="application/json")
+            # Created only if still absent, or replaced only if still what was read.
+            new_etag = await store.put(key, data, if_match=etag, if_none_match=etag is None,
+                                       content_type="application/json")
         except PreconditionFailed as exc:
             delay = random.uniform(0, min(backoff_max, backoff_base * 2**attempt))
             logger.info(
