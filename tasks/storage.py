@@ -329,10 +329,13 @@ def _s3_data_loader() -> Any:
             # Should it fail (a broken ~/.aws/config, say), the real client reports why.
             loader = session.get_component("data_loader")
             with contextlib.suppress(Exception):
-                session.create_client("s3", region_name="us-east-1",
-                                      aws_access_key_id="load-models",
-                                      aws_secret_access_key="load-models")
+                client = session.create_client("s3", region_name="us-east-1",
+                                               aws_access_key_id="load-models",
+                                               aws_secret_access_key="load-models")
                 _drop_unread_endpoint_params(loader)
+                # The paginator model too: a client loads it at its first listing, and the
+                # lookup scans botocore's data folders: 10-16 ms of CPU on the event loop, once.
+                client.can_paginate("list_objects_v2")
             _DATA_LOADER = loader
     return _DATA_LOADER
 

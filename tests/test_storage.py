@@ -9,7 +9,10 @@ import multiprocessing
 import os
 import pickle
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -420,3 +423,15 @@ def test_open_store_routing(tmp_path):
 
     with pytest.raises(ValueError):
         open_store("gs://bucket/x")
+
+
+def test_the_shared_data_loader_holds_the_models_a_listing_needs():
+    # Loaded in the loader's thread, not at a client's first listing on the event loop. In
+    # a fresh interpreter: here any earlier listing has filled the shared loader already.
+    check = (
+        "from tasks.storage import _s3_data_loader\n"
+        "loader = _s3_data_loader()\n"
+        "version = loader.load_service_model('s3', 'service-2')['metadata']['apiVersion']\n"
+        "assert ('load_service_model', 's3', 'paginators-1', version) in loader._cache\n"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[1])
