@@ -65,7 +65,7 @@ flight, the Prefect task runs by name, and the CPU the other processes used duri
 run (Prefect server, moto, fake LLM). The script ends with the targets at the largest N:
 flow wall <= 1.3 x reference wall, flow peak RSS < 600 MB, flow stall < 100 ms.
 
-The fake LLM is started by this script (``--serve-llm``), not with ``python -m fake_llm``:
+The fake LLM is ``ml.LLMProcess`` (a child process), not ``python -m fake_llm``:
 the standalone server answers with the offline rules extractor run per request, which on
 this 2-core machine would bill the extraction's CPU to the benchmark; here it answers with
 ``ml.canned_answer()`` (one valid invoice made once), like the other benches. Its
@@ -341,58 +341,6 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float, logdir: st
         tree_rss_peak_kb=monitor.tree_rss_peak_kb, wait4_maxrss_kb=ru.ru_maxrss,
         wait4_cpu_s=ru.ru_utime + ru.ru_stime, stdout=stdout, stderr=stderr,
     )
-
-
-# --------------------------------------------------------------------------
-# The fake LLM in a child process (canned answer), controlled through stdin
-# --------------------------------------------------------------------------
-
-
-class LLMProcess:
-    def __init__(self, latency: float) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, HERE, "--serve-llm", "--latency", str(latency)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
-        )
-        line = self.proc.stdout.readline()
-        if not line.startswith("PORT "):
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"fake LLM did not start: {line!r}")
-        self.base_url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
-
-    def _ask(self, command: str) -> str:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def reset(self) -> None:
-        self._ask("reset")
-
-    def stats(self) -> dict[str, Any]:
-        return json.loads(self._ask("stats"))
-
-    def stop(self) -> None:
-        ml.stop_child(self.proc)
-
-
-def serve_llm(latency: float) -> int:
-    """Child side of LLMProcess."""
-    from fake_llm.server import FakeLLMConfig, FakeLLMServer
-
-    server = FakeLLMServer(FakeLLMConfig(latency=latency), answer=ml.canned_answer()).start()
-    print("PORT", server.port, flush=True)
-    try:
-        for line in sys.stdin:
-            command = line.strip()
-            if command == "reset":
-                server.reset_stats()
-                print("OK", flush=True)
-            elif command == "stats":
-                print(json.dumps(server.stats()), flush=True)
-    finally:
-        server.stop()
-    return 0
 
 
 # --------------------------------------------------------------------------
@@ -798,7 +746,7 @@ def failure_note(m: Measured) -> str:
     return f"exit {m.returncode}{' (timed out)' if m.timed_out else ''}: {tail[:300]}"
 
 
-def run_flow_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, api_url: str,
+def run_flow_row(n: int, bucket: str, endpoint: str, llm: ml.LLMProcess, api_url: str,
                  counter: Any, others: Others, timeout: float, logdir: str) -> Row:
     row = Row("flow", n)
     out_prefix = f"out-{n}"
@@ -809,7 +757,7 @@ def run_flow_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, api_url: s
     if STALL_LOG["on"]:
         cmd = [sys.executable, HERE, "--cli-with-stall-log", *cli_args]
         stall_log = os.path.join(logdir, f"flow-{n}.stalls.json")
-    llm.reset()
+    llm.reset_stats()
     puts0, cpu0 = counter.get(bucket), others.snapshot()
     m = run_measured(cmd, child_env(endpoint, llm.base_url, api_url, stall_log), timeout,
                      logdir, f"flow-{n}")
@@ -843,14 +791,14 @@ def run_flow_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, api_url: s
     return row
 
 
-def run_reference_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, counter: Any,
+def run_reference_row(n: int, bucket: str, endpoint: str, llm: ml.LLMProcess, counter: Any,
                       others: Others, timeout: float, logdir: str, concurrency: int) -> Row:
     row = Row("asyncio", n, task_runs=0)
     out_prefix = f"ref-{n}"
     cmd = [sys.executable, HERE, "--reference", f"s3://{bucket}/in-{n}",
            f"s3://{bucket}/{out_prefix}", "--concurrency", str(concurrency)]
     stall_log = os.path.join(logdir, f"reference-{n}.stalls.json") if STALL_LOG["on"] else None
-    llm.reset()
+    llm.reset_stats()
     puts0, cpu0 = counter.get(bucket), others.snapshot()
     m = run_measured(cmd, child_env(endpoint, llm.base_url, DEAD_API_URL, stall_log), timeout,
                      logdir, f"reference-{n}")
@@ -932,6 +880,8 @@ def targets(rows: list[Row], n: int) -> list[str]:
 
 
 def bench(args: argparse.Namespace) -> int:
+    from fake_llm.server import FakeLLMConfig
+
     logdir = tempfile.mkdtemp(prefix="bench-e2e-")
     pages = pool_pages(args.pool, args.long_share)
     long_keys = {n: sum(1 for i in range(n) if pages[i % args.pool] >= 20) for n in args.n}
@@ -955,7 +905,7 @@ def bench(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     try:
         moto, endpoint, counter = ml.start_moto()
-        llm = LLMProcess(args.latency)
+        llm = ml.LLMProcess(FakeLLMConfig(latency=args.latency))
         bucket = asyncio.run(create_bucket(endpoint))
         for n in args.n:
             t0 = time.perf_counter()
@@ -1036,7 +986,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="keep the Prefect server's temporary home and the children's stdout/stderr")
     # Sub-modes run by the bench itself.
     p.add_argument("--concurrency", type=int, default=100, help=argparse.SUPPRESS)
-    p.add_argument("--serve-llm", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reference", nargs=2, metavar=("SOURCE", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.n = sorted(set(args.n or [100, 1000]))
@@ -1053,8 +1002,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["--cli-with-stall-log"]:
         return cli_with_stall_log(argv[1:])
     args = parse_args(argv)
-    if args.serve_llm:
-        return serve_llm(args.latency)
     if args.reference:
         return reference_main(*args.reference, args.concurrency)
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")

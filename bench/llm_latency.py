@@ -3,11 +3,12 @@
     .venv/bin/python bench/llm_latency.py                  # N=100, 1.0 s latency
     .venv/bin/python bench/llm_latency.py --n 20 --prefect harness
 
-One process, one workload: N invoices (``make_invoice(seed)`` PDFs for 50
-seeds, reused) in a moto S3 bucket under ``in/`` (moto runs in this process
-as a real HTTP server on 127.0.0.1, as in ``manifest_lock.py``, whose
-helpers this script imports), and a ``FakeLLMServer`` in this process with
-a fixed ``--latency`` per answer. Rows:
+One script run, one workload: N invoices (``make_invoice(seed)`` PDFs for 50
+seeds, reused) in a moto S3 bucket under ``in/`` (moto is a real HTTP server
+on 127.0.0.1 in a child process, as in ``manifest_lock.py``, whose helpers
+this script imports), and a ``FakeLLMServer`` with a fixed ``--latency`` per
+answer, also in a child process (``ml.LLMProcess``: a real model does not
+share the flow's process and GIL). Rows:
 
 - ``sequential bound``: N x latency, computed; and measured on
   ``--sequential-sample`` calls made one after another, scaled to N.
@@ -177,17 +178,17 @@ async def sequential_sample(k: int, n: int, llm: Any, texts: list[Any]) -> Row:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    from fake_llm.server import FakeLLMConfig, FakeLLMServer
+    from fake_llm.server import FakeLLMConfig
 
     n, latency = args.n, args.latency
     age = interpreter_age_at_script_start()
     rows: list[Row] = []
     moto, endpoint, _ = ml.start_moto()
-    fixed = FakeLLMServer(FakeLLMConfig(latency=latency), answer=ml.canned_answer()).start()
-    faulty = FakeLLMServer(FakeLLMConfig(
+    fixed = ml.LLMProcess(FakeLLMConfig(latency=latency))
+    faulty = ml.LLMProcess(FakeLLMConfig(
         latency_median=latency, latency_sigma=FAULT_SIGMA, latency_max=FAULT_LATENCY_CAP,
         error_rate_429=FAULT_429_RATE, retry_after=FAULT_RETRY_AFTER, seed=args.seed,
-    ), answer=ml.canned_answer()).start()
+    ))
     server: Optional[ml.PrefectServer] = None
     try:
         bucket = await create_bucket(endpoint, "llm-latency")

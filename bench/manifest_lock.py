@@ -5,8 +5,8 @@
 For each N and each variant, one run of the same workload: N invoices, each
 "finishes" after a simulated 0.5 s extraction (``asyncio.sleep``), and its
 outcome must end up as one entry in a single JSON object ``manifest.json``
-in S3. S3 is moto, started in this process as a real HTTP server on
-127.0.0.1 (``ThreadedMotoServer(port=0)``) and reached through aioboto3
+in S3. S3 is moto, a real HTTP server on 127.0.0.1 (``ThreadedMotoServer(port=0)``)
+started in a child process (``--moto thread``: in this process), reached through aioboto3
 (one shared client per variant run). One table row per variant and N:
 
     variant  N  wall s  lost  writes  note
@@ -33,8 +33,8 @@ Variants (``--variants``, default all):
   max_concurrency=N)``. N small invoice PDFs (``make_invoice(seed)`` for 50
   seeds, reused) are uploaded under ``in/`` before timing; the 0.5 s
   extraction is a ``FakeLLMServer(FakeLLMConfig(latency=0.5))`` (canned answer, see
-  ``canned_answer``) started in
-  this process and reached through the real LLM path (``OPENAI_BASE_URL``,
+  ``canned_answer``) started in a child process (``LLMProcess``, as moto: a real model
+  does not share the flow's process) and reached through the real LLM path (``OPENAI_BASE_URL``,
   the ``openai`` client). Beyond a/b, each invoice is also downloaded,
   parsed by PyMuPDF in a process pool, validated, and its result JSON is
   written to S3; the manifest is ``out/manifest.json``. ``wall s`` is timed
@@ -241,6 +241,67 @@ def serve_moto() -> int:
     print("PORT", endpoint.rsplit(":", 1)[1], flush=True)
     sys.stdin.read()
     server.stop()
+    return 0
+
+
+class LLMProcess:
+    """The fake LLM (``canned_answer``) in a child process of its own, for the same reason as
+    `MotoProcess`: a real model answers from another machine, so its HTTP handling must not
+    compete with the flow for this process's GIL. Statistics are read and reset through the
+    child's stdin."""
+
+    def __init__(self, config: Any = None) -> None:
+        from fake_llm.server import FakeLLMConfig
+
+        config = config if config is not None else FakeLLMConfig()
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-llm", json.dumps(dataclasses.asdict(config))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        line = self.proc.stdout.readline()  # "PORT <n>" once listening
+        if not line.startswith("PORT "):
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"fake LLM did not start: {line!r}")
+        self.base_url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
+
+    def _ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def reset_stats(self) -> None:
+        self._ask("reset")
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self._ask("stats"))
+
+    def stop(self) -> None:
+        stop_child(self.proc)
+
+    def __enter__(self) -> "LLMProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_llm(config_json: str) -> int:
+    """Child side of LLMProcess: serve until stdin closes, answering `reset` and `stats`."""
+    from fake_llm.server import FakeLLMConfig, FakeLLMServer
+
+    server = FakeLLMServer(FakeLLMConfig(**json.loads(config_json)), answer=canned_answer()).start()
+    print("PORT", server.port, flush=True)
+    try:
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "reset":
+                server.reset_stats()
+                print("OK", flush=True)
+            elif command == "stats":
+                print(json.dumps(server.stats()), flush=True)
+    finally:
+        server.stop()
     return 0
 
 
@@ -559,11 +620,11 @@ _LLM_LIMITS_MODE = {"mode": "fit"}  # set from --llm-limits
 
 
 async def variant_c(n: int, endpoint: str, bucket: str) -> Result:
-    from fake_llm.server import FakeLLMConfig, FakeLLMServer
+    from fake_llm.server import FakeLLMConfig
 
     await upload_invoices(endpoint, bucket, INPUT_PREFIX, invoice_keys(n))
     limits = await set_llm_limits(_LLM_LIMITS_MODE["mode"], n)
-    with FakeLLMServer(FakeLLMConfig(latency=EXTRACT_SECONDS), answer=canned_answer()) as llm:
+    with LLMProcess(FakeLLMConfig(latency=EXTRACT_SECONDS)) as llm:
         with flow_environment(endpoint, llm.base_url):
             run = await run_flow(bucket, n)
         stats = llm.stats()
@@ -831,6 +892,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="run moto's S3 server in a child process (default) or in a thread of the bench",
     )
     p.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--serve-llm", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.n = sorted(set(args.n or [100]))
     return args
@@ -840,6 +902,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.serve_moto:
         return serve_moto()
+    if args.serve_llm is not None:
+        return serve_llm(args.serve_llm)
     by_name = {v.name: v for v in VARIANTS}
     names = [s.strip() for s in args.variants.split(",") if s.strip()]
     unknown = [s for s in names if s not in by_name]
