@@ -377,6 +377,15 @@ def _is_plain_http(url: str | None) -> bool:
     return url is not None and url.lower().startswith("http://")
 
 
+def _endpoint_from_environment() -> str | None:
+    """The S3 endpoint botocore will take from the environment when none is given (the AWS
+    SDKs' `AWS_ENDPOINT_URL_S3`, then `AWS_ENDPOINT_URL`), the usual way to point a client
+    at MinIO, SeaweedFS or moto."""
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+        return None
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 class S3Store:
     """Objects under `s3://bucket/prefix/` through one aioboto3 client per `async with`.
 
@@ -450,9 +459,11 @@ class S3Store:
                 "s3", endpoint_url=self._endpoint_url, region_name=self._region_name,
                 config=config,
                 # Plain HTTP (a local MinIO, SeaweedFS or moto) has no certificate to verify,
-                # yet botocore would load the CA bundle for it: ~0.1 s of CPU on the event
-                # loop at each client's first request.
-                verify=False if _is_plain_http(self._endpoint_url) else None,
+                # yet botocore would load the CA bundle for it: 30-100 ms of CPU on the event
+                # loop at each client's first request. The endpoint may be given here or, as
+                # usual, in the environment.
+                verify=False if _is_plain_http(self._endpoint_url or _endpoint_from_environment())
+                else None,
             )
         )
         self._stack = stack

@@ -435,3 +435,30 @@ def test_the_shared_data_loader_holds_the_models_a_listing_needs():
         "assert ('load_service_model', 's3', 'paginators-1', version) in loader._cache\n"
     )
     subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[1])
+
+
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+def test_a_plain_http_endpoint_from_the_environment_loads_no_ca_bundle(moto_endpoint, s3_bucket,
+                                                                       variable):
+    # A fresh interpreter: the CA bundle is loaded once per client's connection pool, on the
+    # event loop, and only a first request shows it.
+    check = (
+        "import asyncio, ssl\n"
+        "loads = []\n"
+        "original = ssl.SSLContext.load_verify_locations\n"
+        "def counted(self, *args, **kwargs):\n"
+        "    loads.append(args)\n"
+        "    return original(self, *args, **kwargs)\n"
+        "ssl.SSLContext.load_verify_locations = counted\n"
+        "from tasks.storage import open_store\n"
+        "async def main():\n"
+        f"    async with open_store('s3://{s3_bucket}/env-endpoint') as store:\n"
+        "        await store.put('k.txt', b'hello')\n"
+        "        assert (await store.get('k.txt')).data == b'hello'\n"
+        "asyncio.run(main())\n"
+        "assert loads == [], loads\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    env.update({variable: moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION})
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[1], env=env)
