@@ -440,8 +440,8 @@ def test_the_shared_data_loader_holds_the_models_a_listing_needs():
 @pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
 def test_a_plain_http_endpoint_from_the_environment_loads_no_ca_bundle(moto_endpoint, s3_bucket,
                                                                        variable):
-    # A fresh interpreter: the CA bundle is loaded once per client's connection pool, on the
-    # event loop, and only a first request shows it.
+    # In a child interpreter: its environment holds only the endpoint under test, and the
+    # count sees every CA-bundle load (botocore loads it at a client's first request).
     check = (
         "import asyncio, ssl\n"
         "loads = []\n"
