@@ -202,18 +202,28 @@ class MotoProcess:
     handling does not compete with the variant for this process's GIL (real S3 would not)."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve-moto"],
-            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
-        )
-        line = self.proc.stdout.readline()  # "PORT <n>" once listening
-        if not line.startswith("PORT "):
-            self.proc.kill()
-            raise RuntimeError(f"moto server did not start: {line!r}")
-        self.endpoint = f"http://127.0.0.1:{int(line.split()[1])}"
+        self.proc, port = spawn_server("moto server", "--serve-moto")
+        self.endpoint = f"http://127.0.0.1:{port}"
 
     def stop(self) -> None:
         stop_child(self.proc)
+
+
+def spawn_server(
+    what: str, *args: str, new_session: bool = False
+) -> tuple[subprocess.Popen[str], int]:
+    """This script as a child server (`args` say which), and the port it listens on: it prints
+    "PORT <n>" once listening and serves until its stdin closes (`stop_child`)."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=new_session,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return proc, int(line.split()[1])
 
 
 def stop_child(proc: subprocess.Popen[str]) -> None:
@@ -254,16 +264,9 @@ class LLMProcess:
         from fake_llm.server import FakeLLMConfig
 
         config = config if config is not None else FakeLLMConfig()
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve-llm", json.dumps(dataclasses.asdict(config))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
-        )
-        line = self.proc.stdout.readline()  # "PORT <n>" once listening
-        if not line.startswith("PORT "):
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"fake LLM did not start: {line!r}")
-        self.base_url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
+        self.proc, port = spawn_server("fake LLM", "--serve-llm",
+                                       json.dumps(dataclasses.asdict(config)), new_session=True)
+        self.base_url = f"http://127.0.0.1:{port}/v1"
 
     def _ask(self, command: str) -> str:
         self.proc.stdin.write(command + "\n")
