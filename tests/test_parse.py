@@ -6,6 +6,7 @@ Every PDF is built here with PyMuPDF; there are no binary fixtures.
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
 import pickle
@@ -297,7 +298,11 @@ async def test_workers_run_at_lower_priority_than_the_event_loop() -> None:
 
 
 async def test_workers_that_cannot_start_fail_each_parse_with_the_reason(monkeypatch) -> None:
-    monkeypatch.setattr("tasks.parse._START_TIMEOUT", 1e-9)  # no pool starts that fast
+    # Workers that take 2 s to answer their start-up ping, against a 0.05 s start timeout.
+    # (A bare 1e-9 s timeout was not enough: with the forkserver warm, the pings could be
+    # answered before the wait began, and the start then succeeded.)
+    monkeypatch.setattr("tasks.parse._ping", functools.partial(time.sleep, 2.0))
+    monkeypatch.setattr("tasks.parse._START_TIMEOUT", 0.05)
     async with PdfParser("process", max_workers=1, timeout=30) as parser:
         for _ in range(2):  # the start is tried once; each parse reports its failure
             with pytest.raises(InvoiceFailure) as info:
