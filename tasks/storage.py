@@ -177,11 +177,13 @@ class LocalStore:
                 raise InvalidKey(f"invalid key {key!r}: empty, '.' or '..' component", key=key)
             if part.startswith(_RESERVED):
                 raise InvalidKey(f"invalid key {key!r}: names starting {_RESERVED!r} are reserved", key=key)
-        path = self.root.joinpath(*parts)
-        # Catches symlinks inside the root that point out of it.
+        return self.root.joinpath(*parts)
+
+    def _check_inside(self, key: str, path: Path) -> None:
+        """Catches symlinks inside the root that point out of it. Blocking (an lstat per path
+        component: ~1 ms a key on the event loop, measured), so it runs in the worker thread."""
         if not path.resolve().is_relative_to(self.root):
             raise InvalidKey(f"invalid key {key!r}: resolves outside the store root", key=key)
-        return path
 
     def _lock_path(self, key: str) -> Path:
         # One lock file per key, named by hash: flat, bounded name length, no folder races.
@@ -222,6 +224,7 @@ class LocalStore:
         # (S3 semantics: "inv" matches "invoices/a.pdf" and "inv.pdf").
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self._path(folder) if folder else self.root
+        self._check_inside(folder, start)
         suffix_lower = suffix.lower() if suffix else None
         found: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(start):
@@ -247,6 +250,7 @@ class LocalStore:
         return found
 
     def _get_sync(self, key: str, path: Path) -> StoredObject:
+        self._check_inside(key, path)
         try:
             data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -258,6 +262,7 @@ class LocalStore:
     def _put_sync(
         self, key: str, path: Path, data: bytes, if_match: str | None, if_none_match: bool
     ) -> str:
+        self._check_inside(key, path)
         lock_path = self._lock_path(key)
         try:
             lock_path.parent.mkdir(exist_ok=True)
