@@ -13,6 +13,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
+from prefect.utilities.annotations import quote
 
 from flows.blocks import load_aws_credentials, load_secret
 from flows.extractors import ExtractorChoice, build_extractor
@@ -150,7 +151,7 @@ async def process_invoices(
         manifest_writes=len(writer.batches), seconds=time.perf_counter() - started,
         max_loop_stall_s=loop_probe.max_stall, flow_run_id=str(flow_run.id),
     )
-    await publish_summary(summary)
+    await publish_summary(quote(summary))  # quote: no futures in it for Prefect to look for
     return outcome_state(summary, fail_on_invoice_errors)
 
 

@@ -21,6 +21,7 @@ from pathlib import PurePosixPath
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from tasks.errors import InvoiceFailure
@@ -347,7 +348,9 @@ async def process_all(
 
     async def run_chunk(chunk: list[InvoiceJob]) -> None:
         try:
-            await chunk_task(ctx, chunk, record)
+            # quote: Prefect would otherwise walk the context and every job for futures to
+            # resolve, twice per task run, on the event loop; there are none.
+            await chunk_task(quote(ctx), quote(chunk), record)
         except Exception as exc:  # the task run itself crashed: its rest is recorded too
             recorded = {done.outcome.key for done in processed}
             for job in chunk:
