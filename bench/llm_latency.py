@@ -25,6 +25,10 @@ share the flow's process and GIL). Rows:
   from the start of this script to that first flow call (bench setup, the
   Prefect server's start, importing the flow), reported apart; the age of
   the interpreter when the script started is added to its note.
+- ``flow, local folder`` (``--local-store``): the same flow with the invoices, results and
+  manifest in a temporary folder (the quick start's store) instead of moto, so the
+  S3 double's cost (moto handles requests one at a time in one Python process, ~3 ms of
+  client CPU and ~5 ms of server time per request here) is out of the figure.
 - ``flow, faults``: a second flow run (output ``out-faults/``) against a
   second fake server with log-normal latency (median ``--latency``, sigma
   0.5, capped at 5 s) and 10% 429s (``Retry-After: 1``): invoices recorded
@@ -32,9 +36,11 @@ share the flow's process and GIL). Rows:
   peak of requests in flight. The draws are seeded (``--seed``, default 1:
   11 of its first 100 draws are 429s; seed 0 has only 5).
 
-``x lat`` is each row's time over one latency. Order: bench setup, Prefect
-server, flow, then the baseline rows (the Prefect server idles meanwhile),
-then the faults run.
+``x lat`` is each row's time over one latency. A flow's ``wall`` row also
+gives how busy the machine's CPUs were during the call (/proc/stat: every
+process, the servers included). Order: bench setup, Prefect server, flow, then
+the baseline rows (the Prefect server idles meanwhile), then the local-folder
+run, then the faults run.
 
 The flow's LLM calls take Prefect concurrency slots (``llm-in-flight``,
 ``llm-rate``). ``--llm-limits keep`` (default) leaves them as the flow
@@ -55,9 +61,11 @@ T_SCRIPT = time.perf_counter()  # first statement: "process start" counts from h
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
@@ -98,10 +106,10 @@ def fmt_row(r: Row, latency: float) -> str:
     secs = f"{r.seconds:9.2f}" if r.seconds is not None else f"{'-':>9}"
     ratio = f"{r.seconds / latency:7.2f}" if r.seconds is not None and r.n else f"{'-':>7}"
     rec = str(r.recorded) if r.recorded is not None else "-"
-    return f"{r.name:<38} {n:>5} {secs} {ratio} {rec:>8}  {r.note}"
+    return f"{r.name:<46} {n:>5} {secs} {ratio} {rec:>8}  {r.note}"
 
 
-HEADER = f"{'row':<38} {'N':>5} {'seconds':>9} {'x lat':>7} {'recorded':>8}  note"
+HEADER = f"{'row':<46} {'N':>5} {'seconds':>9} {'x lat':>7} {'recorded':>8}  note"
 
 
 async def create_bucket(endpoint: str, prefix: str) -> str:
@@ -122,13 +130,63 @@ def server_note(llm: Any) -> str:
     return f"LLM {s['total_requests']} requests, max {s['max_in_flight']} in flight"
 
 
+def machine_cpu_seconds() -> Optional[tuple[float, float]]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores (Linux /proc/stat;
+    else None). Busy is all but idle and iowait."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user .. steal
+    except (OSError, ValueError):
+        return None
+    per_s = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / per_s, sum(ticks) / per_s
+
+
+def cpu_note(before: Optional[tuple[float, float]], after: Optional[tuple[float, float]]) -> str:
+    if before is None or after is None or after[1] <= before[1]:
+        return ""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return (f"; machine CPU busy {busy / total:.0%} during the call ({busy:.2f} of "
+            f"{total:.2f} core-s, every process: flow, parser workers, servers)")
+
+
+def local_folder_invoices(n: int) -> tuple[str, str, Any]:
+    """The N invoices in a temporary folder (as uploaded to S3); returns (source, output,
+    the TemporaryDirectory to clean up)."""
+    tmp = tempfile.TemporaryDirectory(prefix="llm-latency-")
+    pdfs = ml.invoice_pdfs()
+    for i, key in enumerate(ml.invoice_keys(n)):
+        path = os.path.join(tmp.name, ml.INPUT_PREFIX, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(pdfs[i % len(pdfs)])
+    return os.path.join(tmp.name, ml.INPUT_PREFIX), os.path.join(tmp.name, ml.OUTPUT_PREFIX), tmp
+
+
 async def run_flow_row(name: str, endpoint: str, bucket: str, llm: Any, n: int,
-                       output_prefix: str) -> tuple[Row, Row]:
-    """The flow once: a row for the time inside it and one for the wall time around the call."""
+                       output_prefix: str, local: bool = False) -> tuple[Row, Row]:
+    """The flow once: a row for the time inside it and one for the wall time around the call.
+    `local`: invoices, results and manifest in a local folder instead of moto S3."""
     llm.reset_stats()
-    with ml.flow_environment(endpoint, llm.base_url):
-        run = await ml.run_flow(bucket, n, output_prefix)
-    recorded, outcomes = await recorded_in(endpoint, bucket, f"{output_prefix}/{ml.MANIFEST_KEY}", n)
+    source = output = tmp = None
+    if local:
+        source, output, tmp = local_folder_invoices(n)
+    try:
+        with ml.flow_environment(endpoint, llm.base_url):
+            cpu_before = machine_cpu_seconds()
+            run = await ml.run_flow(bucket, n, output_prefix, source=source, output=output)
+            cpu_after = machine_cpu_seconds()
+        if output is not None:
+            with open(os.path.join(output, ml.MANIFEST_KEY)) as f:
+                manifest = json.load(f)
+            recorded, outcomes = ml.count_entries(manifest, ml.invoice_keys(n)), ml.manifest_outcomes(manifest)
+        else:
+            recorded, outcomes = await recorded_in(
+                endpoint, bucket, f"{output_prefix}/{ml.MANIFEST_KEY}", n
+            )
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     counts = ", ".join(f"{v} {k}" for k, v in outcomes.items()) or "no entries"
     stats = llm.stats()
     requests = f"LLM {stats['total_requests']} requests ({stats['outcomes'].get('rate_limit', 0)} x 429)"
@@ -139,7 +197,7 @@ async def run_flow_row(name: str, endpoint: str, bucket: str, llm: Any, n: int,
         + (f"; {run.message}" if run.state != "COMPLETED" else ""),
     )
     wall = Row(f"{name}: wall (around the call)", n, run.wall_s, None,
-               "includes flow-run creation and result retrieval")
+               "includes flow-run creation and result retrieval" + cpu_note(cpu_before, cpu_after))
     return inside, wall
 
 
@@ -223,6 +281,9 @@ async def main_async(args: argparse.Namespace) -> int:
             rows.append(await sequential_sample(min(args.sequential_sample, n), n, fixed, texts))
         rows.append(await asyncio_baseline(n, endpoint, fixed, texts))
         rows += [inside, wall, start]
+        if args.local_store:
+            rows += await run_flow_row("flow, local folder", endpoint, bucket, fixed, n,
+                                       ml.OUTPUT_PREFIX, local=True)
 
         if not args.no_faults:
             f_inside, f_wall = await run_flow_row(
@@ -272,6 +333,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     # Seed 0 happens to draw only 5 faults in its first 100 draws; seed 1 draws 11.
     p.add_argument("--seed", type=int, default=1, help="fault and latency seed of the faults run (default 1)")
     p.add_argument("--no-faults", action="store_true", help="skip the log-normal + 429 flow run")
+    p.add_argument("--local-store", action="store_true",
+                   help="also run the flow with invoices, results and manifest in a local folder "
+                        "(the quick start's store) instead of moto S3")
     p.add_argument("--keep-home", action="store_true", help="keep the temporary PREFECT_HOME (server log)")
     return p.parse_args(argv)
 

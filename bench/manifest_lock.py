@@ -586,16 +586,20 @@ class FlowRun:
     retries_503: int = 0  # the Prefect client's retries after a 503 (about 2 s each)
 
 
-async def run_flow(bucket: str, n: int, output_prefix: str = OUTPUT_PREFIX) -> FlowRun:
-    """One process-invoices run over s3://bucket/in -> s3://bucket/<output_prefix>, all N in flight."""
+async def run_flow(
+    bucket: str, n: int, output_prefix: str = OUTPUT_PREFIX, *,
+    source: Optional[str] = None, output: Optional[str] = None,
+) -> FlowRun:
+    """One process-invoices run over s3://bucket/in -> s3://bucket/<output_prefix> (or
+    `source` -> `output`: folders, say), all N in flight."""
     from flows.process_invoices import process_invoices
     from tasks.report import RunSummary
 
     with count_prefect_retries() as retries:
         t0 = time.perf_counter()
         state = await process_invoices(
-            source=f"s3://{bucket}/{INPUT_PREFIX}",
-            output=f"s3://{bucket}/{output_prefix}",
+            source=source or f"s3://{bucket}/{INPUT_PREFIX}",
+            output=output or f"s3://{bucket}/{output_prefix}",
             extractor="openai",
             max_concurrency=n,
             return_state=True,
