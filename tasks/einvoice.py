@@ -5,10 +5,9 @@ file (UN/CEFACT CII `CrossIndustryInvoice`; some senders embed UBL 2.1 `Invoice`
 The XML is what the seller's system actually issued, so the pipeline prefers it over anything
 read from the page and keeps the text extraction only as a cross-check (`cross_check`).
 
-The XML comes from whoever sent the PDF, so it is parsed as hostile input: size-capped, and any
-document type declaration is refused outright (e-invoices never carry one). That rules out
-entity expansion (billion laughs), external entities and DTD fetches by construction, and the
-parser is configured so that none of them could happen even if the pre-scan missed one.
+Finding the XML in a PDF and parsing it as the hostile input it is are `tasks.embedded_xml`'s
+(the parser's workers need them and nothing else of this module); this module reads the
+invoice out of the parsed XML, builds such XML, and cross-checks it against the page.
 
 Sign convention: credit notes come back with negative amounts, quantities, subtotal, tax and
 total (unit prices stay positive), so lines still sum to the subtotal and subtotal + tax = total,
@@ -19,136 +18,54 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from tasks.embedded_xml import (
+    CII_NS,
+    DEFAULT_MAX_BYTES,
+    KNOWN_ROOTS,
+    UBL_CREDIT_NOTE_ROOT,
+    embedded_files,
+    parse_xml,
+)
 from tasks.errors import InvoiceFailure
 from tasks.extract import Extraction, Extractor, OfflineExtractor
 from tasks.invoice import Invoice, LineItem
 from tasks.parse import ParsedDocument
 
-if TYPE_CHECKING:
-    import pymupdf
-
 __all__ = [
-    "DEFAULT_MAX_BYTES",
-    "EmbeddedXml",
     "attach_einvoice",
     "build_cii_xml",
     "cross_check",
-    "find_embedded_einvoice",
     "parse_einvoice",
 ]
 
-# Real e-invoices are tens of KiB; even thousands of lines stay well under a few MiB.
-DEFAULT_MAX_BYTES = 5 * 1024 * 1024
-
-# Names the standards prescribe for the embedded file, in order of preference (compared
-# case-insensitively, so ZUGFeRD's "ZUGFeRD-invoice.xml" matches too). Order-X ("order-x.xml")
-# is a purchase order, not an invoice, and is deliberately absent.
-STANDARD_NAMES = ("factur-x.xml", "zugferd-invoice.xml", "xrechnung.xml")
-
-_RSM = "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"
+_RSM = CII_NS
 _RAM = "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100"
 _UDT = "urn:un:unece:uncefact:data:standard:UnqualifiedDataType:100"
 _QDT = "urn:un:unece:uncefact:data:standard:QualifiedDataType:100"
-_UBL_INVOICE = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
-_UBL_CREDIT_NOTE = "urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2"
 _CAC = "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2"
 _CBC = "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2"
 
 # Prefixes used only in this module's own paths; documents may use any prefix (or none).
 _NS = {"rsm": _RSM, "ram": _RAM, "udt": _UDT, "cac": _CAC, "cbc": _CBC}
 
-_CII_ROOT = f"{{{_RSM}}}CrossIndustryInvoice"
-_UBL_INVOICE_ROOT = f"{{{_UBL_INVOICE}}}Invoice"
-_UBL_CREDIT_NOTE_ROOT = f"{{{_UBL_CREDIT_NOTE}}}CreditNote"
-_KNOWN_ROOTS = {_CII_ROOT: "cii", _UBL_INVOICE_ROOT: "ubl", _UBL_CREDIT_NOTE_ROOT: "ubl"}
-
 # UNTDID 1001 document types that are credit notes (EN 16931 code list); 381 is the usual one.
 _CREDIT_NOTE_TYPES = frozenset(
     {"81", "83", "261", "262", "296", "308", "381", "396", "420", "458", "532"}
 )
 
-# Markup declarations only exist inside a DOCTYPE; seeing any of them is reason enough to refuse.
-_DECLARATION = re.compile(rb"<!\s*(?:DOCTYPE|ENTITY|ELEMENT|ATTLIST|NOTATION)", re.IGNORECASE)
 # xsd:decimal: no exponent, no NaN/Infinity (Decimal() would accept all of those).
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:Z|[+-]\d{2}:\d{2})?")
 _CII_DATE = re.compile(r"(\d{4})(\d{2})(\d{2})")
 _VAT_ID = re.compile(r"[A-Z]{2}[0-9A-Z+*.]{2,13}")
 
-# Each candidate attachment is inflated and parsed; a PDF with thousands of small bombs named
-# *.xml should cost a bounded amount of work, not thousands of 5 MB parses.
-_MAX_CANDIDATES = 16
-
 _CENT = Decimal("0.01")
 _CROSS_CHECK_TOLERANCE = Decimal("0.01")
-
-
-@dataclass(frozen=True)
-class EmbeddedXml:
-    """An e-invoice found in a PDF: the attachment's name (for the record) and its bytes."""
-
-    name: str
-    data: bytes
-
-
-# --------------------------------------------------------------------------------------------
-# Safe XML parsing
-# --------------------------------------------------------------------------------------------
-
-
-def _new_parser() -> etree.XMLParser:
-    """A parser that can neither expand entities nor touch the file system or network.
-
-    One per call: lxml serialises concurrent use of a shared parser instance.
-    """
-    return etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        remove_comments=True,
-    )
-
-
-def _parse_xml(data: bytes, max_bytes: int) -> etree._Element:
-    """The root element of `data`, refusing anything an e-invoice never needs (a DTD).
-
-    Three layers, so no single oversight can let an entity through: a byte scan before lxml
-    sees the document (also with NULs dropped, which catches UTF-16/32 encodings), a parser that
-    resolves nothing and fetches nothing, and a check of what the parser recorded.
-    """
-    if len(data) > max_bytes:
-        raise InvoiceFailure(
-            "einvoice_unsafe", f"the XML is {len(data)} bytes, over the {max_bytes}-byte limit"
-        )
-    for view in (data, data.replace(b"\x00", b"")):
-        if _DECLARATION.search(view):
-            raise InvoiceFailure(
-                "einvoice_unsafe", "the XML carries a DOCTYPE or markup declarations; refused"
-            )
-    try:
-        root = etree.fromstring(data, _new_parser())
-    except (etree.XMLSyntaxError, ValueError) as exc:
-        raise InvoiceFailure("einvoice_invalid", f"the XML is not well-formed: {exc}") from None
-    docinfo = root.getroottree().docinfo
-    if (
-        docinfo.doctype
-        or docinfo.internalDTD is not None
-        or docinfo.externalDTD is not None
-        or docinfo.system_url
-        or docinfo.public_id
-        or next(root.iter(etree.Entity), None) is not None
-    ):
-        raise InvoiceFailure("einvoice_unsafe", "the XML carries a DTD or entities; refused")
-    return root
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,8 +196,8 @@ def parse_einvoice(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Invoic
     is not an invoice, or values that are not numbers / dates. Missing fields are None: the
     invoice checks downstream judge completeness, as for any other extraction.
     """
-    root = _parse_xml(bytes(data), max_bytes)
-    kind = _KNOWN_ROOTS.get(root.tag)
+    root = parse_xml(bytes(data), max_bytes)
+    kind = KNOWN_ROOTS.get(root.tag)
     if kind == "cii":
         return _parse_cii(root)
     if kind == "ubl":
@@ -362,7 +279,7 @@ def _parse_cii(root: etree._Element) -> Invoice:
 
 
 def _parse_ubl(root: etree._Element) -> Invoice:
-    is_credit_note = root.tag == _UBL_CREDIT_NOTE_ROOT
+    is_credit_note = root.tag == UBL_CREDIT_NOTE_ROOT
     type_code = _first_text(root, "cbc:CreditNoteTypeCode", "cbc:InvoiceTypeCode")
     # A CreditNote states positive amounts that mean money going back to the buyer.
     credit = is_credit_note or type_code in _CREDIT_NOTE_TYPES
@@ -426,93 +343,6 @@ def _parse_ubl(root: etree._Element) -> Invoice:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Finding the XML in a PDF
-# --------------------------------------------------------------------------------------------
-
-
-def find_embedded_einvoice(
-    doc: pymupdf.Document, *, max_bytes: int = DEFAULT_MAX_BYTES
-) -> EmbeddedXml | None:
-    """The PDF's embedded e-invoice, or None when there is none worth parsing.
-
-    Standard names win over other `.xml` attachments, which are taken only if their root is a
-    CII or UBL invoice. Attachments are sender-controlled, so anything odd (over-size, a
-    compression bomb behind a false declared size, unsafe or malformed XML, an unreadable
-    stream) is skipped rather than raised: the text extraction still handles the invoice.
-    """
-    try:
-        names = doc.embfile_names() if doc.embfile_count() else []
-    except Exception:  # not a PDF, damaged name tree: no attachments we can trust
-        return None
-    candidates: list[tuple[int, int, str]] = []
-    for index, name in enumerate(names):
-        try:
-            info = doc.embfile_info(index)
-        except Exception:
-            continue
-        rank = _attachment_rank(name, info.get("filename"), info.get("ufilename"))
-        if rank is not None:
-            candidates.append((rank, index, name))
-    for _rank, index, name in sorted(candidates)[:_MAX_CANDIDATES]:
-        try:
-            data = _read_attachment(doc, index, max_bytes)
-            if data is None or _parse_xml(data, max_bytes).tag not in _KNOWN_ROOTS:
-                continue
-        except Exception:  # InvoiceFailure (unsafe/malformed) or a MuPDF error: not this one
-            continue
-        return EmbeddedXml(name=name, data=data)
-    return None
-
-
-def _attachment_rank(*names: object) -> int | None:
-    """0.. for the standard names in preference order, after them any `.xml`, else None."""
-    basenames = {
-        re.split(r"[\\/]", name.strip())[-1].lower() for name in names if isinstance(name, str)
-    }
-    for rank, standard in enumerate(STANDARD_NAMES):
-        if standard in basenames:
-            return rank
-    if any(name.endswith(".xml") for name in basenames):
-        return len(STANDARD_NAMES)
-    return None
-
-
-def _read_attachment(doc: pymupdf.Document, index: int, max_bytes: int) -> bytes | None:
-    """The attachment's bytes if its decoded size is within `max_bytes`.
-
-    The size a PDF declares for an attachment is just another sender-controlled number, and
-    `embfile_get` inflates the whole stream, so the decoded size is measured first by reading
-    (and discarding) at most `max_bytes + 1` bytes: a small flate bomb stays small.
-    """
-    import pymupdf
-
-    mupdf = pymupdf.mupdf
-    filespec = mupdf.pdf_array_get(_embedded_files(doc), 2 * index + 1)
-    stream = mupdf.pdf_dict_gets(mupdf.pdf_dict_gets(filespec, "EF"), "F")
-    if not mupdf.pdf_is_stream(stream):
-        return None
-    if mupdf.fz_skip(mupdf.pdf_open_stream(stream), max_bytes + 1) > max_bytes:
-        return None
-    data = doc.embfile_get(index)
-    return data if len(data) <= max_bytes else None
-
-
-def _embedded_files(doc: pymupdf.Document) -> pymupdf.mupdf.PdfObj:
-    """The catalog's flat /EmbeddedFiles name array (name, filespec, ...), as PyMuPDF reads it.
-
-    PyMuPDF has no call for a bounded read or for /AF, so those go through its MuPDF bindings;
-    the indices match `embfile_names()` because both walk this same array.
-    """
-    import pymupdf
-
-    mupdf = pymupdf.mupdf
-    names = mupdf.pdf_trailer(mupdf.pdf_document_from_fz_document(doc.this))
-    for key in ("Root", "Names", "EmbeddedFiles", "Names"):
-        names = mupdf.pdf_dict_gets(names, key)
-    return names
-
-
 def attach_einvoice(pdf: bytes, xml: bytes, name: str = "factur-x.xml") -> bytes:
     """`pdf` with `xml` embedded the way Factur-X readers look for it.
 
@@ -531,7 +361,7 @@ def attach_einvoice(pdf: bytes, xml: bytes, name: str = "factur-x.xml") -> bytes
         doc.xref_set_key(stream_xref, "Subtype", "/text#2Fxml")
 
         pdf_doc = mupdf.pdf_document_from_fz_document(doc.this)
-        names = _embedded_files(doc)
+        names = embedded_files(doc)
         position = 2 * doc.embfile_names().index(name) + 1
         filespec = mupdf.pdf_array_get(names, position)
         mupdf.pdf_dict_puts(filespec, "AFRelationship", mupdf.pdf_new_name("Data"))

@@ -31,7 +31,7 @@ from tasks.priority import lower_priority, lowered
 if TYPE_CHECKING:
     import pymupdf
 
-    from tasks.einvoice import EmbeddedXml
+    from tasks.embedded_xml import EmbeddedXml
 
 
 class Word(NamedTuple):
@@ -195,7 +195,7 @@ def parse_pdf_bytes(data: bytes, *, max_pages: int | None = None) -> ParsedDocum
             ) from None
         # Repair can also happen lazily, when a page's objects are first loaded.
         _refuse_repaired(doc, size)
-        from tasks.einvoice import find_embedded_einvoice
+        from tasks.embedded_xml import find_embedded_einvoice
 
         einvoice = find_embedded_einvoice(doc)
 
@@ -334,7 +334,7 @@ def _init_worker(niceness: int) -> None:
     lower_priority(niceness)
     import pymupdf as _pymupdf
 
-    import tasks.einvoice  # noqa: F401
+    import tasks.embedded_xml  # noqa: F401
 
     _pymupdf.TOOLS.mupdf_display_errors(False)
 
@@ -354,12 +354,14 @@ def _process_context() -> multiprocessing.context.BaseContext:
     # preloaded 0.02-0.03 s after the first. Pools are rebuilt after a timeout or crash, so
     # forkserver with preload. The preload list is process-wide and only takes effect if the
     # forkserver has not started yet; preloading pymupdf is harmless for any other user, and
-    # any other user's processes are batch work too. tasks.einvoice (which every parse
-    # uses to look for an e-invoice attachment) costs ~0.5 s to import, mostly the offline
-    # extractor's regexes: imported once in the forkserver instead of in every new worker,
-    # the first parses of a run came back 0.5 s sooner (bench/manifest_lock.py, N = 100).
+    # any other user's processes are batch work too. What a parse imports (this module,
+    # tasks.embedded_xml to look for an e-invoice attachment) is imported once in the
+    # forkserver, not in every new worker. Not tasks.einvoice: with the offline extractor
+    # and the invoice models it cost ~0.25 s more, and each run's first parse waits for the
+    # forkserver's start (0.43 s, now 0.20 s, until both workers answer; measured).
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tasks.forkserver_preload", "pymupdf", "tasks.einvoice"])
+    ctx.set_forkserver_preload(["tasks.forkserver_preload", "pymupdf", "tasks.parse",
+                               "tasks.embedded_xml"])
     return ctx
 
 

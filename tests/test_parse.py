@@ -12,8 +12,11 @@ import os
 import pickle
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pymupdf
 import pytest
@@ -371,6 +374,27 @@ def test_sorted_text_is_pymupdfs_reading_order_text_on_every_layout():
                 assert sorted_text(words) == page.get_text("text", sort=True)
                 pages += 1
     assert pages >= 2 * len(LAYOUTS)
+
+
+def test_parsing_needs_neither_the_invoice_models_nor_the_extractors(tmp_path):
+    """What the parser's forkserver preloads (tasks.parse, tasks.embedded_xml) is all a parse
+    imports, also of a PDF with an e-invoice: importing the extractors there doubled the
+    forkserver's start, which every run's first parse waits for."""
+    from tasks.einvoice import attach_einvoice, build_cii_xml
+    from tasks.samples import make_invoice
+
+    pdf, truth = make_invoice(5)
+    path = tmp_path / "factur-x.pdf"
+    path.write_bytes(attach_einvoice(pdf, build_cii_xml(truth)))
+    code = (
+        "import sys, tasks.parse, tasks.embedded_xml\n"
+        f"doc = tasks.parse.parse_pdf_bytes(open({str(path)!r}, 'rb').read())\n"
+        "assert doc.einvoice is not None\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tasks.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    assert {"tasks.einvoice", "tasks.extract", "tasks.invoice"}.isdisjoint(eval(out)), out
 
 
 def test_an_embedded_e_invoice_travels_with_the_parsed_document():
