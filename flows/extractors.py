@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -42,9 +43,17 @@ async def build_extractor(
     in_flight, rate_burst = await ensure_llm_limits(update_existing=False)
     capacity = min(max_in_flight, in_flight, rate_burst)
     async with LLMSlots(capacity, lease_seconds=slot_lease_seconds) as slots:
-        await slots.open()
-        # Built in a worker thread: the client's TLS context loads the CA bundle, ~0.1 s that
-        # would otherwise hold the event loop (loading it releases the GIL; measured).
-        client = await asyncio.to_thread(OpenAIExtractor, settings, call_guard=slots.call)
-        async with client as extractor:
+        # Built in a worker thread, while the slots are taken: the client's TLS context loads
+        # the CA bundle, 0.03-0.1 s that would otherwise hold the event loop (loading it
+        # releases the GIL; measured) and that came after the slots in every run's set-up.
+        building = asyncio.create_task(
+            asyncio.to_thread(OpenAIExtractor, settings, call_guard=slots.call)
+        )
+        try:
+            await slots.open()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await (await building).aclose()
+            raise
+        async with await building as extractor:
             yield EmbeddedFirstExtractor(extractor)
