@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import httpx
+
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.concurrency.services import (
@@ -61,6 +63,41 @@ async def test_a_run_that_cannot_get_slots_fails_its_calls_with_a_reason():
                     async with starved.call():
                         pass
         assert caught.value.code == "llm_slot_timeout"
+    finally:
+        await ensure_llm_limits()
+
+
+async def test_a_run_alone_on_the_rate_limit_is_never_refused_a_block(monkeypatch):
+    """On Prefect 3.8.8 a refused slot request resets the rate limit's decay clock, so each
+    block after the first is asked for only once its slots have decayed: a run alone on the
+    limit then gets every block at the first request (no 423)."""
+    from prefect.client.orchestration._concurrency_limits.client import (
+        ConcurrencyLimitAsyncClient,
+    )
+
+    refused: list[int] = []
+    real_increment = ConcurrencyLimitAsyncClient.increment_concurrency_slots
+
+    async def increment(self, *args, **kwargs):
+        try:
+            return await real_increment(self, *args, **kwargs)
+        except httpx.HTTPStatusError as exc:
+            refused.append(exc.response.status_code)
+            raise
+
+    monkeypatch.setattr(ConcurrencyLimitAsyncClient, "increment_concurrency_slots", increment)
+    # Blocks of 4 slots, refilled at 20/s: 0.2 s per block.
+    await ensure_llm_limits(max_in_flight=4, requests_per_minute=20 * 60)
+    try:
+        async with LLMSlots(4, timeout=60) as slots:
+            await slots.open()
+
+            async def call() -> None:
+                async with slots.call():
+                    pass
+
+            await asyncio.gather(*(call() for _ in range(12)))  # three blocks
+        assert refused == []
     finally:
         await ensure_llm_limits()
 
