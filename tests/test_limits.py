@@ -70,7 +70,8 @@ async def test_a_run_that_cannot_get_slots_fails_its_calls_with_a_reason():
 async def test_a_run_alone_on_the_rate_limit_is_never_refused_a_block(monkeypatch):
     """On Prefect 3.8.8 a refused slot request resets the rate limit's decay clock, so each
     block after the first is asked for only once its slots have decayed: a run alone on the
-    limit then gets every block at the first request (no 423)."""
+    limit then gets every later block at the first request (no 423). (The first may wait
+    for slots earlier tests left.)"""
     from prefect.client.orchestration._concurrency_limits.client import (
         ConcurrencyLimitAsyncClient,
     )
@@ -85,12 +86,14 @@ async def test_a_run_alone_on_the_rate_limit_is_never_refused_a_block(monkeypatc
             refused.append(exc.response.status_code)
             raise
 
-    monkeypatch.setattr(ConcurrencyLimitAsyncClient, "increment_concurrency_slots", increment)
     # Blocks of 4 slots, refilled at 20/s: 0.2 s per block.
     await ensure_llm_limits(max_in_flight=4, requests_per_minute=20 * 60)
     try:
         async with LLMSlots(4, timeout=60) as slots:
             await slots.open()
+            monkeypatch.setattr(
+                ConcurrencyLimitAsyncClient, "increment_concurrency_slots", increment
+            )
 
             async def call() -> None:
                 async with slots.call():
