@@ -284,7 +284,13 @@ class LLMSlots:
 
     async def _rate_decay_per_second(self) -> float:
         if self._decay_per_second is None:
-            async with get_client() as client:
-                limit = await client.read_global_concurrency_limit_by_name(LLM_RATE_LIMIT)
+            try:
+                async with get_client() as client:
+                    limit = await client.read_global_concurrency_limit_by_name(LLM_RATE_LIMIT)
+            except (httpx.HTTPError, ObjectNotFound, OSError, RuntimeError) as exc:
+                # Pacing only saves time; unpaced, Prefect's retries still keep the limit.
+                logger.warning("cannot read the %r limit (%r); this refill is not paced",
+                               LLM_RATE_LIMIT, exc)
+                return 0.0
             self._decay_per_second = limit.slot_decay_per_second or 0.0
         return self._decay_per_second

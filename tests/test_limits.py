@@ -105,6 +105,33 @@ async def test_a_run_alone_on_the_rate_limit_is_never_refused_a_block(monkeypatc
         await ensure_llm_limits()
 
 
+async def test_refills_go_on_unpaced_when_the_rate_limit_cannot_be_read(monkeypatch, caplog):
+    from prefect.client.orchestration._concurrency_limits.client import (
+        ConcurrencyLimitAsyncClient,
+    )
+
+    async def unreadable(self, name):
+        raise httpx.ConnectError("the server is gone")
+
+    await ensure_llm_limits(max_in_flight=4, requests_per_minute=20 * 60)
+    try:
+        async with LLMSlots(4, timeout=60) as slots:
+            await slots.open()
+            monkeypatch.setattr(
+                ConcurrencyLimitAsyncClient, "read_global_concurrency_limit_by_name", unreadable
+            )
+
+            async def call() -> None:
+                async with slots.call():
+                    pass
+
+            await asyncio.gather(*(call() for _ in range(8)))  # a second block, unpaced
+        assert "this refill is not paced" in caplog.text
+    finally:
+        monkeypatch.undo()
+        await ensure_llm_limits()
+
+
 async def test_open_starts_prefects_slot_services_off_the_event_loop(monkeypatch):
     """Prefect starts a slot service by blocking the calling thread until its own loop has
     started it; `open()` must do that from a worker thread, never from the event loop."""
