@@ -67,11 +67,35 @@ async def test_a_run_that_cannot_get_slots_fails_its_calls_with_a_reason():
         await ensure_llm_limits()
 
 
+async def calls_on_a_small_rate_limit(monkeypatch, calls: int, **client_methods) -> None:
+    """`calls` LLM calls through one run's `LLMSlots(4)`, on a rate limit of 4 slots refilled
+    at 20/s (0.2 s per block). `client_methods` replace methods of Prefect's concurrency-limit
+    client once the first block is taken (that one may wait for slots earlier tests left)."""
+    from prefect.client.orchestration._concurrency_limits.client import (
+        ConcurrencyLimitAsyncClient,
+    )
+
+    await ensure_llm_limits(max_in_flight=4, requests_per_minute=20 * 60)
+    try:
+        async with LLMSlots(4, timeout=60) as slots:
+            await slots.open()
+            with monkeypatch.context() as patched:
+                for name, method in client_methods.items():
+                    patched.setattr(ConcurrencyLimitAsyncClient, name, method)
+
+                async def call() -> None:
+                    async with slots.call():
+                        pass
+
+                await asyncio.gather(*(call() for _ in range(calls)))
+    finally:
+        await ensure_llm_limits()
+
+
 async def test_a_run_alone_on_the_rate_limit_is_never_refused_a_block(monkeypatch):
     """On Prefect 3.8.8 a refused slot request resets the rate limit's decay clock, so each
     block after the first is asked for only once its slots have decayed: a run alone on the
-    limit then gets every later block at the first request (no 423). (The first may wait
-    for slots earlier tests left.)"""
+    limit then gets every later block at the first request (no 423)."""
     from prefect.client.orchestration._concurrency_limits.client import (
         ConcurrencyLimitAsyncClient,
     )
@@ -86,50 +110,19 @@ async def test_a_run_alone_on_the_rate_limit_is_never_refused_a_block(monkeypatc
             refused.append(exc.response.status_code)
             raise
 
-    # Blocks of 4 slots, refilled at 20/s: 0.2 s per block.
-    await ensure_llm_limits(max_in_flight=4, requests_per_minute=20 * 60)
-    try:
-        async with LLMSlots(4, timeout=60) as slots:
-            await slots.open()
-            monkeypatch.setattr(
-                ConcurrencyLimitAsyncClient, "increment_concurrency_slots", increment
-            )
-
-            async def call() -> None:
-                async with slots.call():
-                    pass
-
-            await asyncio.gather(*(call() for _ in range(12)))  # three blocks
-        assert refused == []
-    finally:
-        await ensure_llm_limits()
+    await calls_on_a_small_rate_limit(monkeypatch, 12, increment_concurrency_slots=increment)
+    assert refused == []  # three blocks, each granted at the first request
 
 
 async def test_refills_go_on_unpaced_when_the_rate_limit_cannot_be_read(monkeypatch, caplog):
-    from prefect.client.orchestration._concurrency_limits.client import (
-        ConcurrencyLimitAsyncClient,
-    )
-
     async def unreadable(self, name):
         raise httpx.ConnectError("the server is gone")
 
-    await ensure_llm_limits(max_in_flight=4, requests_per_minute=20 * 60)
-    try:
-        async with LLMSlots(4, timeout=60) as slots:
-            await slots.open()
-            monkeypatch.setattr(
-                ConcurrencyLimitAsyncClient, "read_global_concurrency_limit_by_name", unreadable
-            )
-
-            async def call() -> None:
-                async with slots.call():
-                    pass
-
-            await asyncio.gather(*(call() for _ in range(8)))  # a second block, unpaced
-        assert "this refill is not paced" in caplog.text
-    finally:
-        monkeypatch.undo()
-        await ensure_llm_limits()
+    # A second block, asked for without pacing: the calls still go through.
+    await calls_on_a_small_rate_limit(
+        monkeypatch, 8, read_global_concurrency_limit_by_name=unreadable
+    )
+    assert "this refill is not paced" in caplog.text
 
 
 async def test_open_starts_prefects_slot_services_off_the_event_loop(monkeypatch):
