@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -145,3 +147,13 @@ async def test_an_embedded_e_invoice_is_the_result_and_the_page_cross_checks_it(
     bad = manifest.entries["tampered.pdf"]
     assert bad.status == "needs_review"
     assert any(r.startswith("einvoice_mismatch: total") for r in bad.reasons), bad.reasons
+
+
+def test_importing_the_flow_leaves_prefect_aws_out():
+    """Every deployment run imports the flow in a fresh process: prefect_aws (with its ECS
+    worker, 0.25-0.45 s) is imported only by a run that names an AwsCredentials block
+    (tests/test_deployments.py runs one)."""
+    code = "import sys, flows.process_invoices\nprint('prefect_aws' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    assert out.strip() == "False", out
