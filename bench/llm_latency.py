@@ -22,9 +22,17 @@ share the flow's process and GIL). Rows:
   project's flow unmodified. ``inside`` is the flow's own ``summary.seconds``;
   ``wall`` is timed around the flow call (flow-run creation and the client's
   first contact with the server included). ``process start`` is the time
-  from the start of this script to that first flow call (bench setup, the
+  from the start of this script to the first flow call (bench setup, the
   Prefect server's start, importing the flow), reported apart; the age of
   the interpreter when the script started is added to its note.
+- ``flow, warm-up (1st call)``: the same flow run once before ``flow`` (output
+  ``out-warm-up/``), as the first flow call in this process. It pays one-time costs that
+  the baseline's timing does not include either: importing what Prefect's engine loads on
+  its first run, the server's first queries of each kind, botocore's models, the parse
+  pool's forkserver. A deployment run, a fresh process, pays about this. Then the bench
+  waits for the ``llm-rate`` limit to refill (burst / decay), so that ``flow`` starts with
+  the limit as the warm-up found it. ``--no-warm-up`` leaves it out: ``flow`` is then the
+  first call.
 - ``flow, local folder`` (``--local-store``): the same flow with the invoices, results and
   manifest in a temporary folder (the quick start's store) instead of moto, so the
   S3 double's cost (moto handles requests one at a time in one Python process, ~3 ms of
@@ -38,9 +46,9 @@ share the flow's process and GIL). Rows:
 
 ``x lat`` is each row's time over one latency. A flow's ``wall`` row also
 gives how busy the machine's CPUs were during the call (/proc/stat: every
-process, the servers included). Order: bench setup, Prefect server, flow, then
-the baseline rows (the Prefect server idles meanwhile), then the local-folder
-run, then the faults run.
+process, the servers included). Order: bench setup, Prefect server, the warm-up flow
+run, flow, then the baseline rows (the Prefect server idles meanwhile), then the
+local-folder run, then the faults run.
 
 The flow's LLM calls take Prefect concurrency slots (``llm-in-flight``,
 ``llm-rate``). ``--llm-limits keep`` (default) leaves them as the flow
@@ -72,6 +80,7 @@ from typing import Any, Optional  # noqa: E402
 import manifest_lock as ml  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 FAULTS_OUTPUT_PREFIX = "out-faults"
+WARM_UP_OUTPUT_PREFIX = "out-warm-up"
 FAULT_SIGMA = 0.5
 FAULT_LATENCY_CAP = 5.0
 FAULT_429_RATE = 0.1
@@ -106,10 +115,10 @@ def fmt_row(r: Row, latency: float) -> str:
     secs = f"{r.seconds:9.2f}" if r.seconds is not None else f"{'-':>9}"
     ratio = f"{r.seconds / latency:7.2f}" if r.seconds is not None and r.n else f"{'-':>7}"
     rec = str(r.recorded) if r.recorded is not None else "-"
-    return f"{r.name:<46} {n:>5} {secs} {ratio} {rec:>8}  {r.note}"
+    return f"{r.name:<50} {n:>5} {secs} {ratio} {rec:>8}  {r.note}"
 
 
-HEADER = f"{'row':<46} {'N':>5} {'seconds':>9} {'x lat':>7} {'recorded':>8}  note"
+HEADER = f"{'row':<50} {'N':>5} {'seconds':>9} {'x lat':>7} {'recorded':>8}  note"
 
 
 async def create_bucket(endpoint: str, prefix: str) -> str:
@@ -201,6 +210,17 @@ async def run_flow_row(name: str, endpoint: str, bucket: str, llm: Any, n: int,
     return inside, wall
 
 
+async def rate_refill_seconds() -> float:
+    """How long the `llm-rate` limit takes to refill from empty (burst / decay per second):
+    a run started sooner waits for its first block, which a first run did not."""
+    from prefect.client.orchestration import get_client
+    from tasks.limits import LLM_RATE_LIMIT
+
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(LLM_RATE_LIMIT)
+    return limit.limit / limit.slot_decay_per_second if limit.slot_decay_per_second else 0.0
+
+
 async def asyncio_baseline(n: int, endpoint: str, llm: Any, texts: list[Any]) -> Row:
     from tasks.llm import LLMSettings, OpenAIExtractor
 
@@ -265,6 +285,14 @@ async def main_async(args: argparse.Namespace) -> int:
         t_first_call = time.perf_counter()
 
         rows.append(Row("sequential bound (N x latency)", n, n * latency, None, "computed"))
+        if args.warm_up:
+            cold_inside, cold_wall = await run_flow_row(
+                "flow, warm-up (1st call)", endpoint, bucket, fixed, n, WARM_UP_OUTPUT_PREFIX
+            )
+            refill = await rate_refill_seconds()
+            cold_wall.note += f"; then {refill:.1f} s for the llm-rate limit to refill"
+            rows += [cold_inside, cold_wall]
+            await asyncio.sleep(refill)
         inside, wall = await run_flow_row("flow", endpoint, bucket, fixed, n, ml.OUTPUT_PREFIX)
         interp = f"; the interpreter was {age:.2f} s old at the script's start" if age is not None else ""
         start = Row(
@@ -333,6 +361,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     # Seed 0 happens to draw only 5 faults in its first 100 draws; seed 1 draws 11.
     p.add_argument("--seed", type=int, default=1, help="fault and latency seed of the faults run (default 1)")
     p.add_argument("--no-faults", action="store_true", help="skip the log-normal + 429 flow run")
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="time the flow's first call in this process (no warm-up run before it)")
     p.add_argument("--local-store", action="store_true",
                    help="also run the flow with invoices, results and manifest in a local folder "
                         "(the quick start's store) instead of moto S3")
