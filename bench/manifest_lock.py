@@ -28,19 +28,25 @@ Variants (``--variants``, default all):
 - ``b``  naive Prefect: one ``@flow``; each invoice coroutine awaits
   ``update_manifest_entry(key)``, a ``@task(tags=["manifest"])`` doing the
   read-modify-write, after the ``tag:manifest`` limit (1) has been created.
-- ``c``  this project's flow, unmodified: ``process_invoices(source=
-  "s3://<bucket>/in", output="s3://<bucket>/out", extractor="openai",
-  max_concurrency=N)``. N small invoice PDFs (``make_invoice(seed)`` for 50
-  seeds, reused) are uploaded under ``in/`` before timing; the 0.5 s
+- ``c``  this project's flow: ``process_invoices(source="s3://<bucket>/in",
+  output="s3://<bucket>/out", max_concurrency=N)`` on the same simulated extraction as
+  a/b: its extractor is a ``SimulatedExtractor`` (``EXTRACT_SECONDS`` of waiting in the
+  flow's process, then one valid answer, ``canned_answer``), swapped in by
+  ``simulated_extraction()``; the rest of the flow is untouched. N small invoice PDFs
+  (``make_invoice(seed)`` for 50 seeds, reused) are uploaded under ``in/`` before timing.
+  Beyond a/b, each invoice is also downloaded, parsed by PyMuPDF in a process pool,
+  validated, and its result JSON is written to S3; the manifest is ``out/manifest.json``.
+  ``wall s`` is timed around the flow call; the note gives the flow's own
+  ``summary.seconds`` (time inside the flow), its count of manifest writes and the
+  outcomes.
+- ``c-llm`` the same flow with its real LLM path (``extractor="openai"``): the 0.5 s
   extraction is a ``FakeLLMServer(FakeLLMConfig(latency=0.5))`` (canned answer, see
   ``canned_answer``) started in a child process (``LLMProcess``, as moto: a real model
-  does not share the flow's process) and reached through the real LLM path (``OPENAI_BASE_URL``,
-  the ``openai`` client). Beyond a/b, each invoice is also downloaded,
-  parsed by PyMuPDF in a process pool, validated, and its result JSON is
-  written to S3; the manifest is ``out/manifest.json``. ``wall s`` is timed
-  around the flow call; the note gives the flow's own ``summary.seconds``
-  (time inside the flow), its count of manifest writes, the outcomes and
-  the fake server's peak of requests in flight. ``--llm-limits fit``
+  does not share the flow's process) and reached through ``OPENAI_BASE_URL`` and the
+  ``openai`` client, under the Prefect LLM limits. So beyond ``c`` it pays the
+  requests' CPU (client and fake server: ~2 s of CPU at N=1000, on the same 2 cores).
+  Until 2026-11-24 this row was named ``c``. The note adds the fake server's peak of
+  requests in flight. ``--llm-limits fit``
   (default) first sets the Prefect limits the LLM calls take
   (``llm-in-flight`` = N, ``llm-rate`` burst N, refilled at N/s) so that all
   N extractions can be in flight at once, as in a/b; ``keep`` leaves them as
@@ -50,8 +56,8 @@ Variants (``--variants``, default all):
 Warm and cold: a's timer starts with its S3 client made and its code imported. c's
 first flow call in a process also pays one-time costs: importing what Prefect's engine
 loads on its first run, the server's first queries of each kind, the parse pool's
-forkserver. So before c's first timed row the harness runs c once at the same N and
-prints that run as ``c-cold`` (a deployment run, a fresh process, pays about this); the
+forkserver. So before c's (and c-llm's) first timed row the harness runs it once at the
+same N and prints that run as ``c-cold`` (a deployment run, a fresh process, pays about this); the
 ``c`` rows are then warm, like a. ``--no-warm-up`` leaves the warm-up out, so the
 first ``c`` row is the cold one.
 
@@ -539,8 +545,9 @@ async def upload_invoices(endpoint: str, bucket: str, prefix: str, keys: list[st
 
 
 @contextlib.contextmanager
-def flow_environment(s3_endpoint: str, llm_base_url: str) -> Iterator[None]:
-    """The environment the flow reads its S3 endpoint and LLM from, restored afterwards.
+def flow_environment(s3_endpoint: str, llm_base_url: Optional[str]) -> Iterator[None]:
+    """The environment the flow reads its S3 endpoint and LLM from (no LLM at all when
+    `llm_base_url` is None), restored afterwards.
 
     The API key is a dummy on purpose: a real OPENAI_API_KEY from the caller's
     environment must not be sent to the fake server."""
@@ -549,10 +556,12 @@ def flow_environment(s3_endpoint: str, llm_base_url: str) -> Iterator[None]:
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": REGION,
-        "OPENAI_BASE_URL": llm_base_url,
-        "OPENAI_API_KEY": "bench-unused",
     }
     unset = ["AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "OPENAI_MODEL"]
+    if llm_base_url is None:
+        unset += ["OPENAI_BASE_URL", "OPENAI_API_KEY"]
+    else:
+        values.update(OPENAI_BASE_URL=llm_base_url, OPENAI_API_KEY="bench-unused")
     saved = {k: os.environ.get(k) for k in [*values, *unset]}
     os.environ.update(values)
     for k in unset:
@@ -634,34 +643,86 @@ def manifest_outcomes(manifest: dict[str, Any]) -> dict[str, int]:
 _LLM_LIMITS_MODE = {"mode": "fit"}  # set from --llm-limits
 
 
-async def variant_c(n: int, endpoint: str, bucket: str) -> Result:
+class SimulatedExtractor:
+    """The extraction a/b simulate, as an extractor for the flow: EXTRACT_SECONDS of waiting,
+    then one valid answer (`canned_answer`, as the fake LLM gives). No request, no CPU."""
+
+    name = "simulated"
+
+    def __init__(self) -> None:
+        self._answer = canned_answer()
+
+    async def extract(self, document: Any) -> Any:
+        from tasks.extract import Extraction
+
+        await asyncio.sleep(EXTRACT_SECONDS)
+        return Extraction(invoice=self._answer(document.text), source="llm")
+
+
+@contextlib.contextmanager
+def simulated_extraction() -> Iterator[None]:
+    """The flow, with its extractor (whatever `extractor=` says) replaced by a
+    `SimulatedExtractor`, wrapped like every extractor the flow builds; the rest of the flow
+    is untouched."""
+    from unittest import mock
+
+    import flows.process_invoices
+    from tasks.einvoice import EmbeddedFirstExtractor
+
+    @contextlib.asynccontextmanager
+    async def build_simulated(choice: Any, **_: Any) -> Any:
+        yield EmbeddedFirstExtractor(SimulatedExtractor())
+
+    with mock.patch.object(flows.process_invoices, "build_extractor", build_simulated):
+        yield
+
+
+async def run_c(name: str, n: int, endpoint: str, bucket: str, *, llm: bool) -> Result:
+    """One flow run over N invoices uploaded to the bucket; its extraction is simulated in
+    the flow's process (`llm=False`) or the fake LLM server, reached over HTTP (`llm=True`)."""
     from fake_llm.server import FakeLLMConfig
 
     await upload_invoices(endpoint, bucket, INPUT_PREFIX, invoice_keys(n))
-    limits = await set_llm_limits(_LLM_LIMITS_MODE["mode"], n)
-    with LLMProcess(FakeLLMConfig(latency=EXTRACT_SECONDS)) as llm:
-        with flow_environment(endpoint, llm.base_url):
+    note_llm = ""
+    if llm:
+        limits = await set_llm_limits(_LLM_LIMITS_MODE["mode"], n)
+        with LLMProcess(FakeLLMConfig(latency=EXTRACT_SECONDS)) as server:
+            with flow_environment(endpoint, server.base_url):
+                run = await run_flow(bucket, n)
+            stats = server.stats()
+        note_llm = (f"; LLM {stats['total_requests']} requests, max {stats['max_in_flight']} "
+                    f"in flight; {limits}")
+    else:
+        with flow_environment(endpoint, None), simulated_extraction():
             run = await run_flow(bucket, n)
-        stats = llm.stats()
     async with s3_client(endpoint) as client:
         outcomes = manifest_outcomes(await read_manifest(client, bucket, C_MANIFEST_KEY))
     inside = f"{run.inside_s:.2f} s" if run.inside_s is not None else "n/a"
     note = (
         f"flow {run.state}, inside {inside}, summary.manifest_writes {run.manifest_writes}; "
         + ", ".join(f"{v} {k}" for k, v in outcomes.items())
-        + f"; LLM {stats['total_requests']} requests, max {stats['max_in_flight']} in flight; "
-        f"503 retries {run.retries_503}; {limits}"
+        + f"; 503 retries {run.retries_503}" + note_llm
     )
     if run.state != "COMPLETED":
         note += f"; {run.message}"
-    return Result("c", n, run.wall_s, writes=run.manifest_writes, note=note)
+    return Result(name, n, run.wall_s, writes=run.manifest_writes, note=note)
+
+
+async def variant_c(n: int, endpoint: str, bucket: str) -> Result:
+    return await run_c("c", n, endpoint, bucket, llm=False)
+
+
+async def variant_c_llm(n: int, endpoint: str, bucket: str) -> Result:
+    return await run_c("c-llm", n, endpoint, bucket, llm=True)
 
 
 C_DESCRIPTION = (
-    "c = the process-invoices flow: per invoice, beyond a/b's sleep + manifest entry, it "
-    "downloads the PDF from S3, parses it with PyMuPDF in a process pool, calls the fake "
-    f"LLM over HTTP ({EXTRACT_SECONDS} s), validates the fields and writes a result JSON; "
-    "manifest writes are group commits under tag:manifest. wall s = around the flow call."
+    "c = the process-invoices flow: per invoice, beyond a/b's simulated extraction "
+    f"({EXTRACT_SECONDS} s, in process) and manifest entry, it downloads the PDF from S3, "
+    "parses it with PyMuPDF in a process pool, validates the fields and writes a result JSON; "
+    "manifest writes are group commits under tag:manifest. c-llm = the same flow with the "
+    f"extraction done by the fake LLM server over HTTP ({EXTRACT_SECONDS} s latency). "
+    "wall s = around the flow call."
 )
 
 
@@ -682,6 +743,8 @@ VARIANTS: list[Variant] = [
     Variant("a0", variant_a0),
     Variant("b", variant_b, needs_prefect=True),
     Variant("c", variant_c, needs_prefect=True, manifest_key=C_MANIFEST_KEY, warm_up=True),
+    Variant("c-llm", variant_c_llm, needs_prefect=True, manifest_key=C_MANIFEST_KEY,
+            warm_up=True),
 ]
 
 
@@ -792,7 +855,7 @@ async def drain_prefect_workers() -> None:
 # Harness
 # --------------------------------------------------------------------------
 
-HEADER = f"{'variant':<8} {'N':>6} {'wall s':>8} {'lost':>6} {'writes':>9} {'w/inv':>6}  note"
+HEADER = f"{'variant':<11} {'N':>6} {'wall s':>8} {'lost':>6} {'writes':>9} {'w/inv':>6}  note"
 
 
 def fmt_row(r: Result) -> str:
@@ -805,7 +868,7 @@ def fmt_row(r: Result) -> str:
     else:
         writes = str(r.writes)
     per_invoice = f"{r.writes / r.n:6.3f}" if r.writes is not None and r.n else f"{'-':>6}"
-    return f"{r.variant:<8} {r.n:>6} {wall} {lost} {writes:>9} {per_invoice}  {r.note}"
+    return f"{r.variant:<11} {r.n:>6} {wall} {lost} {writes:>9} {per_invoice}  {r.note}"
 
 
 async def run_one(
@@ -957,7 +1020,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"manifest_lock bench: N={args.n} variants={names} python {platform.python_version()} "
         f"cpus={os.cpu_count()} (shared machine: timings are noisy)"
     )
-    if "c" in names:
+    if {"c", "c-llm"} & set(names):
         print("# " + C_DESCRIPTION)
     return asyncio.run(main_async(args, chosen))
 
