@@ -680,11 +680,11 @@ def simulated_extraction() -> Iterator[None]:
 async def run_c(name: str, n: int, endpoint: str, bucket: str, *, llm: bool) -> Result:
     """One flow run over N invoices uploaded to the bucket; its extraction is simulated in
     the flow's process (`llm=False`) or the fake LLM server, reached over HTTP (`llm=True`)."""
-    from fake_llm.server import FakeLLMConfig
-
     await upload_invoices(endpoint, bucket, INPUT_PREFIX, invoice_keys(n))
     note_llm = ""
     if llm:
+        from fake_llm.server import FakeLLMConfig
+
         limits = await set_llm_limits(_LLM_LIMITS_MODE["mode"], n)
         with LLMProcess(FakeLLMConfig(latency=EXTRACT_SECONDS)) as server:
             with flow_environment(endpoint, server.base_url):
