@@ -11,29 +11,41 @@ Three layers keep updates from being lost (DESIGN.md, "The manifest protocol"):
 
 Merging is idempotent and keyed by invoice key: applying a batch twice changes nothing, and
 a `done` entry for the same content is never downgraded.
+
+The manifest never drops what it holds: it names its format (`format`, `format_version`) and
+anything else is refused rather than overwritten; fields this version does not know are kept;
+an output records one source (`source`), so two sources with the same file names never
+overwrite each other's entries; and a writer that finds the manifest deleted or rolled back to
+an older copy (its `version` went backwards) puts back everything it knew before writing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.errors import ConfigurationError
 from tasks.storage import ObjectNotFound, PreconditionFailed, Store
 
 MANIFEST_KEY = "manifest.json"
 MANIFEST_TAG = "manifest"
+MANIFEST_FORMAT = "invoice-pipeline/manifest"
+MANIFEST_FORMAT_VERSION = 1
 
-Status = Literal["processing", "done", "needs_review", "failed"]
+# `released`: a run claimed the invoice and gave the claim back unfinished (it was stopped);
+# the next run processes it like a new one.
+Status = Literal["processing", "released", "done", "needs_review", "failed"]
 FINAL_STATUSES = ("done", "needs_review", "failed")
 
 logger = logging.getLogger(__name__)
@@ -62,6 +74,9 @@ class InvoiceOutcome(BaseModel):
 
 
 class ManifestEntry(BaseModel):
+    # Fields a newer version (or a person) added are kept through every rewrite.
+    model_config = ConfigDict(extra="allow")
+
     status: Status
     etag: str
     sha256: str | None = None
@@ -78,14 +93,78 @@ class ManifestEntry(BaseModel):
 
 
 class Manifest(BaseModel):
-    # Bumped on every write: identical entries must still produce new bytes (and a new ETag).
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["invoice-pipeline/manifest"] = MANIFEST_FORMAT
+    format_version: int = MANIFEST_FORMAT_VERSION
+    # The source whose invoices this output records; set by the first write.
+    source: str | None = None
+    # Bumped on every write: identical entries must still produce new bytes (and a new ETag);
+    # it never goes back, so a manifest replaced by an older copy is recognised.
     version: int = 0
     updated_at: datetime | None = None
     entries: dict[str, ManifestEntry] = Field(default_factory=dict)
 
-    def is_done(self, key: str, etag: str) -> bool:
-        entry = self.entries.get(key)
-        return entry is not None and entry.status == "done" and entry.etag == etag
+
+class ManifestUnreadable(ConfigurationError):
+    """The object at the manifest's place is not a manifest this version can use."""
+
+
+class SourceMismatch(ConfigurationError):
+    """The output already records another source's invoices."""
+
+
+# What a manifest written before the format was marked has: nothing else.
+_UNMARKED_FIELDS = {"version", "updated_at", "entries"}
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """The manifest in `data`, or `ManifestUnreadable` saying what is wrong and what to do.
+
+    An object that does not name this format is refused, not read as empty, so another
+    tool's `manifest.json` is never overwritten. One written by this project before the
+    format was marked (exactly `version`, `updated_at`, `entries`) is read and marked on
+    the next write."""
+    keep_out = (f"use another output, or move {where} away (the next run then starts a new "
+                "manifest and processes every invoice again)")
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestUnreadable(f"{where} is not JSON ({exc}): {keep_out}") from None
+    if not isinstance(raw, dict):
+        raise ManifestUnreadable(
+            f"{where} is JSON but not an invoice-pipeline manifest (a {type(raw).__name__}, "
+            f"not an object): {keep_out}")
+    marked = raw.get("format")
+    if marked is None:
+        if not ({"version", "entries"} <= raw.keys() <= _UNMARKED_FIELDS):
+            raise ManifestUnreadable(
+                f"{where} is not an invoice-pipeline manifest (no \"format\": "
+                f"\"{MANIFEST_FORMAT}\" in it; it has {_field_list(raw)}): {keep_out}")
+    elif marked != MANIFEST_FORMAT:
+        raise ManifestUnreadable(
+            f"{where} is a {marked!r} document, not an invoice-pipeline manifest: {keep_out}")
+    elif not isinstance(raw.get("format_version"), int) or raw["format_version"] > MANIFEST_FORMAT_VERSION:
+        raise ManifestUnreadable(
+            f"{where} has manifest format version {raw.get('format_version')!r}; this version "
+            f"of invoice-pipeline reads up to {MANIFEST_FORMAT_VERSION}: upgrade it")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()[:3]
+        )
+        more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+        raise ManifestUnreadable(
+            f"{where} is a damaged invoice-pipeline manifest ({problems}{more}): restore it "
+            f"from a backup or an earlier object version, or {keep_out}") from None
+
+
+def _field_list(raw: dict[str, Any]) -> str:
+    names = sorted(raw)
+    shown = ", ".join(repr(name) for name in names[:5])
+    return (f"fields {shown}" + (", ..." if len(names) > 5 else "")) if names else "no fields"
 
 
 def supersedes(outcome: InvoiceOutcome, existing: ManifestEntry) -> bool:
@@ -93,6 +172,8 @@ def supersedes(outcome: InvoiceOutcome, existing: ManifestEntry) -> bool:
     `done` is never downgraded, and a late `done` still beats a newer non-`done` report."""
     if outcome.status == "processing":
         return claim_granted(outcome, existing)
+    if outcome.status == "released":
+        return release_granted(outcome, existing)
     if outcome.etag == existing.etag:
         if existing.status == "done":
             return outcome.status == "done" and outcome.finished_at >= existing.updated_at
@@ -116,7 +197,17 @@ def claim_granted(claim: InvoiceOutcome, existing: ManifestEntry) -> bool:
         if same_run:
             return claim.finished_at >= existing.updated_at
         return existing.lease_until is None or existing.lease_until <= claim.finished_at
+    if existing.status == "released":
+        return claim.finished_at >= existing.updated_at
     return not same_run and claim.finished_at >= existing.updated_at
+
+
+def release_granted(release: InvoiceOutcome, existing: ManifestEntry) -> bool:
+    """A run gives back only its own claim, and only while it is still a claim."""
+    return (
+        existing.status == "processing" and existing.etag == release.etag
+        and existing.flow_run_id == release.flow_run_id
+    )
 
 
 def lease_is_live(entry: ManifestEntry, now: datetime) -> bool:
@@ -134,12 +225,15 @@ def merge_entry(existing: ManifestEntry | None, outcome: InvoiceOutcome) -> Mani
     same_content = existing.etag == outcome.etag
     attempts = max(existing.attempts, outcome.attempt) if same_content else outcome.attempt
     if not supersedes(outcome, existing):
-        if outcome.status == "processing":  # a refused claim leaves no trace
+        if outcome.status in ("processing", "released"):  # refused: leaves no trace
             return existing
         return existing.model_copy(update={"attempts": attempts}) if same_content else existing
+    if outcome.status == "released":  # the claim's attempt did not happen
+        attempts = outcome.attempt
     first_seen = existing.first_seen_at if same_content else outcome.finished_at
     return ManifestEntry(
-        **fields, attempts=attempts, first_seen_at=first_seen, updated_at=outcome.finished_at
+        **(existing.model_extra or {}), **fields, attempts=attempts, first_seen_at=first_seen,
+        updated_at=outcome.finished_at,
     )
 
 
@@ -148,16 +242,63 @@ def apply_outcomes(manifest: Manifest, outcomes: Iterable[InvoiceOutcome]) -> Ma
     entries = dict(manifest.entries)
     for outcome in outcomes:
         entries[outcome.key] = merge_entry(entries.get(outcome.key), outcome)
-    return Manifest(version=manifest.version, updated_at=manifest.updated_at, entries=entries)
+    return manifest.model_copy(update={"entries": entries})
+
+
+def bind_source(manifest: Manifest, source: str | None, where: str) -> Manifest:
+    """`manifest` recording `source`; `SourceMismatch` if it records another one already."""
+    if source is None or manifest.source == source:
+        return manifest
+    if manifest.source is None:
+        return manifest.model_copy(update={"source": source})
+    raise SourceMismatch(
+        f"{where} records the invoices of {manifest.source}, not {source}: one output holds "
+        "one source, so that invoices with the same names never overwrite each other. Use "
+        "another output for this source, or name a folder or prefix that holds both as the "
+        "source (invoices already done are skipped)"
+    )
+
+
+def restore_known(current: Manifest, etag: str | None, known: Manifest, where: str) -> Manifest:
+    """`current` (read with `etag`) with every entry of `known` put back where it has none or
+    an older one, and a warning naming what happened: for a manifest that was deleted,
+    replaced by an older copy, or rewritten by someone who dropped entries. Nothing in the
+    protocol removes an entry, so what a writer knew is never lost by its next write."""
+    entries = dict(current.entries)
+    restored = 0
+    for key, entry in known.entries.items():
+        there = entries.get(key)
+        if there is None or there.updated_at < entry.updated_at:
+            entries[key] = entry
+            restored += 1
+    if not restored and not went_back(current, etag, known):
+        return current
+    if etag is None:
+        what = "disappeared (deleted?)"
+    elif current.version < known.version:
+        what = (f"went back from version {known.version} to {current.version} (replaced by an "
+                "older copy?)")
+    else:
+        what = f"lacks {restored} entries it had (rewritten by a writer that dropped them?)"
+    logger.warning("%s %s; putting back the %d entries this run knew of", where, what, restored)
+    return current.model_copy(update={
+        "entries": entries, "source": current.source or known.source,
+        "version": max(current.version, known.version),
+    })
 
 
 async def read_manifest(store: Store, key: str = MANIFEST_KEY) -> tuple[Manifest, str | None]:
-    """The manifest and its ETag; an empty manifest and None when it does not exist yet."""
+    """The manifest and its ETag; an empty manifest and None when it does not exist yet.
+    Raises `ManifestUnreadable` when the object there is not a manifest this version reads."""
     try:
         stored = await store.get(key)
     except ObjectNotFound:
         return Manifest(), None
-    return Manifest.model_validate_json(stored.data), stored.etag
+    return parse_manifest(stored.data, manifest_location(store, key)), stored.etag
+
+
+def manifest_location(store: Store, key: str = MANIFEST_KEY) -> str:
+    return f"{store.url.rstrip('/')}/{key}"
 
 
 class ManifestConflictError(RuntimeError):
@@ -180,24 +321,32 @@ async def commit_outcomes(
     *,
     key: str = MANIFEST_KEY,
     base: tuple[Manifest, str | None] | None = None,
+    source: str | None = None,
     max_attempts: int = 10,
     backoff_base: float = 0.05,
     backoff_max: float = 2.0,
 ) -> CommitResult:
     """Record `outcomes` with read, merge, conditional write; re-read and retry on conflicts.
 
-    `base` (a previous commit's `snapshot`) stands in for the first read: a writer that
-    holds the manifest lock is usually the only one writing, and reading and parsing the
-    whole manifest again was most of a commit's CPU on the event loop (40-50 ms at 1000
-    entries). The write is still conditional on `base`'s ETag, so if anyone else wrote
-    since, it fails and the commit re-reads as before."""
+    `base` is the newest manifest this writer knows (a previous commit's `snapshot`, or what
+    the run read): it stands in for the first read, since a writer holding the manifest lock
+    is usually the only one writing (the write is still conditional on its ETag). It is also
+    what the writer must not lose: when a re-read finds the manifest gone, or at a lower
+    `version` (replaced by an older copy), every entry of `base` that the manifest lacks is
+    put back, with a warning. `source` binds the output to that source (`SourceMismatch`
+    when it records another)."""
+    where = manifest_location(store, key)
     for attempt in range(1, max_attempts + 1):
         if attempt == 1 and base is not None:
             manifest, etag = base
         else:
             manifest, etag = await read_manifest(store, key)
+            if base is not None:
+                manifest = restore_known(manifest, etag, base[0], where)
+        stored = manifest
+        manifest = bind_source(manifest, source, where)
         merged = apply_outcomes(manifest, outcomes)
-        if etag is not None and merged.entries == manifest.entries:
+        if etag is not None and merged == stored:
             return CommitResult(manifest.version, len(manifest.entries), attempt, written=False,
                                 snapshot=(manifest, etag))
         merged.version = manifest.version + 1
@@ -223,6 +372,44 @@ async def commit_outcomes(
     )
 
 
+def went_back(manifest: Manifest, etag: str | None, known: Manifest) -> bool:
+    """Whether `manifest` (read with `etag`) is behind `known`: deleted, or an older copy."""
+    if etag is None:
+        return known.version > 0
+    return manifest.version < known.version
+
+
+@dataclass
+class ManifestTarget:
+    """Where one run records its outcomes, and the newest manifest it has seen there.
+
+    Shared by the run's reads (planning, claims) and every lock session of its writer, so
+    that a manifest deleted or rolled back between two sessions is still recognised."""
+
+    store: Store
+    source: str | None = None
+    key: str = MANIFEST_KEY
+    newest: tuple[Manifest, str | None] | None = None
+
+    @property
+    def location(self) -> str:
+        return manifest_location(self.store, self.key)
+
+    async def read(self) -> Manifest:
+        """The manifest as stored now; `SourceMismatch` if it records another source."""
+        manifest, etag = await read_manifest(self.store, self.key)
+        bind_source(manifest, self.source, self.location)
+        if self.newest is None or not went_back(manifest, etag, self.newest[0]):
+            self.newest = (manifest, etag)
+        return manifest
+
+    async def commit(self, outcomes: list[InvoiceOutcome]) -> CommitResult:
+        result = await commit_outcomes(self.store, outcomes, key=self.key, base=self.newest,
+                                       source=self.source)
+        self.newest = result.snapshot
+        return result
+
+
 @task(
     name="update-manifest",
     tags=[MANIFEST_TAG],
@@ -231,19 +418,22 @@ async def commit_outcomes(
     retries=0,
     cache_policy=NO_CACHE,
 )
-async def update_manifest(store: Store, batches: AsyncIterator[list[InvoiceOutcome]]) -> int:
+async def update_manifest(
+    target: ManifestTarget, batches: AsyncIterator[list[InvoiceOutcome]]
+) -> int:
     """The only place the manifest is written: each batch under the `manifest` lock, by
     compare-and-swap. One task run is one lock session; it commits batches until the
     writer ends the session. Returns the number of outcomes committed."""
     committed = 0
-    snapshot = None
     async for batch in batches:
-        snapshot = (await commit_outcomes(store, batch, base=snapshot)).snapshot
+        await target.commit(batch)
         committed += len(batch)
     return committed
 
 
-async def run_locked_session(store: Store, batches: AsyncIterator[list[InvoiceOutcome]]) -> None:
+async def run_locked_session(
+    target: ManifestTarget, batches: AsyncIterator[list[InvoiceOutcome]]
+) -> None:
     """Run one `update-manifest` session, letting the server record the task run before the
     task engine asks for the lock.
 
@@ -257,7 +447,7 @@ async def run_locked_session(store: Store, batches: AsyncIterator[list[InvoiceOu
     from prefect.task_engine import run_task_async
     from prefect.utilities.engine import emit_task_run_state_change_event
 
-    parameters = {"store": store, "batches": batches}
+    parameters = {"target": target, "batches": batches}
     task_run = await update_manifest.create_local_run(parameters=parameters)
     emit_task_run_state_change_event(
         task_run=task_run, initial_state=None, validated_state=task_run.state
@@ -411,7 +601,7 @@ class ManifestWriter:
             if self._in_flight:  # the consumer asked for more: the previous batch is committed
                 committed, self._in_flight = self._in_flight, []
                 self.batches.append(len(committed))
-                final = sum(o.status != "processing" for o in committed)  # not claims
+                final = sum(o.status in FINAL_STATUSES for o in committed)  # not claims
                 self.recorded += final
                 if not self._pending:
                     self._drained.set()
@@ -468,6 +658,11 @@ class ManifestWriter:
             reporter = asyncio.create_task(self._report_lock_wait(), name="manifest-lock-wait")
             try:
                 await self._session(self._batches())
+            except ConfigurationError as exc:  # retrying cannot help: close() says why
+                self._pending = self._in_flight + self._pending
+                self._in_flight = []
+                self._error = exc
+                return
             except Exception as exc:  # recorded below and re-raised by close(): never silent
                 failures += 1
                 self._pending = self._in_flight + self._pending

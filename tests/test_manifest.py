@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 from datetime import timedelta
 
 import pytest
 
+from tasks.errors import ConfigurationError
 from tasks.manifest import (
     InvoiceOutcome,
     Manifest,
+    ManifestTarget,
+    ManifestUnreadable,
     ManifestWriteError,
     ManifestWriter,
+    SourceMismatch,
     apply_outcomes,
     commit_outcomes,
     merge_entry,
     read_manifest,
     utcnow,
 )
+from tasks.storage import LocalStore
 
 
 def outcome(key="a.pdf", status="done", etag='"e1"', *, ago=0.0, **kw) -> InvoiceOutcome:
@@ -218,3 +225,144 @@ class TestManifestWriter:
                 writer.submit(outcome("b.pdf"))
         assert sorted(o.key for o in caught.value.unrecorded) == ["a.pdf", "b.pdf"]
         assert "2 outcomes are not recorded" in str(caught.value)
+
+
+class TestFormat:
+    """The manifest names its format; anything else at its place is refused, never overwritten."""
+
+    @pytest.mark.parametrize(("data", "says"), [
+        (b'{"hello": "world"}', "not an invoice-pipeline manifest (no \"format\""),
+        (b'{"version": 3, "entries": {}, "owner": "other-tool"}', "not an invoice-pipeline manifest"),
+        (b'[1, 2]', "not an object"),
+        (b'not json at all', "is not JSON"),
+        (b'{"format": "other-tool/manifest", "entries": {}}', "a 'other-tool/manifest' document"),
+        (b'{"format": "invoice-pipeline/manifest", "format_version": 99}', "format version 99"),
+    ])
+    async def test_what_is_not_our_manifest_is_refused_and_left_as_it_is(self, store, data, says):
+        await store.put("manifest.json", data)
+        with pytest.raises(ManifestUnreadable, match=re.escape(says)) as refused:
+            await read_manifest(store)
+        assert f"{store.url.rstrip('/')}/manifest.json" in str(refused.value)  # names the place
+        assert isinstance(refused.value, ConfigurationError)  # one line, exit 2
+        with pytest.raises(ManifestUnreadable):
+            await commit_outcomes(store, [outcome("a.pdf")])
+        assert (await store.get("manifest.json")).data == data
+
+    async def test_a_damaged_manifest_says_which_field_is_wrong_and_what_to_do(self, store):
+        broken = Manifest().model_dump(mode="json") | {
+            "entries": {"a.pdf": {"status": "exploded", "etag": '"e"'}}}
+        await store.put("manifest.json", json.dumps(broken).encode())
+        with pytest.raises(ManifestUnreadable) as refused:
+            await read_manifest(store)
+        message = str(refused.value)
+        assert "entries.a.pdf.status" in message and "restore it from a backup" in message
+        assert "\n" not in message and "pydantic" not in message
+
+    async def test_unknown_fields_survive_every_rewrite(self, store):
+        await commit_outcomes(store, [outcome("a.pdf")])
+        data = json.loads((await store.get("manifest.json")).data)
+        data["retention_days"] = 30
+        data["entries"]["a.pdf"]["approved_by"] = "jane"
+        await store.put("manifest.json", json.dumps(data).encode())
+        await commit_outcomes(store, [outcome("a.pdf", status="done", ago=-1), outcome("b.pdf")])
+        after = json.loads((await store.get("manifest.json")).data)
+        assert after["retention_days"] == 30
+        assert after["entries"]["a.pdf"]["approved_by"] == "jane"
+        assert after["format"] == "invoice-pipeline/manifest" and after["format_version"] == 1
+
+    async def test_a_manifest_from_before_the_format_mark_is_read_and_marked(self, store):
+        legacy = {"version": 4, "updated_at": None, "entries": {
+            "a.pdf": merge_entry(None, outcome("a.pdf")).model_dump(mode="json")}}
+        await store.put("manifest.json", json.dumps(legacy).encode())
+        manifest, _ = await read_manifest(store)
+        assert manifest.version == 4 and manifest.entries["a.pdf"].status == "done"
+        await commit_outcomes(store, [outcome("b.pdf")])
+        after = json.loads((await store.get("manifest.json")).data)
+        assert after["format"] == "invoice-pipeline/manifest" and set(after["entries"]) == {"a.pdf", "b.pdf"}
+
+
+class TestSourceBinding:
+    async def test_the_first_write_binds_the_output_to_its_source_and_another_is_refused(self, store):
+        await commit_outcomes(store, [outcome("a.pdf")], source="s3://bucket/2026-11/")
+        manifest, _ = await read_manifest(store)
+        assert manifest.source == "s3://bucket/2026-11/"
+        with pytest.raises(SourceMismatch, match="records the invoices of s3://bucket/2026-11/"):
+            await commit_outcomes(store, [outcome("a.pdf", etag='"other"')],
+                                  source="s3://bucket/2026-12/")
+        after, _ = await read_manifest(store)
+        assert after.entries == manifest.entries and after.version == manifest.version
+
+    async def test_the_target_refuses_another_source_at_its_first_read(self, store):
+        await commit_outcomes(store, [outcome("a.pdf")], source="/data/a")
+        with pytest.raises(SourceMismatch):
+            await ManifestTarget(store, source="/data/b").read()
+
+
+class TestRollback:
+    """A manifest deleted, or replaced by an older copy, while a run writes to it."""
+
+    async def test_a_deleted_manifest_gets_back_everything_the_writer_knew(self, store, caplog):
+        target = ManifestTarget(store, source="src")
+        await target.read()
+        for i in range(5):
+            await target.commit([outcome(f"{i}.pdf")])
+        await _delete(store, "manifest.json")
+        with caplog.at_level(logging.WARNING, logger="tasks.manifest"):
+            result = await target.commit([outcome("5.pdf")])
+        manifest, _ = await read_manifest(store)
+        assert set(manifest.entries) == {f"{i}.pdf" for i in range(6)}
+        assert result.version == manifest.version == 6 and manifest.source == "src"
+        assert "disappeared" in caplog.text
+
+    async def test_an_older_copy_is_merged_with_what_the_writer_knew_and_the_version_goes_on(
+            self, store, caplog):
+        target = ManifestTarget(store)
+        await target.commit([outcome("a.pdf", status="processing")])
+        old = (await store.get("manifest.json")).data
+        await target.commit([outcome("a.pdf", status="done", ago=-1), outcome("b.pdf")])
+        other = ManifestTarget(store)
+        await other.commit([outcome("other.pdf")])  # another writer: version 3
+        await store.put("manifest.json", old)  # someone restores version 1
+        with caplog.at_level(logging.WARNING, logger="tasks.manifest"):
+            await target.commit([outcome("c.pdf")])
+            manifest, _ = await read_manifest(store)
+            assert manifest.entries["a.pdf"].status == "done"  # not back to processing
+            assert set(manifest.entries) == {"a.pdf", "b.pdf", "c.pdf"}
+            assert manifest.version == 3  # past what this writer knew (2)
+            assert "went back from version 2 to 1" in caplog.text
+            await other.commit([outcome("d.pdf")])  # the other writer's entry comes back too
+        manifest, _ = await read_manifest(store)
+        assert set(manifest.entries) == {"a.pdf", "b.pdf", "c.pdf", "other.pdf", "d.pdf"}
+        assert "lacks 1 entries" in caplog.text
+
+    async def test_a_newer_manifest_from_another_writer_is_not_a_rollback(self, store, caplog):
+        target = ManifestTarget(store)
+        await target.commit([outcome("a.pdf")])
+        await commit_outcomes(store, [outcome("b.pdf")])
+        with caplog.at_level(logging.WARNING, logger="tasks.manifest"):
+            await target.commit([outcome("c.pdf")])
+        assert "went back" not in caplog.text and "disappeared" not in caplog.text
+
+
+async def _delete(store, key: str) -> None:
+    if isinstance(store, LocalStore):
+        (store.root / key).unlink()
+    else:
+        async with store._requests:  # noqa: SLF001 (the test's own handle on its store)
+            await store._require_client().delete_object(Bucket=store.bucket, Key=store.prefix + key)
+
+
+class TestRelease:
+    def test_a_run_gives_back_only_its_own_live_claim(self):
+        at = utcnow()
+        claim = outcome(status="processing", flow_run_id="A", lease_until=at + timedelta(seconds=60), ago=1)
+        release = outcome(status="released", flow_run_id="A", attempt=0)
+        released = merge_entry(merge_entry(None, claim), release)
+        assert released.status == "released" and released.attempts == 0
+        others = outcome(status="released", flow_run_id="B", attempt=0)
+        assert merge_entry(merge_entry(None, claim), others).status == "processing"
+        done = merge_entry(None, outcome(status="done", flow_run_id="A", ago=1))
+        assert merge_entry(done, release) == done  # a late release never undoes an outcome
+        reclaimed = merge_entry(released, outcome(status="processing", flow_run_id="C", attempt=1,
+                                                  lease_until=at + timedelta(seconds=60)))
+        assert reclaimed.status == "processing" and reclaimed.flow_run_id == "C"
