@@ -34,6 +34,8 @@ import aiohttp
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tasks.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from prefect_aws import AwsCredentials
 
@@ -78,9 +80,15 @@ class InvalidKey(StorageError, ValueError):
     pass
 
 
+class BucketNotFound(StorageError, ConfigurationError):
+    """The bucket named by an s3:// location does not exist."""
+
+
 @runtime_checkable
 class Store(Protocol):
     url: str
+
+    async def exists(self) -> bool: ...
 
     async def list(self, prefix: str = "", *, suffix: str | None = None) -> list[ObjectInfo]: ...
 
@@ -131,6 +139,20 @@ _RESERVED = ".~"
 _LOCK_DIR = ".~locks"
 
 
+def _check_creatable(folder: Path, role: str) -> None:
+    """A folder that does not exist yet can be made: its nearest existing parent is a folder
+    this process may write to."""
+    parent = folder.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigurationError(
+            f"cannot create the {role} folder {folder}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"cannot create the {role} folder {folder}: no permission to write in {parent}")
+
+
 class LocalStore:
     """A folder as an object store. Keys are '/'-separated paths relative to the root.
 
@@ -141,10 +163,17 @@ class LocalStore:
     (fine on local disks; do not rely on it over NFS).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, create: bool = True, role: str = "store") -> None:
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
         self.url = str(self.root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigurationError(f"the {role} {self.url} is a file, not a folder: name a folder")
+        if not self.root.is_dir():
+            if not create:
+                raise ConfigurationError(
+                    f"the {role} folder {self.url} does not exist: check the path (a typo?)"
+                )
+            _check_creatable(self.root, role)  # created by the first write, not before
         self._open = False
 
     async def __aenter__(self) -> LocalStore:
@@ -190,6 +219,10 @@ class LocalStore:
         return self.root / _LOCK_DIR / (hashlib.sha256(key.encode()).hexdigest() + ".lock")
 
     # -- operations
+
+    async def exists(self) -> bool:
+        """Whether the folder is there."""
+        return await asyncio.to_thread(self.root.is_dir)
 
     async def list(self, prefix: str = "", *, suffix: str | None = None) -> list[ObjectInfo]:
         if not self._open:
@@ -265,7 +298,7 @@ class LocalStore:
         self._check_inside(key, path)
         lock_path = self._lock_path(key)
         try:
-            lock_path.parent.mkdir(exist_ok=True)
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(lock_path, "a+b") as lock_file:
                 fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)  # released when the file closes
@@ -421,7 +454,7 @@ class S3Store:
         page_size: int = 500,
     ) -> None:
         if not bucket:
-            raise ValueError("S3Store needs a bucket name")
+            raise ConfigurationError("an s3:// location needs a bucket: s3://bucket/prefix")
         prefix = prefix.lstrip("/")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
@@ -523,6 +556,22 @@ class S3Store:
             raise InvalidKey(f"invalid key {key!r}", key=key)
         return self.prefix + key
 
+    async def exists(self) -> bool:
+        """Whether anything is stored under the prefix (S3 has no folders: an empty prefix
+        and a misspelt one look the same); the whole bucket counts when there is no prefix.
+        `BucketNotFound` when the bucket does not exist."""
+        client = self._require_client()
+        try:
+            async with self._requests:
+                page = await client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1
+                )
+        except Exception as e:
+            if (err := self._error(e, "list", "")) is None:
+                raise
+            raise err from e
+        return not self.prefix or page.get("KeyCount", 0) > 0
+
     async def list(self, prefix: str = "", *, suffix: str | None = None) -> list[ObjectInfo]:
         client = self._require_client()
         suffix_lower = suffix.lower() if suffix else None
@@ -607,6 +656,11 @@ class S3Store:
                 return PreconditionFailed(detail, key=key, status=412)
             if status == 409 or code == "ConditionalRequestConflict":
                 return PreconditionFailed(detail, key=key, status=409)
+            if code == "NoSuchBucket":
+                return BucketNotFound(
+                    f"the bucket {self.bucket!r} does not exist (at "
+                    f"{self._endpoint_url or 'AWS'}): check the name, or create it", key=key,
+                )
             if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
                 if conditional:
                     # S3 answers IfMatch on a missing key with 404; for a CAS loop that is the
@@ -629,13 +683,21 @@ def open_store(
     endpoint_url: str | None = None,
     region_name: str | None = None,
     credentials: AwsCredentials | None = None,
+    create: bool = True,
+    role: str = "store",
 ) -> Store:
-    """`s3://bucket/some/prefix` -> S3Store; anything else is a local folder path."""
+    """`s3://bucket/some/prefix` -> S3Store; anything else is a local folder path, created
+    unless `create` is False (a source), when a missing folder is a `ConfigurationError`.
+    `role` names the location in error messages ("source", "output")."""
     if location.startswith("s3://"):
         bucket, _, prefix = location[len("s3://") :].partition("/")
         return S3Store(
             bucket, prefix, endpoint_url=endpoint_url, region_name=region_name, credentials=credentials
         )
     if "://" in location:
-        raise ValueError(f"unsupported store location {location!r}: use s3://bucket/prefix or a folder path")
-    return LocalStore(location)
+        raise ConfigurationError(
+            f"unsupported {role} location {location!r}: use s3://bucket/prefix or a folder path"
+        )
+    if not location.strip():
+        raise ConfigurationError(f"an empty {role} location: use s3://bucket/prefix or a folder")
+    return LocalStore(location, create=create, role=role)

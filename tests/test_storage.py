@@ -15,8 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import boto3
 import pytest
 
+from tasks.errors import ConfigurationError
 from tasks.storage import (
     InvalidKey,
     LocalStore,
@@ -255,10 +257,12 @@ async def test_local_list_hides_lock_and_temp_files(tmp_path):
         assert [i.key for i in await local.list(".~")] == []
 
 
-async def test_local_creates_root(tmp_path):
+async def test_local_creates_root_at_its_first_write(tmp_path):
     root = tmp_path / "new" / "root"
     async with LocalStore(root) as local:
         assert local.url == str(root.resolve())
+        assert not root.exists()  # nothing is created by a run that writes nothing
+        await local.put("a.json", b"{}")
         assert root.is_dir()
 
 
@@ -407,7 +411,8 @@ async def test_s3_missing_bucket_is_not_object_not_found(moto_endpoint):
         with pytest.raises(StorageError) as info:
             await s3.get("k")
         assert not isinstance(info.value, ObjectNotFound)
-        assert "NoSuchBucket" in str(info.value)
+        assert isinstance(info.value, ConfigurationError)  # a user mistake: one line, exit 2
+        assert "'no-such-bucket-here' does not exist" in str(info.value)
 
 
 async def test_s3_with_prefect_aws_credentials_block(moto_endpoint, s3_bucket):
@@ -442,7 +447,7 @@ def test_open_store_routing(tmp_path):
     assert isinstance(s3, Store) and isinstance(local, Store)
     assert local.url == str((tmp_path / "invoices").resolve())
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigurationError, match="s3://bucket/prefix or a folder"):
         open_store("gs://bucket/x")
 
 
@@ -483,3 +488,46 @@ def test_a_plain_http_endpoint_from_the_environment_loads_no_ca_bundle(moto_endp
     env.update({variable: moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION})
     subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[1], env=env)
+
+
+# --------------------------------------------------------------------------- sources and outputs
+
+
+def test_a_missing_source_folder_is_refused_and_nothing_is_created(tmp_path):
+    missing = tmp_path / "typo"
+    with pytest.raises(ConfigurationError, match="the source folder .* does not exist"):
+        open_store(str(missing), create=False, role="source")
+    assert not missing.exists()
+
+
+def test_a_file_is_neither_a_source_nor_an_output(tmp_path):
+    file = tmp_path / "invoice.pdf"
+    file.write_bytes(b"%PDF-1.7")
+    for create, role in ((False, "source"), (True, "output")):
+        with pytest.raises(ConfigurationError, match=f"the {role} .* is a file, not a folder"):
+            open_store(str(file), create=create, role=role)
+    with pytest.raises(ConfigurationError, match="is a file, not a folder"):
+        open_store(str(file / "out"), role="output")
+
+
+async def test_an_output_folder_is_created_by_its_first_write_not_before(tmp_path):
+    out = tmp_path / "new" / "out"
+    async with open_store(str(out), role="output") as store:
+        assert not out.exists() and await store.list() == []
+        with pytest.raises(ObjectNotFound):
+            await store.get("manifest.json")
+        await store.put("manifest.json", b"{}", if_none_match=True)
+    assert (out / "manifest.json").read_bytes() == b"{}"
+
+
+async def test_exists_tells_an_empty_or_misspelt_s3_prefix_from_one_with_objects(
+        moto_endpoint, s3_bucket):
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION).put_object(
+        Bucket=s3_bucket, Key="incoming/2026-11/a.pdf", Body=b"x")
+    for prefix, there in (("incoming/", True), ("incoming/2026-11", True), ("", True),
+                          ("incomming/", False), ("incoming/2026-12/", False)):
+        async with s3_store(s3_bucket, moto_endpoint, prefix=prefix) as store:
+            assert await store.exists() is there, prefix
+    async with s3_store("no-such-bucket-here", moto_endpoint) as store:
+        with pytest.raises(ConfigurationError, match="does not exist"):
+            await store.exists()
