@@ -8,16 +8,17 @@ so the batch goes on and nothing is silent. `plan_batch` decides what a run has 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from pathlib import PurePosixPath
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -29,6 +30,7 @@ from tasks.extract import Extraction, Extractor
 from tasks.invoice import Invoice, check_invoice
 from tasks.manifest import InvoiceOutcome, Manifest, lease_is_live, utcnow
 from tasks.parse import PdfParser
+from tasks.stopping import StopRequest
 from tasks.storage import ObjectInfo, StorageError, Store
 
 logger = logging.getLogger(__name__)
@@ -52,8 +54,10 @@ class BatchPlan:
     skipped_exhausted: list[str] = field(default_factory=list)
     # Claimed by another run whose lease is still running (it may be working on them now).
     in_flight_elsewhere: list[str] = field(default_factory=list)
-    # Claimed by a run whose lease ran out (killed or stuck): this run takes them over.
+    # Claimed by a run whose lease ran out (killed or stuck) or that has ended: taken over.
     taken_over: list[str] = field(default_factory=list)
+    # For each invoice in flight elsewhere, the flow run id that holds its claim.
+    holders: dict[str, str | None] = field(default_factory=dict)
 
     def fold_in(self, late: BatchPlan) -> None:
         """Add a second look at the invoices that were in flight elsewhere (`late`, planned
@@ -65,6 +69,7 @@ class BatchPlan:
         self.skipped_review += late.skipped_review
         self.skipped_exhausted += late.skipped_exhausted
         self.in_flight_elsewhere = late.in_flight_elsewhere
+        self.holders = late.holders
 
 
 def plan_batch(
@@ -74,12 +79,16 @@ def plan_batch(
     max_attempts: int = 3,
     reprocess_needs_review: bool = False,
     now: datetime | None = None,
+    flow_run_id: str | None = None,
+    ended_runs: Collection[str] = (),
 ) -> BatchPlan:
     """Which invoices this run processes, given what the manifest already records.
 
     Same content (ETag) already `done` is skipped; `needs_review` too unless asked; `failed`
     is retried until it has had `max_attempts` attempts; `processing` under another run's
-    live lease is left to that run, and taken over once the lease has run out.
+    live lease is left to that run, and taken over once the lease has run out, or at once
+    when the claiming run has ended (`ended_runs`) or is this very run (`flow_run_id`, a
+    retry of the flow run).
     """
     now = now or utcnow()
     plan = BatchPlan()
@@ -88,8 +97,11 @@ def plan_batch(
         same = entry is not None and entry.etag == obj.etag
         attempt = entry.attempts + 1 if same else 1
         if same and entry.status == "processing":
-            if lease_is_live(entry, now):
+            holder = entry.flow_run_id
+            ended = holder is not None and (holder == flow_run_id or holder in ended_runs)
+            if lease_is_live(entry, now) and not ended:
                 plan.in_flight_elsewhere.append(obj.key)
+                plan.holders[obj.key] = holder
                 continue
             plan.taken_over.append(obj.key)
             plan.todo.append(InvoiceJob(obj.key, obj.etag, obj.size, attempt))
@@ -127,7 +139,25 @@ def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
 
 
 def result_key_for(key: str) -> str:
-    return RESULTS_PREFIX + str(PurePosixPath(key).with_suffix(".json"))
+    """Where the result of the invoice at `key` goes: `results/<key>.json`, the key kept
+    whole (`a.pdf` and `a.PDF` are two invoices) and readable; only what a folder cannot
+    hold is escaped: `%`, `\\` and control characters as `%XX`, and a segment that is empty,
+    `.` or `..`, or starts with the local store's reserved `.~`. So different keys never
+    share a result, and every result key is valid on both stores."""
+    return RESULTS_PREFIX + "/".join(_segment(part) for part in key.split("/")) + ".json"
+
+
+_ESCAPED = re.compile(r"[%\\\x00-\x1f\x7f]")
+
+
+def _segment(part: str) -> str:
+    # "/" and "." are never escaped, so "%2F" and "%2E" cannot come from a real segment.
+    if part == "":
+        return "%2F"
+    if part in (".", ".."):
+        return "%2E" * len(part)
+    escaped = _ESCAPED.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), part)
+    return "%2E" + escaped[1:] if escaped.startswith(".~") else escaped
 
 
 class InvoiceResult(BaseModel):
@@ -165,6 +195,8 @@ class InvoiceContext:
     invoice_timeout: float = 300.0
     max_bytes: int = 50 * 1024 * 1024
     max_concurrency: int = 100
+    # SIGINT/SIGTERM: which invoices may still start, and how long those in flight may run.
+    stop: StopRequest = field(default_factory=StopRequest)
     # Invoices in flight across the whole run, whatever chunk they belong to.
     in_flight: asyncio.Semaphore = field(init=False)
 
@@ -231,6 +263,16 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
     with _stage(job, "download", timings):
         stored = await ctx.source.get(job.key)
         sha256 = hashlib.sha256(stored.data).hexdigest()
+    if stored.etag != job.etag:
+        # Replaced since it was listed: what is recorded is what was read, never the listed
+        # ETag with other bytes.
+        logger.info("%s changed since it was listed (ETag %s, now %s); processing what was read",
+                    job.key, job.etag, stored.etag, extra={"invoice_key": job.key})
+        job = dataclasses.replace(job, etag=stored.etag, size=len(stored.data), attempt=1)
+        if job.size > ctx.max_bytes:
+            raise InvoiceFailure(
+                "too_large", f"{job.size} bytes is over the {ctx.max_bytes}-byte limit per invoice"
+            )
     with _stage(job, "parse", timings):
         document = await ctx.parser.parse(stored.data)
     with _stage(job, "extract", timings):
@@ -301,6 +343,14 @@ def claim_outcome(ctx: InvoiceContext, job: InvoiceJob, lease_until: datetime) -
     return _outcome(ctx, job, status="processing", lease_until=lease_until)
 
 
+def release_outcome(ctx: InvoiceContext, job: InvoiceJob) -> InvoiceOutcome:
+    """This run's claim given back unfinished: the next run processes the invoice at once.
+    The claim's attempt is given back too (`job.attempt` counted it)."""
+    return InvoiceOutcome(key=job.key, etag=job.etag, status="released",
+                          attempt=job.attempt - 1, flow_run_id=ctx.flow_run_id,
+                          extractor=ctx.extractor.name)
+
+
 def failed_outcome(ctx: InvoiceContext, job: InvoiceJob, exc: BaseException) -> ProcessedInvoice:
     """For the flow: an invoice whose chunk's task run crashed (e.g. its backstop timeout)."""
     logger.error("%s: the process-invoices-chunk task run crashed: %r", job.key, exc,
@@ -312,12 +362,15 @@ async def process_chunk(
     ctx: InvoiceContext, jobs: list[InvoiceJob], on_done: Callable[[ProcessedInvoice], None]
 ) -> None:
     """All `jobs` concurrently (bounded by `ctx.in_flight`); `on_done` gets each outcome as
-    soon as it exists, so the manifest writer can commit it while the others still run."""
+    soon as it exists, so the manifest writer can commit it while the others still run.
+    After a stop request (`ctx.stop`) jobs not yet started are left out, and those still
+    running when its grace period ends are abandoned: neither gets an outcome."""
 
     async def one(job: InvoiceJob) -> None:
         async with ctx.in_flight:
-            processed = await process_invoice(ctx, job)
-        on_done(processed)
+            processed = await ctx.stop.guard(process_invoice(ctx, job))
+        if processed is not None:  # None: stopped before it started, or abandoned
+            on_done(processed)
 
     await asyncio.gather(*(one(job) for job in jobs))
 
@@ -334,7 +387,7 @@ async def process_all(
 ) -> list[ProcessedInvoice]:
     """Every job, one `process-invoices-chunk` task run per `chunk_size` jobs, all chunks at
     once (their starts 50 ms apart). Each job gets exactly one outcome, also
-    when its chunk's task run crashes."""
+    when its chunk's task run crashes, unless the run is stopped (`process_chunk`)."""
     processed: list[ProcessedInvoice] = []
 
     def record(done: ProcessedInvoice) -> None:
