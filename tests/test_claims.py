@@ -13,6 +13,7 @@ from tasks.extract import OfflineExtractor
 from tasks.manifest import (
     InvoiceOutcome,
     Manifest,
+    ManifestTarget,
     ManifestWriter,
     apply_outcomes,
     commit_outcomes,
@@ -98,7 +99,8 @@ async def test_two_runs_claiming_overlapping_sets_hold_disjoint_ones(tmp_path):
 async def two_runs_claim(store: LocalStore) -> None:
     session = session_of(partial(commit_outcomes, store))
     async with ManifestWriter(session) as w1, ManifestWriter(session) as w2:
-        async with Claims(w1, context(store, "A")) as a, Claims(w2, context(store, "B")) as b:
+        async with Claims(w1, context(store, "A"), ManifestTarget(store)) as a, \
+                Claims(w2, context(store, "B"), ManifestTarget(store)) as b:
             (held_a, refused_a), (held_b, refused_b) = await asyncio.gather(
                 a.take(jobs("1.pdf", "2.pdf", "3.pdf")), b.take(jobs("2.pdf", "3.pdf", "4.pdf"))
             )
@@ -115,7 +117,8 @@ async def two_runs_claim(store: LocalStore) -> None:
 async def test_claims_are_renewed_until_released(tmp_path):
     store = LocalStore(tmp_path)
     writer = ManifestWriter(session_of(partial(commit_outcomes, store)), min_interval=0)
-    async with store, writer, Claims(writer, context(store, "A"), lease_seconds=0.6) as claims:
+    async with store, writer, Claims(writer, context(store, "A"), ManifestTarget(store),
+                                     lease_seconds=0.6) as claims:
         await claims.take(jobs("kept.pdf", "released.pdf"))
         first, _ = await read_manifest(store)
         claims.release("released.pdf")
