@@ -1,17 +1,25 @@
 """`invoices`: run the pipeline, make sample invoices, serve a local fake LLM.
 
 Exit codes of `invoices run`: 0 every invoice done or needs_review; 1 some invoices failed
-(each recorded with its reason); 2 the run itself could not go ahead (e.g. no manifest lock).
+(each recorded with its reason); 2 the run could not go ahead (a bad option, a missing source,
+an output that holds another source or another tool's manifest, no manifest lock); 130 / 143
+stopped by SIGINT / SIGTERM (what finished is recorded, the rest given back for the next run).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
+import signal
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
-from tasks.report import RunSummary
+from pydantic import ValidationError, create_model
+
+from tasks.report import RunRefused, RunSummary
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,40 +58,72 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--shard", default=None,
                      help="i/n: only the i-th of n disjoint parts of the listing (default: all)")
     run.add_argument("--chunk-size", type=int, default=50, help="invoices per task run (default 50)")
+    run.add_argument("--stop-grace-seconds", type=float, default=30.0,
+                     help="on SIGINT/SIGTERM, how long invoices in flight may take to finish "
+                     "and be recorded (default 30)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+
+# The flow parameters `invoices run` sets, by option: checked against the flow's own
+# signature (its types and bounds) before anything starts.
+RUN_PARAMETERS = (
+    "source", "output", "extractor", "max_concurrency", "invoice_timeout", "max_attempts",
+    "reprocess_needs_review", "parse_executor", "max_pages", "max_bytes", "chunk_size", "shard",
+    "lease_seconds", "stop_grace_seconds",
+)
+
+
+def check_parameters(flow_fn: Any, parameters: dict[str, Any]) -> list[str]:
+    """What is wrong with `parameters` for `flow_fn`'s signature (types, bounds), one line
+    each naming the option; [] when they are fine. The same check Prefect applies to a
+    deployment run's parameters, without starting anything."""
+    hints = typing.get_type_hints(flow_fn, include_extras=True)
+    fields = {
+        name: (hints[name], param.default)
+        for name, param in inspect.signature(flow_fn).parameters.items() if name in parameters
+    }
+    try:
+        create_model("RunParameters", **fields).model_validate(parameters)  # type: ignore[call-overload]
+    except ValidationError as exc:
+        return [f"{_option(str(error['loc'][0]))} {parameters[error['loc'][0]]!r}: {error['msg']}"
+                for error in exc.errors()]
+    return []
+
+
+def _option(parameter: str) -> str:
+    return "SOURCE" if parameter == "source" else "--" + parameter.replace("_", "-")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.process_invoices import process_invoices
     from tasks.report import format_table
 
+    parameters = {name: getattr(args, name) for name in RUN_PARAMETERS}
+    problems = check_parameters(process_invoices.fn, parameters)
+    if problems:
+        for problem in problems:
+            print(f"invoices run: {problem}", file=sys.stderr)
+        return 2
     try:
-        state = asyncio.run(process_invoices(
-            source=args.source,
-            output=args.output,
-            extractor=args.extractor,
-            max_concurrency=args.max_concurrency,
-            invoice_timeout=args.invoice_timeout,
-            max_attempts=args.max_attempts,
-            reprocess_needs_review=args.reprocess_needs_review,
-            parse_executor=args.parse_executor,
-            max_pages=args.max_pages,
-            max_bytes=args.max_bytes,
-            chunk_size=args.chunk_size,
-            shard=args.shard,
-            lease_seconds=args.lease_seconds,
-            return_state=True,
-        ))
+        state = asyncio.run(process_invoices(**parameters, return_state=True))
+    except KeyboardInterrupt:  # before the run could handle it (starting up)
+        print("interrupted before any invoice was processed", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as exc:  # the run could not even start (e.g. no Prefect API): say so
         print(f"run failed before processing any invoice: {type(exc).__name__}: {exc}\n"
               "nothing was processed: the manifest is only written under Prefect's lock",
               file=sys.stderr)
         return 2
     summary = state.result(raise_on_failure=False)
+    if isinstance(summary, RunRefused):
+        print(f"invoices run: {summary.reason}", file=sys.stderr)
+        return 2
     if not isinstance(summary, RunSummary):
         print(f"run failed: {state.message or summary}", file=sys.stderr)
         return 2
     print(summary.model_dump_json(indent=2) if args.json else format_table(summary))
+    if summary.stopped_by:
+        return 128 + signal.Signals[summary.stopped_by]
     return 1 if summary.failed else 0
 
 

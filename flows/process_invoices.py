@@ -7,19 +7,22 @@ import time
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
+from collections import Counter
 from collections.abc import Collection, Coroutine
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
+from pydantic import Field
 
 from flows.blocks import load_aws_credentials, load_secret
 from flows.extractors import ExtractorChoice, build_extractor
-from tasks.claims import Claims
+from tasks.claims import ClaimHolder, Claims, claim_holders
+from tasks.errors import ConfigurationError
 from tasks.limits import ensure_manifest_lock, report_manifest_lock_wait
-from tasks.manifest import ManifestWriter, read_manifest, run_locked_session
+from tasks.manifest import ManifestTarget, ManifestWriter, run_locked_session
 from tasks.parse import PdfParser
 from tasks.pipeline import (
     BatchPlan,
@@ -31,26 +34,31 @@ from tasks.pipeline import (
     process_all,
 )
 from tasks.report import (
-    LoopStallProbe, RunProgress, RunSummary, gc_frozen, publish_summary, summarize,
+    LoopStallProbe, RunProgress, RunRefused, RunSummary, gc_frozen, publish_summary, summarize,
 )
+from tasks.stopping import StopRequest
 from tasks.storage import open_store
 
 BUNDLED_SAMPLES = str(Path(__file__).resolve().parents[1] / "samples" / "invoices")
 
+# s3://bucket/prefix or a folder path.
+Location = Annotated[str, Field(min_length=1)]
 
-@flow(name="process-invoices", description=__doc__)
+
+@flow(name="process-invoices", description=__doc__, validate_parameters=True)
 async def process_invoices(
-    source: str = BUNDLED_SAMPLES,
-    output: str = "out",
+    source: Location = BUNDLED_SAMPLES,
+    output: Location = "out",
     extractor: ExtractorChoice = "auto",
-    max_concurrency: int = 100,
-    chunk_size: int = 50,
-    shard: str | None = None,
-    invoice_timeout: float = 300.0,
-    max_pages: int = 500,
-    max_bytes: int = 50 * 1024 * 1024,
-    max_attempts: int = 3,
-    lease_seconds: float = 60.0,
+    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 100,
+    chunk_size: Annotated[int, Field(ge=1)] = 50,
+    shard: Annotated[str | None, Field(pattern=r"^\d+/\d+$")] = None,
+    invoice_timeout: Annotated[float, Field(gt=0)] = 300.0,
+    max_pages: Annotated[int, Field(ge=1)] = 500,
+    max_bytes: Annotated[int, Field(ge=1)] = 50 * 1024 * 1024,
+    max_attempts: Annotated[int, Field(ge=1)] = 3,
+    lease_seconds: Annotated[float, Field(ge=1)] = 60.0,
+    stop_grace_seconds: Annotated[float, Field(ge=0)] = 30.0,
     reprocess_needs_review: bool = False,
     parse_executor: Literal["process", "thread"] = "process",
     fail_on_invoice_errors: bool = True,
@@ -60,8 +68,10 @@ async def process_invoices(
     """Process invoices (PDF) under `source` (s3://bucket/prefix or a folder) into `output`.
 
     Args:
-        source: where the invoices are: `s3://bucket/prefix` or a local folder.
-        output: where results (`results/<key>.json`) and `manifest.json` go.
+        source: where the invoices are: `s3://bucket/prefix` or a local folder. It must
+            exist: a missing folder or an S3 prefix with nothing under it stops the run.
+        output: where results (`results/<key>.json`) and `manifest.json` go. One output
+            records one source.
         extractor: `offline` rules, `openai` (any OpenAI-compatible endpoint), or `auto`
             (openai when an API key is configured, else offline).
         max_concurrency: invoices in flight at once.
@@ -77,6 +87,8 @@ async def process_invoices(
             in the manifest) and its LLM slots; a live run renews both, so only a dead run's
             run out, and the next run takes its invoices over. (Prefect leases slots for at
             least 60 s, and fixes the manifest lock's slot lease at 60 s.)
+        stop_grace_seconds: on SIGINT or SIGTERM no new invoice starts, and those in flight
+            get this long to finish and be recorded; the rest are given back unfinished.
         reprocess_needs_review: also redo invoices the manifest marks `needs_review`.
         parse_executor: PyMuPDF runs in a `process` pool (default) or a `thread` pool.
         fail_on_invoice_errors: end the run Failed when any invoice failed (after recording).
@@ -85,23 +97,47 @@ async def process_invoices(
         openai_api_key_secret: name of a Prefect `Secret` block holding the OpenAI API key;
             none: `OPENAI_API_KEY` from the environment.
     """
+    try:
+        return await _process(**locals())
+    except ConfigurationError as exc:  # a user mistake: one line, no traceback
+        get_run_logger().error("%s", exc)
+        return Failed(message=str(exc), data=RunRefused(reason=str(exc)))
+
+
+async def _process(
+    *, source: str, output: str, extractor: ExtractorChoice, max_concurrency: int,
+    chunk_size: int, shard: str | None, invoice_timeout: float, max_pages: int, max_bytes: int,
+    max_attempts: int, lease_seconds: float, stop_grace_seconds: float,
+    reprocess_needs_review: bool, parse_executor: Literal["process", "thread"],
+    fail_on_invoice_errors: bool, aws_credentials_block: str | None,
+    openai_api_key_secret: str | None,
+) -> State:
     started = time.perf_counter()
     part = parse_shard(shard)  # a malformed shard fails before any work
     credentials = await load_aws_credentials(aws_credentials_block)
     api_key = await load_secret(openai_api_key_secret)
+    stop = StopRequest(stop_grace_seconds)
     async with AsyncExitStack() as stack:
         loop_probe = await stack.enter_async_context(LoopStallProbe())
         freeze_setup = stack.enter_context(gc_frozen())
         src, out = await all_or_nothing(
-            stack.enter_async_context(open_store(source, credentials=credentials)),
-            stack.enter_async_context(open_store(output, credentials=credentials)),
+            stack.enter_async_context(
+                open_store(source, credentials=credentials, create=False, role="source")),
+            stack.enter_async_context(open_store(output, credentials=credentials, role="output")),
         )
+        target = ManifestTarget(out, source=src.url)
+        holders: dict[str, ClaimHolder] = {}
 
         async def make_plan(only: Collection[str] | None = None) -> BatchPlan:
-            (manifest, _), listing = await all_or_nothing(read_manifest(out), src.list(suffix=".pdf"))
+            manifest, listing = await all_or_nothing(target.read(), src.list(suffix=".pdf"))
+            if not listing and only is None and not await src.exists():
+                raise ConfigurationError(
+                    f"nothing is stored under the source {src.url}: check it (a typo?)")
+            holders.update(await claim_holders(manifest, own_run=flow_run.id))
             return plan_batch(
                 [o for o in listing if in_shard(o.key, part) and (only is None or o.key in only)],
                 manifest, max_attempts=max_attempts, reprocess_needs_review=reprocess_needs_review,
+                flow_run_id=flow_run.id, ended_runs={h for h, run in holders.items() if run.ended},
             )
 
         # The other set-up steps and the plan are independent and each mostly waits (on the
@@ -118,38 +154,42 @@ async def process_invoices(
         )
         freeze_setup()  # the set-up's objects live as long as the run, like those before it
         ctx = InvoiceContext(src, out, parser, chosen, flow_run.id, invoice_timeout,
-                             max_bytes=max_bytes, max_concurrency=max_concurrency)
-        report_plan(plan, src.url)
+                             max_bytes=max_bytes, max_concurrency=max_concurrency, stop=stop)
+        report_plan(plan, src.url, holders)
         progress = await RunProgress.start(len(plan.todo))
-        writer = ManifestWriter(partial(run_locked_session, out), on_commit=progress.advance,
+        writer = ManifestWriter(partial(run_locked_session, target), on_commit=progress.advance,
                                 on_lock_wait=report_manifest_lock_wait)
         if plan.todo:  # ask for the lock now, before this run's own task runs load the server
             await writer.open()
 
-        async with writer, Claims(writer, ctx, lease_seconds=lease_seconds) as claims:
+        with stop.on_signals():
+            async with writer, Claims(writer, ctx, target, lease_seconds=lease_seconds) as claims:
 
-            def record(done: ProcessedInvoice) -> None:
-                claims.release(done.outcome.key)
-                writer.submit(done.outcome)
+                def record(done: ProcessedInvoice) -> None:
+                    claims.release(done.outcome.key)
+                    writer.submit(done.outcome)
 
-            plan.todo, claimed_first = await claims.take(plan.todo)
-            plan.in_flight_elsewhere += claimed_first
-            processed = await process_all(ctx, plan.todo, record, chunk_size=chunk_size)
-            # Claimed by another run: a live run keeps renewing its claims; claims left
-            # unrenewed are a dead run's, so wait for them to run out and take those over.
-            if await claims.outlast_stale(plan.in_flight_elsewhere):
-                late = await make_plan(only=set(plan.in_flight_elsewhere))
-                late.todo, claimed_first = await claims.take(late.todo)
-                late.in_flight_elsewhere += claimed_first
-                plan.fold_in(late)
-                progress.total = len(plan.todo)
-                processed += await process_all(ctx, late.todo, record, chunk_size=chunk_size)
+                plan.todo, claimed_first = await claims.take(plan.todo)
+                plan.in_flight_elsewhere += claimed_first
+                processed = await process_all(ctx, plan.todo, record, chunk_size=chunk_size)
+                # Claimed by another run: a live run keeps renewing its claims; claims left
+                # unrenewed are a dead run's, so wait for them to run out and take those over.
+                if not stop.requested and await claims.outlast_stale(plan.in_flight_elsewhere):
+                    late = await make_plan(only=set(plan.in_flight_elsewhere))
+                    late.todo, claimed_first = await claims.take(late.todo)
+                    late.in_flight_elsewhere += claimed_first
+                    plan.fold_in(late)
+                    progress.total = len(plan.todo)
+                    processed += await process_all(ctx, late.todo, record, chunk_size=chunk_size)
         await progress.finish()
 
     summary = summarize(
         source=src.url, output=out.url, plan=plan, processed=processed,
         manifest_writes=len(writer.batches), seconds=time.perf_counter() - started,
         max_loop_stall_s=loop_probe.max_stall, flow_run_id=str(flow_run.id),
+        claim_holders=sorted({str(holders[run]) for run in plan.holders.values()
+                              if run in holders}),
+        stopped_by=stop.signal.name if stop.signal else None,
     )
     await publish_summary(quote(summary))  # quote: no futures in it for Prefect to look for
     return outcome_state(summary, fail_on_invoice_errors)
@@ -166,21 +206,29 @@ async def all_or_nothing(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
     return [task.result() for task in tasks]
 
 
-def report_plan(plan: BatchPlan, source: str) -> None:
+def report_plan(plan: BatchPlan, source: str, holders: dict[str, ClaimHolder]) -> None:
     logger = get_run_logger()
     logger.info("%d invoices to process under %s (%d already done)",
                 len(plan.todo), source, len(plan.skipped_done))
     if plan.taken_over:
-        logger.warning("taking over %d invoices whose claim ran out (a run that died): %s",
+        logger.warning("taking over %d invoices claimed by a run that ended or stopped "
+                       "renewing its claims: %s",
                        len(plan.taken_over), ", ".join(plan.taken_over[:10]))
-    if plan.in_flight_elsewhere:
-        logger.warning("leaving %d invoices to the run that claimed them (lease still running)",
-                       len(plan.in_flight_elsewhere))
+    for run_id, count in Counter(plan.holders.values()).items():
+        holder = holders.get(run_id or "") or run_id
+        logger.warning("leaving %d invoices to the run that claimed them and is still running: "
+                       "%s", count, holder)
 
 
 def outcome_state(summary: RunSummary, fail_on_invoice_errors: bool) -> State:
-    """Completed, or Failed when invoices failed and that is asked for; the summary is the data."""
+    """Completed, or Failed when invoices failed and that is asked for, or Cancelled when a
+    signal stopped the run; the summary is the data."""
     failed = summary.failed
+    if summary.stopped_by:
+        return Cancelled(
+            message=f"stopped by {summary.stopped_by}: {summary.processed} invoices recorded, "
+            f"{summary.unfinished} given back unfinished", data=summary,
+        )
     if failed and fail_on_invoice_errors:
         return Failed(message=f"{failed} of {summary.processed} invoices failed", data=summary)
     return Completed(message=f"{summary.processed} invoices processed", data=summary)

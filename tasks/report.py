@@ -50,11 +50,22 @@ class RunSummary(BaseModel):
     seconds: float = 0.0
     max_loop_stall_s: float = 0.0
     flow_run_id: str | None = None
+    # The live runs (name and id) holding the claims of the invoices skipped as in flight.
+    claim_holders: list[str] = Field(default_factory=list)
+    # The signal that stopped the run early, and how many invoices it gave back unfinished.
+    stopped_by: str | None = None
+    unfinished: int = 0
     rows: list[InvoiceRow] = Field(default_factory=list)
 
     @property
     def failed(self) -> int:
         return self.counts.get("failed", 0)
+
+
+class RunRefused(BaseModel):
+    """The result of a run that could not go ahead as configured (nothing was processed)."""
+
+    reason: str
 
 
 class LoopStallProbe:
@@ -111,6 +122,8 @@ def summarize(
     seconds: float,
     max_loop_stall_s: float = 0.0,
     flow_run_id: str | None = None,
+    claim_holders: list[str] | None = None,
+    stopped_by: str | None = None,
 ) -> RunSummary:
     rows = []
     for item in sorted(processed, key=lambda p: p.outcome.key):
@@ -148,6 +161,9 @@ def summarize(
         seconds=round(seconds, 3),
         max_loop_stall_s=round(max_loop_stall_s, 4),
         flow_run_id=flow_run_id,
+        claim_holders=claim_holders or [],
+        stopped_by=stopped_by,
+        unfinished=len(plan.todo) - len(processed),
         rows=rows,
     )
 
@@ -171,7 +187,12 @@ def format_table(summary: RunSummary) -> str:
         f"{summary.manifest_writes} manifest writes; {summary.seconds:.2f} s"
     )
     if summary.taken_over:
-        out.append(f"taken over from a run that died: {summary.taken_over}")
+        out.append(f"taken over from a run that ended or died: {summary.taken_over}")
+    if summary.claim_holders:
+        out.append(f"claimed by a run still going: {', '.join(summary.claim_holders)}")
+    if summary.stopped_by:
+        out.append(f"stopped by {summary.stopped_by}: {summary.unfinished} invoices given back "
+                   "unfinished (the next run takes them at once)")
     if summary.prompt_tokens or summary.completion_tokens:
         out.append(f"LLM tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion")
     out.append(f"results and manifest: {summary.output}")
@@ -189,7 +210,11 @@ def format_markdown(summary: RunSummary) -> str:
         f"- skipped: {summary.skipped_done} already done, {summary.skipped_review} needs_review, "
         f"{summary.skipped_exhausted} out of attempts, {summary.skipped_in_flight} claimed by "
         f"another run",
-        f"- taken over from a run that died: {summary.taken_over}",
+        f"- taken over from a run that ended or died: {summary.taken_over}",
+        *([f"- claimed by a run still going: {', '.join(summary.claim_holders)}"]
+          if summary.claim_holders else []),
+        *([f"- stopped by {summary.stopped_by}: {summary.unfinished} invoices given back "
+           "unfinished"] if summary.stopped_by else []),
         f"- LLM tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion",
         f"- manifest writes: {summary.manifest_writes}",
         f"- time: {summary.seconds:.1f} s (longest event-loop stall {summary.max_loop_stall_s * 1000:.0f} ms)",

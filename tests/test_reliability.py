@@ -31,6 +31,7 @@ from tasks.errors import InvoiceFailure
 from tasks.extract import extract_fields
 from tasks.manifest import Manifest, ManifestWriter, ManifestWriteError
 from tasks.parse import parse_pdf_bytes
+from tasks.pipeline import result_key_for
 from tasks.samples import make_invoice
 from tasks.storage import S3Store
 from tests.conftest import read_artifacts
@@ -208,8 +209,7 @@ class S3Env:
                 for body in self.objects(self.output_prefix + "results/").values()]
 
     def result(self, key: str) -> dict:
-        stem = key.rsplit(".", 1)[0]
-        body = self.s3.get_object(Bucket=self.bucket, Key=f"{self.output_prefix}results/{stem}.json")
+        body = self.s3.get_object(Bucket=self.bucket, Key=self.output_prefix + result_key_for(key))
         return json.loads(body["Body"].read())
 
     def gets_of(self, key: str) -> int:
@@ -306,7 +306,7 @@ async def test_storage_faults_that_outlast_retries_end_as_recorded_failures(s3en
     put_victim, get_victim = keys[3], keys[6]
     proxy = s3env.proxy
     put_rule = proxy.inject(method="PUT", status=503, code="SlowDown", times=None,
-                            key_contains=f"{s3env.output_prefix}results/{Path(put_victim).stem}.json")
+                            key_contains=f"{s3env.output_prefix}{result_key_for(put_victim)}")
     get_rule = proxy.inject(method="GET", status=500, code="InternalError", times=None,
                             key_contains=f"{s3env.source_prefix}{get_victim}")
 
