@@ -119,6 +119,7 @@ def prefect_server(tmp_path_factory):
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # tests/test_schedule.py: not 60 s
     )
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen(
