@@ -11,9 +11,11 @@ from typing import Literal
 from pydantic import SecretStr
 
 from tasks.einvoice import EmbeddedFirstExtractor
+from tasks.errors import ConfigurationError
 from tasks.extract import Extractor, OfflineExtractor
 from tasks.limits import LLMSlots, ensure_llm_limits
 from tasks.llm import LLMSettings, OpenAIExtractor  # at import: importing openai takes ~0.3 s
+from tasks.parse import PdfParser
 
 ExtractorChoice = Literal["auto", "offline", "openai"]
 
@@ -22,20 +24,33 @@ ExtractorChoice = Literal["auto", "offline", "openai"]
 async def build_extractor(
     choice: ExtractorChoice,
     *,
+    parser: PdfParser | None = None,
     api_key: SecretStr | None = None,
     max_in_flight: int = 100,
     slot_lease_seconds: float = 120.0,
 ) -> AsyncIterator[Extractor]:
-    """`auto` uses the LLM when one is configured (an API key or OPENAI_BASE_URL), else offline."""
+    """`auto` uses the LLM when one is configured (an API key or OPENAI_BASE_URL), else offline.
+
+    With a `parser`, every CPU-bound extraction step (the offline rules, the embedded XML,
+    the page read that cross-checks it) runs in its pool, off the event loop and under its
+    deadline; it is only kept here, so it need not be started yet. Without one they run
+    inline (tests, benches that drive extractors directly).
+
+    A malformed LLM setting (e.g. OPENAI_BASE_URL with credentials in it) raises
+    `ConfigurationError` here, before any invoice; `offline` does not read those settings.
+    """
+    if choice == "offline":
+        yield _offline(parser)
+        return
     settings = LLMSettings.from_env()
     if api_key is not None:
         settings.api_key = api_key
     configured = settings.api_key is not None or settings.base_url is not None
-    if choice == "offline" or (choice == "auto" and not configured):
-        yield EmbeddedFirstExtractor(OfflineExtractor())
+    if choice == "auto" and not configured:
+        yield _offline(parser)
         return
     if not configured:
-        raise ValueError(
+        raise ConfigurationError(
             "extractor 'openai' needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local "
             "OpenAI-compatible server)"
         )
@@ -56,4 +71,13 @@ async def build_extractor(
                 await (await building).aclose()
             raise
         async with await building as extractor:
-            yield EmbeddedFirstExtractor(extractor)
+            yield EmbeddedFirstExtractor(extractor, parser=parser)
+
+
+def _offline(parser: PdfParser | None) -> Extractor:
+    if parser is not None:
+        # Every invoice is read by the rules in a worker: import them in the forkserver,
+        # once, rather than in every fresh worker on its first invoice. (With the LLM, only
+        # e-invoices need them there, so those workers import them when one comes.)
+        parser.preload("tasks.extract", "tasks.einvoice")
+    return EmbeddedFirstExtractor(OfflineExtractor(parser), parser=parser)

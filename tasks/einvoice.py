@@ -34,7 +34,7 @@ from tasks.embedded_xml import (
 from tasks.errors import InvoiceFailure
 from tasks.extract import Extraction, Extractor, OfflineExtractor
 from tasks.invoice import Invoice, LineItem
-from tasks.parse import ParsedDocument
+from tasks.parse import ParsedDocument, PdfParser
 
 __all__ = [
     "attach_einvoice",
@@ -576,11 +576,23 @@ class EmbeddedFirstExtractor:
     The XML is exact and costs no LLM call. The page is still read by the offline rules as a
     cross-check: where the printed invoice contradicts its XML, the result goes to review.
     An embedded XML that cannot be parsed is noted and the fallback extracts from the text.
+
+    Given a `parser`, the CPU-bound steps (parsing the XML, and the offline read of the page
+    unless `printed` is given) run in its pool (`PdfParser.run`, stage "extract"); a failure
+    of the pool itself (`extract_timeout`, `extract_crashed`, `parser_unavailable`) fails the
+    invoice, retryably, instead of passing for a bad XML.
     """
 
-    def __init__(self, fallback: Extractor, printed: Extractor | None = None) -> None:
+    def __init__(
+        self,
+        fallback: Extractor,
+        printed: Extractor | None = None,
+        *,
+        parser: PdfParser | None = None,
+    ) -> None:
         self.fallback = fallback
-        self.printed = printed or OfflineExtractor()
+        self.printed = printed or OfflineExtractor(parser)
+        self.parser = parser
         self.name = fallback.name
 
     async def extract(self, document: ParsedDocument) -> Extraction:
@@ -588,8 +600,13 @@ class EmbeddedFirstExtractor:
         if embedded is None:
             return await self.fallback.extract(document)
         try:
-            invoice = parse_einvoice(embedded.data)
+            if self.parser is None:
+                invoice = parse_einvoice(embedded.data)
+            else:
+                invoice = await self.parser.run(parse_einvoice, embedded.data, stage="extract")
         except InvoiceFailure as exc:
+            if not exc.code.startswith("einvoice_"):  # the pool's, not the XML's
+                raise
             extraction = await self.fallback.extract(document)
             extraction.notes.append(
                 f"embedded {embedded.name} not used ({exc.code}: {exc.message})"

@@ -52,7 +52,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Iterable, Literal, Protocol
 
 from tasks.invoice import Invoice, LineItem
-from tasks.parse import ParsedDocument
+from tasks.parse import ParsedDocument, PdfParser
 
 
 @dataclass
@@ -2201,10 +2201,20 @@ def extract_document(document: ParsedDocument) -> tuple[Invoice, list[str]]:
 
 
 class OfflineExtractor:
-    """The rules extractor behind the `Extractor` protocol: no network, no tokens."""
+    """The rules extractor behind the `Extractor` protocol: no network, no tokens.
+
+    The rules are pure Python and CPU-bound (seconds on a long, text-heavy document): given a
+    `parser`, they run in its pool (`PdfParser.run`), off the event loop and bounded by its
+    deadline (`extract_timeout`, `extract_crashed`); without one, inline."""
 
     name = "offline"
 
+    def __init__(self, parser: PdfParser | None = None) -> None:
+        self.parser = parser
+
     async def extract(self, document: ParsedDocument) -> Extraction:
-        invoice, notes = extract_document(document)
+        if self.parser is None:
+            invoice, notes = extract_document(document)
+        else:
+            invoice, notes = await self.parser.run(extract_document, document, stage="extract")
         return Extraction(invoice=invoice, source="text", notes=notes)

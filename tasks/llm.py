@@ -36,6 +36,7 @@ import os
 import random
 import re
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, AsyncContextManager, Callable, Mapping
 
@@ -43,7 +44,7 @@ import openai
 from openai.types.chat import ChatCompletion
 from pydantic import SecretStr, ValidationError
 
-from tasks.errors import InvoiceFailure
+from tasks.errors import ConfigurationError, InvoiceFailure
 from tasks.extract import Extraction
 from tasks.invoice import Invoice
 from tasks.parse import ParsedDocument
@@ -75,6 +76,32 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _check_base_url(url: str) -> None:
+    """Refuse a base URL the client cannot use as one, with `ConfigurationError`: credentials
+    in it (`user:password@host`: the key belongs in OPENAI_API_KEY, a URL is shown in reprs
+    and error messages), no http(s) scheme, no host, a port that is not a number.
+
+    The messages never quote the URL: a malformed one can carry a secret anywhere in it."""
+    authority = url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" in authority:  # also without a scheme, where urlsplit sees no host at all
+        raise ConfigurationError(
+            "OPENAI_BASE_URL carries credentials (user:password@ before the host), which a base "
+            "URL must not: put the API key in OPENAI_API_KEY and set OPENAI_BASE_URL to the "
+            "endpoint alone, e.g. http://127.0.0.1:8000/v1 (its value is not shown here)"
+        )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # a port that is not a number raises ValueError
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            "OPENAI_BASE_URL is not an http:// or https:// URL with a host: set it to the "
+            "endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1, and the "
+            "API key in OPENAI_API_KEY (its value is not shown here)"
+        )
+
+
 @dataclass
 class LLMSettings:
     model: str = "gpt-4o-mini"
@@ -90,6 +117,8 @@ class LLMSettings:
     max_completion_tokens: int | None = 8192  # bounds a runaway answer; None: not sent
 
     def __post_init__(self) -> None:
+        """Raises ValueError for an out-of-range number, `ConfigurationError` for a base URL
+        that is not one (`_check_base_url`)."""
         if isinstance(self.api_key, str):  # accept a plain string, keep it secret
             self.api_key = SecretStr(self.api_key)
         if self.timeout <= 0:
@@ -98,6 +127,9 @@ class LLMSettings:
             raise ValueError("retry counts must be >= 0")
         if self.max_input_chars <= 0:
             raise ValueError("max_input_chars must be > 0")
+        if self.base_url is not None:
+            self.base_url = self.base_url.strip()
+            _check_base_url(self.base_url)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "LLMSettings":
@@ -109,7 +141,7 @@ class LLMSettings:
         key = env.get("OPENAI_API_KEY") or None
         return cls(
             model=env.get("OPENAI_MODEL") or d.model,
-            base_url=env.get("OPENAI_BASE_URL") or None,
+            base_url=(env.get("OPENAI_BASE_URL") or "").strip() or None,
             api_key=SecretStr(key) if key else None,
             timeout=_env_float(env, "INVOICES_LLM_TIMEOUT", d.timeout),
             max_retries=_env_int(env, "INVOICES_LLM_MAX_RETRIES", d.max_retries),

@@ -3,7 +3,8 @@
 `parse_pdf_bytes` is the plain, synchronous parser: bytes in, `ParsedDocument` out, or an
 `InvoiceFailure` with a stable code for every way a file can be unreadable. `PdfParser` runs it
 in an executor with a deadline, so the event loop never stalls on PyMuPDF (which holds the GIL)
-and a pathological file cannot hang the batch.
+and a pathological file cannot hang the batch. `PdfParser.run` gives other CPU-bound steps
+(the offline extraction rules, e-invoice XML) the same pool, deadline and clean-up.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import functools
 import importlib.machinery
 import multiprocessing
 import os
+import re
+import signal
 import sys
 import threading
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 from tasks.errors import InvoiceFailure
 from tasks.priority import lower_priority, lowered
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     import pymupdf
 
     from tasks.embedded_xml import EmbeddedXml
+
+T = TypeVar("T")
 
 
 class Word(NamedTuple):
@@ -158,17 +163,17 @@ def parse_pdf_bytes(data: bytes, *, max_pages: int | None = None) -> ParsedDocum
         ) from None
 
     with doc:
+        page_count = _page_count(doc, size)
         if doc.needs_pass:
             # MuPDF already tried the empty password (owner-password-only files open fine);
             # guessing others is not our business.
             raise InvoiceFailure(
                 "pdf_encrypted",
-                f"the PDF is password-protected ({_pages(doc.page_count)}, {_size(size)}); "
+                f"the PDF is password-protected ({_pages(page_count)}, {_size(size)}); "
                 "passwords are not tried",
             )
         _refuse_repaired(doc, size)
 
-        page_count = doc.page_count
         if page_count == 0:
             raise InvoiceFailure("no_text_layer", f"the PDF has no pages ({_size(size)})")
         if max_pages is not None and page_count > max_pages:
@@ -279,6 +284,36 @@ def sorted_text(words: list[tuple], tolerance: float = 3) -> str:
     return text
 
 
+def _page_count(doc: pymupdf.Document, size: int) -> int:
+    """The page count, or `pdf_damaged` when the page tree's /Count is impossible.
+
+    MuPDF refuses a /Count that is negative or not below the file's number of objects (every
+    page needs an object of its own), e.g. a forged 2,000,000,000, with a RuntimeError before
+    allocating anything; a smaller lie is corrected as the pages are loaded."""
+    import pymupdf
+
+    try:
+        return doc.page_count
+    except (RuntimeError, pymupdf.mupdf.FzErrorBase) as exc:
+        declared = _declared_page_count(doc)
+        claim = f"declares {declared} pages" if declared is not None else "is invalid"
+        raise InvoiceFailure(
+            "pdf_damaged",
+            f"the PDF's page tree {claim}, which the file cannot hold ({_size(size)}, "
+            f"{doc.xref_length()} objects): it is damaged or forged [MuPDF: {exc}]",
+        ) from None
+
+
+def _declared_page_count(doc: pymupdf.Document) -> str | None:
+    import pymupdf
+
+    try:
+        kind, value = doc.xref_get_key(doc.pdf_catalog(), "Pages/Count")
+    except (RuntimeError, ValueError, pymupdf.mupdf.FzErrorBase):
+        return None  # a catalog too broken to read: the message says "invalid" instead
+    return value[:20] if kind == "int" else None
+
+
 def _refuse_repaired(doc: pymupdf.Document, size: int) -> None:
     # A repaired file opens "fine" with whatever text survived: returning that would be silent
     # garbage (missing pages, missing totals), so repair is a failure.
@@ -320,9 +355,9 @@ def _size(n: int) -> str:
 _FITZ_LOCK = threading.Lock()
 
 
-def _parse_serialized(data: bytes, max_pages: int | None) -> ParsedDocument:
+def _serialized(fn: Callable[[], T]) -> T:
     with _FITZ_LOCK:
-        return parse_pdf_bytes(data, max_pages=max_pages)
+        return fn()
 
 
 def _init_worker(niceness: int) -> None:
@@ -330,7 +365,11 @@ def _init_worker(niceness: int) -> None:
     # the forkserver; not when some other code started the forkserver first), import what
     # a parse needs now (a no-op when the forkserver preloaded it) so the first parse does
     # not pay for it, and keep MuPDF's repair chatter off stderr; what it says is carried in
-    # the InvoiceFailure message instead.
+    # the InvoiceFailure message instead. A Ctrl-C or a SIGTERM sent to the whole process
+    # group is the run's to handle (it lets the invoices in flight finish): the workers
+    # ignore it, and the run ends them when it closes the pool.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     lower_priority(niceness)
     import pymupdf as _pymupdf
 
@@ -358,11 +397,15 @@ def _process_context() -> multiprocessing.context.BaseContext:
     # tasks.embedded_xml to look for an e-invoice attachment) is imported once in the
     # forkserver, not in every new worker. Not tasks.einvoice: with the offline extractor
     # and the invoice models it cost ~0.25 s more, and each run's first parse waits for the
-    # forkserver's start (0.43 s, now 0.20 s, until both workers answer; measured).
+    # forkserver's start (0.43 s, now 0.20 s, until both workers answer; measured). A run
+    # that extracts in the pool adds them through `PdfParser.preload`.
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tasks.forkserver_preload", "pymupdf", "tasks.parse",
-                               "tasks.embedded_xml"])
+    ctx.set_forkserver_preload(list(_PRELOAD))
     return ctx
+
+
+# What the forkserver imports when it starts: see _process_context and PdfParser.preload.
+_PRELOAD = ["tasks.forkserver_preload", "pymupdf", "tasks.parse", "tasks.embedded_xml"]
 
 
 class _Pool:
@@ -370,7 +413,7 @@ class _Pool:
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
-        self.active = 0  # parse() calls awaiting a result from this executor
+        self.active = 0  # calls (parse() and run()) awaiting a result from this executor
         self.retired = False
 
     def stop(self) -> None:
@@ -424,9 +467,23 @@ _SKIP_MAIN_SPEC = importlib.machinery.ModuleSpec("invoice_pdf_worker.__main__", 
 
 PIPELINE = 4
 
+_STAGE_RE = re.compile(r"[a-z][a-z0-9_]*")
+
+
+class _Work(NamedTuple):
+    """What a pool call does, for its failures: codes `<stage>_timeout`, `<stage>_crashed`;
+    `doing` completes "... did not finish", "... died while ..." ("parsing this file (2 KiB)")."""
+
+    stage: str
+    doing: str
+
+    def failure(self, what: Literal["timeout", "crashed"], message: str) -> InvoiceFailure:
+        return InvoiceFailure(f"{self.stage}_{what}", message, retryable=True)
+
 
 class PdfParser:
     """Owns the executor; parses off the event loop with loop.run_in_executor and a deadline.
+    `run` executes other CPU-bound steps (the extractors') in the same pool, the same way.
 
     kind="process" (default): a forkserver process pool. PyMuPDF holds the GIL, so processes are
     the only way to parse in parallel and keep the event loop responsive. With the forkserver
@@ -441,20 +498,21 @@ class PdfParser:
     them; if they cannot start, every parse fails "parser_unavailable" (retryable) with the
     reason. `await start()` waits for them at once.
 
-    Deadlines: `timeout` bounds each parse from submission to result; waiting for a free
-    worker is not counted (every call ahead holds its worker for at most `timeout`), so a
-    large batch does not time out merely by queueing. A running parse cannot be cancelled:
+    Deadlines: `timeout` bounds each call (parse or run) from submission to result; waiting
+    for a free worker is not counted (every call ahead holds its worker for at most `timeout`),
+    so a large batch does not time out merely by queueing. A running call cannot be cancelled:
     when its caller gives up (timeout or cancellation) the worker keeps going. The pool is
-    then retired: new parses go to a fresh pool at once, and once the retired pool's other
+    then retired: new calls go to a fresh pool at once, and once the retired pool's other
     calls have finished, its processes are killed, so abandoned work (even an endless loop in
     MuPDF) never holds a worker or a CPU for long and a flood of timeouts cannot wedge the
-    parser. Threads cannot be killed: in thread mode an abandoned parse runs to its end and
+    parser. Threads cannot be killed: in thread mode an abandoned call runs to its end and
     holds the lock meanwhile (and interpreter exit waits for it); later calls then time out
     rather than hang.
 
     Crashes: if a worker process dies (segfault in MuPDF, OOM kill), every call on that pool
-    still waiting fails with "parse_crashed" (retryable: the culprit cannot be told apart from
-    the files parsed next to it) and the pool is rebuilt for later calls.
+    still waiting fails with "parse_crashed" ("<stage>_crashed" for `run`; retryable: the
+    culprit cannot be told apart from the work done next to it) and the pool is rebuilt for
+    later calls.
     """
 
     def __init__(
@@ -494,6 +552,18 @@ class PdfParser:
             )
         )
 
+    def preload(self, *modules: str) -> None:
+        """Have the workers import `modules` (what the functions given to `run` live in)
+        before their first call. Process mode only, and only until this process's forkserver
+        has started (it reads the list once; `async with` starts it): it then imports them
+        once, and every worker forked from it, also in the pools that replace a retired one,
+        has them. Otherwise a worker imports a module on its first call that needs it, and
+        every fresh pool's first calls pay for that again (tasks.extract: ~0.3 s a worker)."""
+        if self._context is None:
+            return
+        _PRELOAD.extend(module for module in modules if module not in _PRELOAD)
+        self._context.set_forkserver_preload(list(_PRELOAD))
+
     async def start(self) -> None:
         """Start every worker (process start, imports) and wait until all have answered.
 
@@ -529,6 +599,34 @@ class PdfParser:
             ) from None
 
     async def parse(self, data: bytes) -> ParsedDocument:
+        """The text of a PDF (`parse_pdf_bytes`), parsed in the pool. Failure codes, besides
+        `parse_pdf_bytes`' own: `parse_timeout`, `parse_crashed`, `parser_unavailable`."""
+        return await self._call(
+            functools.partial(parse_pdf_bytes, data, max_pages=self.max_pages),
+            _Work("parse", f"parsing this file ({_size(len(data))})"),
+        )
+
+    async def run(self, fn: Callable[..., T], /, *args: Any, stage: str = "extract") -> T:
+        """`fn(*args)` in the pool, with the guarantees `parse` has: off the event loop, bounded
+        by `timeout`, and when the deadline passes or the caller is cancelled, the call is
+        abandoned and (process mode) its worker killed; in thread mode, serialized with every
+        PyMuPDF call of the process.
+
+        Process mode pickles `fn` and `args` (a top-level function, `functools.partial` of
+        one) and the result; a worker imports `fn`'s module on its first such call, unless
+        `preload` named it. Exceptions `fn` raises come back as they are. Failures of the pool itself are retryable `InvoiceFailure`s named after
+        `stage`: `<stage>_timeout` (the deadline passed), `<stage>_crashed` (a worker died, or
+        the parser was closed meanwhile), and `parser_unavailable` (workers did not start).
+        The extractors use stage "extract": `extract_timeout`, `extract_crashed`.
+        """
+        if not _STAGE_RE.fullmatch(stage):
+            raise ValueError(f"stage must be a lowercase identifier, not {stage!r}")
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        return await self._call(
+            functools.partial(fn, *args), _Work(stage, f"running {name} ({stage} step)")
+        )
+
+    async def _call(self, fn: Callable[[], T], work: _Work) -> T:
         if self._closed:
             raise RuntimeError("PdfParser is closed")
         if self._starting is not None:
@@ -536,44 +634,39 @@ class PdfParser:
         async with self._slots:
             if self._closed:  # closed while we waited for a slot
                 raise RuntimeError("PdfParser is closed")
-            pool, future = self._submit(data)
+            pool, future = self._submit(fn)
             abandoned = False
             try:
                 return await asyncio.wait_for(future, self.timeout)
             except TimeoutError:
                 abandoned = True
-                raise InvoiceFailure(
-                    "parse_timeout",
-                    f"parsing did not finish within {self.timeout:g} s ({_size(len(data))}); "
-                    "the file was abandoned",
-                    retryable=True,
+                raise work.failure(
+                    "timeout",
+                    f"{work.doing} did not finish within {self.timeout:g} s; it was abandoned",
                 ) from None
             except asyncio.CancelledError:
                 abandoned = True  # our caller gave up; the worker did not
                 task = asyncio.current_task()
                 if self._closed and task is not None and task.cancelling() == 0:
                     # Not our caller's cancellation: close() cancelled the queued future.
-                    raise InvoiceFailure(
-                        "parse_crashed",
-                        "the parser was shut down before this file was parsed",
-                        retryable=True,
+                    raise work.failure(
+                        "crashed", f"the parser was shut down before {work.doing}"
                     ) from None
                 raise
             except BrokenProcessPool:
                 self._retire(pool)
                 if self._closed:
-                    message = "the parser was shut down while this file was being parsed"
+                    message = f"the parser was shut down while {work.doing}"
                 else:
                     message = (
-                        f"a parser worker process died while this file ({_size(len(data))}) "
-                        "was being parsed; the file may have crashed it, or one parsed at the "
-                        "same time did"
+                        f"a parser worker process died while {work.doing}; this work may have "
+                        "crashed it, or other work in the pool at the same time did"
                     )
-                raise InvoiceFailure("parse_crashed", message, retryable=True) from None
+                raise work.failure("crashed", message) from None
             finally:
                 pool.active -= 1
                 if abandoned:
-                    self._retire(pool)  # its worker is still busy with our file
+                    self._retire(pool)  # its worker is still busy with our call
                 self._reap(pool)
 
     async def _wait_started(self) -> None:
@@ -587,19 +680,17 @@ class PdfParser:
                 retryable=True,
             ) from None
 
-    def _submit(self, data: bytes) -> tuple[_Pool, asyncio.Future[ParsedDocument]]:
+    def _submit(self, fn: Callable[[], T]) -> tuple[_Pool, asyncio.Future[T]]:
         loop = asyncio.get_running_loop()
         if self.kind == "thread":
-            fn = functools.partial(_parse_serialized, data, self.max_pages)
-        else:
-            fn = functools.partial(parse_pdf_bytes, data, max_pages=self.max_pages)
+            fn = functools.partial(_serialized, fn)
         pool = self._pool
         try:
             with _workers_skip_main():
                 future = loop.run_in_executor(pool.executor, fn)
         except BrokenProcessPool:
             # The pool broke before this call reached it (a crash nobody awaited yet): not this
-            # file's fault, so rebuild and submit once more.
+            # call's fault, so rebuild and submit once more.
             self._retire(pool)
             self._reap(pool)
             pool = self._pool
@@ -624,9 +715,10 @@ class PdfParser:
             pool.stop()
 
     def close(self) -> None:
-        """Shut the pools down: cancel queued parses, kill workers still busy. Idempotent.
+        """Shut the pools down: cancel queued calls, kill workers still busy. Idempotent.
 
-        Calls still in flight fail with "parse_crashed" (process mode); close after the batch.
+        Calls still in flight fail with "parse_crashed" / "<stage>_crashed" (process mode);
+        close after the batch.
         """
         if self._closed:
             return

@@ -14,7 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from fake_llm.server import FakeLLMConfig, FakeLLMServer, strict_schema_problems
-from tasks.errors import InvoiceFailure
+from tasks.errors import ConfigurationError, InvoiceFailure
 from tasks.invoice import Invoice, LineItem
 from tasks.llm import (
     INVOICE_SCHEMA,
@@ -397,6 +397,49 @@ def test_settings_from_env_and_plain_string_key():
         LLMSettings.from_env({"INVOICES_LLM_TIMEOUT": "soon"})
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         OpenAIExtractor(LLMSettings())
+
+
+USER, PASSWORD = "svc-invoices", "hunter2-Zq9"
+
+
+@pytest.mark.parametrize("url", [
+    f"http://{USER}:{PASSWORD}@llm.internal:8000/v1",
+    f"https://{USER}:{PASSWORD}@api.openai.com/v1",
+    f"http://{USER}@llm.internal/v1",
+    f"http://:{PASSWORD}@llm.internal/v1",
+    f"{USER}:{PASSWORD}@llm.internal/v1",  # no scheme: urlsplit sees no host, only a path
+])
+def test_a_base_url_with_credentials_is_refused_without_showing_them(url):
+    with pytest.raises(ConfigurationError) as info:
+        LLMSettings.from_env({"OPENAI_BASE_URL": url, "OPENAI_API_KEY": KEY})
+    message = str(info.value)
+    assert "\n" not in message
+    assert "OPENAI_API_KEY" in message and "credentials" in message
+    assert USER not in message and PASSWORD not in message and KEY not in message
+    with pytest.raises(ConfigurationError):  # built in code rather than from the environment
+        LLMSettings(base_url=url)
+
+
+@pytest.mark.parametrize("url", [
+    "llm.internal/v1", "ftp://llm.internal/v1", "file:///etc/passwd", "http:///v1",
+    f"http://llm.internal:{PASSWORD}/v1", "http://[::1/v1", "   ",
+])
+def test_a_base_url_that_is_no_http_url_is_refused_without_quoting_it(url):
+    with pytest.raises(ConfigurationError) as info:
+        LLMSettings(base_url=url)
+    message = str(info.value)
+    assert "OPENAI_BASE_URL" in message and "http" in message and "\n" not in message
+    assert PASSWORD not in message and "llm.internal" not in message
+
+
+def test_good_base_urls_pass_as_they_are():
+    for url in ["http://127.0.0.1:8811/v1", "https://api.openai.com/v1", "http://[::1]:8000/v1",
+                "HTTPS://Example.COM/openai/v1?api-version=2024-10-21"]:
+        assert LLMSettings(base_url=url).base_url == url
+    assert LLMSettings.from_env({"OPENAI_BASE_URL": " http://127.0.0.1:1/v1\n"}).base_url == (
+        "http://127.0.0.1:1/v1"
+    )
+    assert LLMSettings.from_env({"OPENAI_BASE_URL": "  "}).base_url is None  # unset, not malformed
 
 
 def test_retry_after_parsing():

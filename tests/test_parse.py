@@ -78,6 +78,30 @@ def truncated_pdf() -> bytes:
     raise AssertionError("no cut point made PyMuPDF repair the file")
 
 
+def forged_page_count_pdf(count: int = 2_000_000_000) -> bytes:
+    """A one-page PDF whose page tree declares `count` pages. Written by hand: PyMuPDF will
+    not save a document whose page count it rejects."""
+    content = b"BT /F1 12 Tf 72 720 Td (Invoice 1 Total 10.00 EUR) Tj ET"
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count %d >>" % count,
+        (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+         b"/Resources << /Font << /F1 5 0 R >> >> >>"),
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
 ONE_PAGE = ["Invoice INV-001\nTotal: 42.00 EUR"]
 THREE_PAGES = ["Invoice INV-003 page one", "Line items page two", "Total 99.50 EUR page three"]
 MAX_PAGES = 5  # the limit used by the cases below
@@ -96,6 +120,7 @@ CASES: dict[str, tuple[Callable[[], bytes], list[str] | str]] = {
     "pdf_header_garbage": (lambda: b"%PDF-1.7\n" + random.Random(2).randbytes(512), "pdf_damaged"),
     "image_only": (image_only_pdf, "no_text_layer"),
     "too_many_pages": (lambda: make_pdf([f"page {i}" for i in range(MAX_PAGES + 1)]), "too_many_pages"),
+    "forged_page_count": (forged_page_count_pdf, "pdf_damaged"),
 }
 
 
@@ -166,6 +191,22 @@ def test_page_limit_is_checked_before_extracting_text() -> None:
     with pytest.raises(InvoiceFailure, match="too_many_pages"):
         parse_pdf_bytes(data, max_pages=10)
     assert time.perf_counter() - started < full / 5
+
+
+def test_a_page_count_the_file_cannot_hold_is_pdf_damaged_at_once() -> None:
+    """2,000,000,000 declared pages in a 600-byte file: MuPDF refuses the count (RuntimeError,
+    which ended as `internal_error`, retried on every run); it is a damaged file, said so."""
+    assert forged_page_count_pdf(1) != forged_page_count_pdf()
+    assert strip_pages(parse_pdf_bytes(forged_page_count_pdf(1)).pages) == ["Invoice 1 Total 10.00 EUR"]
+    for max_pages in (500, None):
+        started = time.perf_counter()
+        with pytest.raises(InvoiceFailure) as info:
+            parse_pdf_bytes(forged_page_count_pdf(), max_pages=max_pages)
+        assert time.perf_counter() - started < 1.0
+        assert info.value.code == "pdf_damaged" and not info.value.retryable
+        assert "declares 2000000000 pages" in info.value.message, info.value.message
+    # A smaller lie (3 declared, 1 there) is one MuPDF corrects as it loads the pages.
+    assert parse_pdf_bytes(forged_page_count_pdf(3)).page_count == 1
 
 
 def test_invoice_failure_survives_pickling() -> None:
