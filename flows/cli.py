@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError, create_model
 
+from flows.local_server import ServerDidNotStart, temporary_server
 from tasks.report import RunRefused, RunSummary
 
 
@@ -94,6 +95,32 @@ def _option(parameter: str) -> str:
     return "SOURCE" if parameter == "source" else "--" + parameter.replace("_", "-")
 
 
+def run_on_a_server(flow: Any, parameters: dict[str, Any]) -> Any:
+    """The flow run's final state, on the Prefect API configured (PREFECT_API_URL), or else
+    on a temporary server of this run's own (flows/local_server.py)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return asyncio.run(flow(**parameters, return_state=True))
+    print("starting a temporary Prefect server for this run (set PREFECT_API_URL to use "
+          "yours)...", file=sys.stderr)
+    with temporary_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
+        try:
+            return asyncio.run(flow(**parameters, return_state=True))
+        finally:
+            flush_to_server()
+
+
+def flush_to_server(timeout: float = 10.0) -> None:
+    """Send the log lines and events still queued to the server before it stops (they would
+    otherwise be sent at exit, to a server that is gone)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.process_invoices import process_invoices
     from tasks.report import format_table
@@ -105,7 +132,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"invoices run: {problem}", file=sys.stderr)
         return 2
     try:
-        state = asyncio.run(process_invoices(**parameters, return_state=True))
+        state = run_on_a_server(process_invoices, parameters)
+    except ServerDidNotStart as exc:
+        print(f"invoices run: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # before the run could handle it (starting up)
         print("interrupted before any invoice was processed", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from flows.blocks import load_aws_credentials, load_secret
 from flows.extractors import ExtractorChoice, build_extractor
@@ -32,6 +32,7 @@ from tasks.pipeline import (
     parse_shard,
     plan_batch,
     process_all,
+    valid_shard,
 )
 from tasks.report import (
     LoopStallProbe, RunProgress, RunRefused, RunSummary, gc_frozen, publish_summary, summarize,
@@ -52,7 +53,7 @@ async def process_invoices(
     extractor: ExtractorChoice = "auto",
     max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 100,
     chunk_size: Annotated[int, Field(ge=1)] = 50,
-    shard: Annotated[str | None, Field(pattern=r"^\d+/\d+$")] = None,
+    shard: Annotated[str | None, Field(pattern=r"^\d+/\d+$"), AfterValidator(valid_shard)] = None,
     invoice_timeout: Annotated[float, Field(gt=0)] = 300.0,
     max_pages: Annotated[int, Field(ge=1)] = 500,
     max_bytes: Annotated[int, Field(ge=1)] = 50 * 1024 * 1024,
@@ -143,13 +144,14 @@ async def _process(
         # The other set-up steps and the plan are independent and each mostly waits (on the
         # Prefect server, S3, starting processes), so they overlap; the first failure stops
         # them all. (Reading the manifest needs no lock: writes are compare-and-swap.)
-        _, parser, chosen, plan = await all_or_nothing(
+        parser = PdfParser(parse_executor, max_pages=max_pages)  # also runs the CPU-bound extraction
+        _, chosen, _, plan = await all_or_nothing(
             ensure_manifest_lock(),
-            stack.enter_async_context(PdfParser(parse_executor, max_pages=max_pages)),
             stack.enter_async_context(
-                build_extractor(extractor, api_key=api_key, max_in_flight=max_concurrency,
-                                slot_lease_seconds=lease_seconds)
+                build_extractor(extractor, parser=parser, api_key=api_key,
+                                max_in_flight=max_concurrency, slot_lease_seconds=lease_seconds)
             ),
+            stack.enter_async_context(parser),
             make_plan(),
         )
         freeze_setup()  # the set-up's objects live as long as the run, like those before it
@@ -159,10 +161,9 @@ async def _process(
         progress = await RunProgress.start(len(plan.todo))
         writer = ManifestWriter(partial(run_locked_session, target), on_commit=progress.advance,
                                 on_lock_wait=report_manifest_lock_wait)
-        if plan.todo:  # ask for the lock now, before this run's own task runs load the server
-            await writer.open()
-
         with stop.on_signals():
+            if plan.todo:  # ask for the lock now, before this run's own task runs load the server
+                await writer.open()
             async with writer, Claims(writer, ctx, target, lease_seconds=lease_seconds) as claims:
 
                 def record(done: ProcessedInvoice) -> None:
@@ -171,6 +172,7 @@ async def _process(
 
                 plan.todo, claimed_first = await claims.take(plan.todo)
                 plan.in_flight_elsewhere += claimed_first
+                plan.taken_over = [key for key in plan.taken_over if key not in claimed_first]
                 processed = await process_all(ctx, plan.todo, record, chunk_size=chunk_size)
                 # Claimed by another run: a live run keeps renewing its claims; claims left
                 # unrenewed are a dead run's, so wait for them to run out and take those over.
@@ -181,6 +183,8 @@ async def _process(
                     plan.fold_in(late)
                     progress.total = len(plan.todo)
                     processed += await process_all(ctx, late.todo, record, chunk_size=chunk_size)
+                if stop.requested:  # record what finished, but do not wait for the lock forever
+                    writer.give_up_after = max(stop.grace_seconds, 5.0)
         await progress.finish()
 
     summary = summarize(

@@ -102,7 +102,10 @@ class Claims:
         until = utcnow() + self.lease
         for job in jobs:
             self.writer.submit(claim_outcome(self.ctx, job, until))
-        await self.writer.flush()
+        flushed, _ = await self.ctx.stop.unless_stopped(self.writer.flush())
+        if not flushed:  # stopped while waiting for the lock: none starts, all are given back
+            self._held.update((job.key, job) for job in jobs)
+            return jobs, []
         manifest = await self.target.read()
         held, refused = [], []
         for job in jobs:

@@ -71,6 +71,8 @@ class InvoiceOutcome(BaseModel):
     extractor: str | None = None
     finished_at: datetime = Field(default_factory=utcnow)
     lease_until: datetime | None = None
+    # A claim only: the flow run, ended in Prefect, whose live-looking claim it replaces.
+    takes_over: str | None = None
 
 
 class ManifestEntry(BaseModel):
@@ -196,6 +198,8 @@ def claim_granted(claim: InvoiceOutcome, existing: ManifestEntry) -> bool:
     if existing.status == "processing":
         if same_run:
             return claim.finished_at >= existing.updated_at
+        if claim.takes_over is not None and claim.takes_over == existing.flow_run_id:
+            return True  # its holder has ended: its lease no longer means anything
         return existing.lease_until is None or existing.lease_until <= claim.finished_at
     if existing.status == "released":
         return claim.finished_at >= existing.updated_at
@@ -216,7 +220,7 @@ def lease_is_live(entry: ManifestEntry, now: datetime) -> bool:
 
 def merge_entry(existing: ManifestEntry | None, outcome: InvoiceOutcome) -> ManifestEntry:
     """The entry after recording `outcome`; applying the same outcome twice changes nothing."""
-    fields = outcome.model_dump(exclude={"key", "attempt", "finished_at"})
+    fields = outcome.model_dump(exclude={"key", "attempt", "finished_at", "takes_over"})
     if existing is None:
         return ManifestEntry(
             **fields, attempts=outcome.attempt, first_seen_at=outcome.finished_at,
@@ -526,6 +530,9 @@ class ManifestWriter:
         self.batches: list[int] = []
         self.sessions = 0
         self.recorded = 0
+        # How long leaving `async with` may wait for the lock and the last writes; None: as
+        # long as it takes (a run that is stopping sets a bound).
+        self.give_up_after: float | None = None
 
     def submit(self, outcome: InvoiceOutcome) -> None:
         # Never raises, even after the writer gave up: the outcome joins the unrecorded ones
@@ -570,15 +577,29 @@ class ManifestWriter:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+        await self.close(self.give_up_after)
 
-    async def close(self) -> None:
-        """Flush everything submitted so far, then stop; raises if anything is unrecorded."""
+    async def close(self, give_up_after: float | None = None) -> None:
+        """Flush everything submitted so far, then stop; raises if anything is unrecorded.
+
+        `give_up_after` bounds the wait (a stopping run must end): past it the session is
+        cancelled; claims and releases not written are dropped (a claim that never reached
+        the manifest holds nothing), and any outcome not written makes close() raise."""
         self._closing = True
         self._no_linger.set()
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        task = self._task
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), give_up_after)
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                lost = [o for o in self.unrecorded if o.status in FINAL_STATUSES]
+                self._pending, self._in_flight = lost, []
+                if lost and self._error is None:
+                    self._error = TimeoutError(
+                        f"the manifest was not written within {give_up_after:g} s of stopping")
         if self._error is not None:
             raise ManifestWriteError(self.unrecorded, self._error)
 

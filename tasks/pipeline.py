@@ -44,6 +44,8 @@ class InvoiceJob:
     etag: str
     size: int
     attempt: int = 1
+    # The ended flow run whose claim on this invoice this run replaces, if any.
+    takes_over: str | None = None
 
 
 @dataclass
@@ -104,7 +106,8 @@ def plan_batch(
                 plan.holders[obj.key] = holder
                 continue
             plan.taken_over.append(obj.key)
-            plan.todo.append(InvoiceJob(obj.key, obj.etag, obj.size, attempt))
+            plan.todo.append(InvoiceJob(obj.key, obj.etag, obj.size, attempt,
+                                        takes_over=holder if ended else None))
         elif same and entry.status == "done":
             plan.skipped_done.append(obj.key)
         elif same and entry.status == "needs_review" and not reprocess_needs_review:
@@ -127,6 +130,12 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     if not 0 <= index < count:
         raise ValueError(f"shard {shard!r}: need 0 <= i < n")
     return index, count
+
+
+def valid_shard(shard: str | None) -> str | None:
+    """For a parameter's validation: `shard` as given, if `parse_shard` takes it."""
+    parse_shard(shard)
+    return shard
 
 
 def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
@@ -340,7 +349,8 @@ def _failed(ctx: InvoiceContext, job: InvoiceJob, code: str, message: str) -> Pr
 
 def claim_outcome(ctx: InvoiceContext, job: InvoiceJob, lease_until: datetime) -> InvoiceOutcome:
     """`processing` under this run until `lease_until`: other runs leave the invoice alone."""
-    return _outcome(ctx, job, status="processing", lease_until=lease_until)
+    return _outcome(ctx, job, status="processing", lease_until=lease_until,
+                    takes_over=job.takes_over)
 
 
 def release_outcome(ctx: InvoiceContext, job: InvoiceJob) -> InvoiceOutcome:

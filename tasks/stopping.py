@@ -83,6 +83,22 @@ class StopRequest:
         finally:
             self._in_flight.discard(task)  # type: ignore[arg-type]
 
+    async def unless_stopped(self, work: Awaitable[T]) -> tuple[bool, T | None]:
+        """(True, `work`'s result), or (False, None) when a stop request came first: `work`
+        is then cancelled (for waits that must not hold up a stopping run)."""
+        task: asyncio.Task[T] = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            return False, None
+        return True, task.result()
+
     @contextmanager
     def on_signals(self) -> Iterator[StopRequest]:
         """Handle SIGINT and SIGTERM this way while the block runs, then put back the handlers

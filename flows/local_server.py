@@ -1,0 +1,109 @@
+"""The temporary Prefect server of an `invoices run` that has no PREFECT_API_URL.
+
+Prefect's own ephemeral server runs in the run's process group, so a Ctrl-C in the terminal
+(SIGINT to the whole foreground group) stopped it at the moment the run needed it most: to
+record the invoices in flight and give back its claims. This one is `prefect server start`
+in a session of its own: a terminal's signals reach the run alone, and the run stops the
+server when it is done. On Linux the server also gets SIGTERM when the run's process dies,
+so a killed run does not leave it behind. No UI and no telemetry; of the services, those a
+run needs (the task-run recorder, events, and the repossessor that frees the concurrency
+slots of a run that died), not the ones that start or watch scheduled runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 120.0
+# Services for deployments and schedules, which a run of its own does not use.
+_SERVICES_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS",
+                 "DB_VACUUM")
+_PR_SET_PDEATHSIG = 1
+
+
+class ServerDidNotStart(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def temporary_server() -> Iterator[str]:
+    """A `prefect server start` on 127.0.0.1 for the duration of the block; its API URL.
+
+    Call it before anything starts threads (preexec_fn is only safe in a single-threaded
+    process): the CLI does, before it runs the flow."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+        **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in _SERVICES_OFF},
+        # Leases on concurrency slots kept on disk, not in the server's memory: the next
+        # run's server can then free the slots (the manifest lock) of a run that died with
+        # its server; in memory they were lost and the slots held for ever.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": os.environ.get(
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
+            "prefect.server.concurrency.lease_storage.filesystem"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = tempfile.NamedTemporaryFile(prefix="invoices-prefect-server-", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _healthy(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = Path(log.name).read_text(errors="replace")[-2000:]
+                raise ServerDidNotStart(
+                    f"the temporary Prefect server did not start (log: {log.name}):\n{tail}"
+                )
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        if process.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
+            with contextlib.suppress(OSError):
+                os.unlink(log.name)
