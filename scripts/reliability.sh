@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"  # cds to the project and installs .venv
 
-tests=(tests/test_reliability.py tests/test_crash_resume.py)
+tests=(tests/test_reliability.py tests/test_crash_resume.py tests/test_trust.py)
 
 if [ -n "${RELIABILITY_REPORT:-}" ]; then
   : > "$RELIABILITY_REPORT"
