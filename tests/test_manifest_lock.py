@@ -158,10 +158,11 @@ def test_the_cli_refuses_to_run_without_a_server_and_writes_nothing(tmp_path: Pa
 def test_three_processes_on_one_prefect_server_overlapping_sets_nothing_lost(
     prefect_server, invoice_pdfs, moto_endpoint, s3_bucket
 ):
-    """Three runs of one source into one output, started together: every invoice is in all
-    three runs' listings, and the manifest (under the lock and by compare-and-swap) ends
-    with every one recorded once. (One output records one source: runs of other sources
-    into it are refused, tests/test_trust.py.)"""
+    """Three runs of one source into one output, started together: two take one half each
+    (shards 0/2 and 1/2), the third all of it, so every invoice is wanted by two runs at
+    once; the manifest (under the lock and by compare-and-swap) ends with every one
+    recorded once. (One output records one source: runs of other sources into it are
+    refused, tests/test_trust.py.)"""
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
     upload(s3, s3_bucket, "in", {f"inv-{i:03d}.pdf": invoice_pdfs[i] for i in range(105)})
     env = {**prefect_server.env, "AWS_ENDPOINT_URL": moto_endpoint,
@@ -170,10 +171,10 @@ def test_three_processes_on_one_prefect_server_overlapping_sets_nothing_lost(
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "flows", "run", f"s3://{s3_bucket}/in",
-             "--output", f"s3://{s3_bucket}/out", "--extractor", "offline"],
+             "--output", f"s3://{s3_bucket}/out", "--extractor", "offline", *shard],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        for _ in range(3)
+        for shard in (["--shard", "0/2"], ["--shard", "1/2"], [])
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for proc, output in zip(procs, outputs):
