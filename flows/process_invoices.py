@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
+from collections.abc import Collection, Coroutine
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from collections import Counter
-from collections.abc import Collection, Coroutine
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
