@@ -122,6 +122,8 @@ def flush_to_server(timeout: float = 10.0) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from prefect.exceptions import TerminationSignal
+
     from flows.process_invoices import process_invoices
     from tasks.report import format_table
 
@@ -139,6 +141,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before the run could handle it (starting up)
         print("interrupted before any invoice was processed", file=sys.stderr)
         return 128 + signal.SIGINT
+    except TerminationSignal as exc:  # SIGTERM while starting up, through Prefect's handler
+        print("terminated before any invoice was processed", file=sys.stderr)
+        return 128 + exc.signal
     except Exception as exc:  # the run could not even start (e.g. no Prefect API): say so
         print(f"run failed before processing any invoice: {type(exc).__name__}: {exc}\n"
               "nothing was processed: the manifest is only written under Prefect's lock",

@@ -22,7 +22,7 @@ from flows.extractors import ExtractorChoice, build_extractor
 from tasks.claims import ClaimHolder, Claims, claim_holders
 from tasks.errors import ConfigurationError
 from tasks.limits import ensure_manifest_lock, report_manifest_lock_wait
-from tasks.manifest import ManifestTarget, ManifestWriter, run_locked_session
+from tasks.manifest import ManifestTarget, ManifestWriteError, ManifestWriter, run_locked_session
 from tasks.parse import PdfParser
 from tasks.pipeline import (
     BatchPlan,
@@ -100,9 +100,15 @@ async def process_invoices(
     """
     try:
         return await _process(**locals())
+    except ManifestWriteError as exc:
+        if not isinstance(exc.cause, ConfigurationError):
+            raise
+        # Found only when writing (another run bound the output first, say): still refused.
+        reason = f"{exc.cause} ({len(exc.unrecorded)} outcomes of this run not recorded)"
     except ConfigurationError as exc:  # a user mistake: one line, no traceback
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc), data=RunRefused(reason=str(exc)))
+        reason = str(exc)
+    get_run_logger().error("%s", reason)
+    return Failed(message=reason, data=RunRefused(reason=reason))
 
 
 async def _process(

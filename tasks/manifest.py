@@ -473,6 +473,7 @@ class ManifestWriteError(RuntimeError):
             f"({cause!r})"
         )
         self.unrecorded = unrecorded
+        self.cause = cause
 
 
 Session = Callable[[AsyncIterator[list[InvoiceOutcome]]], Awaitable[object]]

@@ -366,3 +366,17 @@ class TestRelease:
         reclaimed = merge_entry(released, outcome(status="processing", flow_run_id="C", attempt=1,
                                                   lease_until=at + timedelta(seconds=60)))
         assert reclaimed.status == "processing" and reclaimed.flow_run_id == "C"
+
+
+async def test_a_source_mismatch_found_when_writing_is_not_retried_and_names_its_cause(store):
+    """Two runs of different sources started on a fresh output: the one that writes second
+    finds the output bound to the other; retrying cannot help, so the writer stops at once."""
+    await commit_outcomes(store, [outcome("a.pdf")], source="src-A")
+    target = ManifestTarget(store, source="src-B")
+    writer = ManifestWriter(session_of(target.commit), retry_delay=0.01)
+    with pytest.raises(ManifestWriteError) as caught:
+        async with writer:
+            writer.submit(outcome("a.pdf", status="processing"))
+    assert isinstance(caught.value.cause, SourceMismatch) and writer.sessions == 1
+    manifest, _ = await read_manifest(store)
+    assert manifest.source == "src-A" and manifest.entries["a.pdf"].status == "done"
