@@ -205,6 +205,25 @@ def test_on_demand_deployment_has_a_usable_run_form(deployed, prefect_server):
     assert Path(directory).resolve() == ROOT
 
 
+def test_the_run_form_carries_the_bounds_and_the_server_refuses_a_bad_value(
+    deployed, prefect_server
+):
+    """The bounds of the flow's signature reach the deployment's form, and a run asked for
+    with a value out of them (the UI form, `prefect deployment run --param`) is refused
+    before it is created, so it never takes claims or starts work."""
+    on_demand = on_server(prefect_server,
+                          lambda c: c.read_deployment_by_name("process-invoices/on-demand"))
+    properties = on_demand.parameter_openapi_schema["properties"]
+    assert properties["max_concurrency"]["minimum"] == 1
+    assert properties["chunk_size"]["minimum"] == 1
+    assert properties["invoice_timeout"]["exclusiveMinimum"] == 0
+    assert properties["stop_grace_seconds"]["minimum"] == 0
+    with pytest.raises(Exception) as refused:
+        on_server(prefect_server, lambda c: c.create_flow_run_from_deployment(
+            on_demand.id, parameters={"max_concurrency": 0}))
+    assert "max_concurrency" in str(refused.value) or "greater" in str(refused.value)
+
+
 def test_on_demand_run_over_s3_with_an_aws_credentials_block(
     worker, deployed, prefect_server, moto_endpoint, s3_bucket
 ):
