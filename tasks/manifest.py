@@ -335,9 +335,9 @@ async def commit_outcomes(
     `base` is the newest manifest this writer knows (a previous commit's `snapshot`, or what
     the run read): it stands in for the first read, since a writer holding the manifest lock
     is usually the only one writing (the write is still conditional on its ETag). It is also
-    what the writer must not lose: when a re-read finds the manifest gone, or at a lower
-    `version` (replaced by an older copy), every entry of `base` that the manifest lacks is
-    put back, with a warning. `source` binds the output to that source (`SourceMismatch`
+    what the writer must not lose: when a re-read finds the manifest gone, at a lower
+    `version` (replaced by an older copy), or lacking entries of `base`, every entry of
+    `base` it lacks or has older is put back, with a warning (`restore_known`). `source` binds the output to that source (`SourceMismatch`
     when it records another)."""
     where = manifest_location(store, key)
     for attempt in range(1, max_attempts + 1):

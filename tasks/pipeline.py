@@ -264,10 +264,7 @@ def _stage(job: InvoiceJob, stage: str, timings: dict[str, float]) -> Iterator[N
 
 
 async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
-    if job.size > ctx.max_bytes:
-        raise InvoiceFailure(
-            "too_large", f"{job.size} bytes is over the {ctx.max_bytes}-byte limit per invoice"
-        )
+    _check_size(ctx, job)
     timings: dict[str, float] = {}
     with _stage(job, "download", timings):
         stored = await ctx.source.get(job.key)
@@ -278,10 +275,7 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
         logger.info("%s changed since it was listed (ETag %s, now %s); processing what was read",
                     job.key, job.etag, stored.etag, extra={"invoice_key": job.key})
         job = dataclasses.replace(job, etag=stored.etag, size=len(stored.data), attempt=1)
-        if job.size > ctx.max_bytes:
-            raise InvoiceFailure(
-                "too_large", f"{job.size} bytes is over the {ctx.max_bytes}-byte limit per invoice"
-            )
+        _check_size(ctx, job)
     with _stage(job, "parse", timings):
         document = await ctx.parser.parse(stored.data)
     with _stage(job, "extract", timings):
@@ -325,6 +319,13 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
     )
 
 
+def _check_size(ctx: InvoiceContext, job: InvoiceJob) -> None:
+    if job.size > ctx.max_bytes:
+        raise InvoiceFailure(
+            "too_large", f"{job.size} bytes is over the {ctx.max_bytes}-byte limit per invoice"
+        )
+
+
 def field_sources(extraction: Extraction) -> dict[str, str]:
     invoice = extraction.invoice
     return {
@@ -356,9 +357,7 @@ def claim_outcome(ctx: InvoiceContext, job: InvoiceJob, lease_until: datetime) -
 def release_outcome(ctx: InvoiceContext, job: InvoiceJob) -> InvoiceOutcome:
     """This run's claim given back unfinished: the next run processes the invoice at once.
     The claim's attempt is given back too (`job.attempt` counted it)."""
-    return InvoiceOutcome(key=job.key, etag=job.etag, status="released",
-                          attempt=job.attempt - 1, flow_run_id=ctx.flow_run_id,
-                          extractor=ctx.extractor.name)
+    return _outcome(ctx, dataclasses.replace(job, attempt=job.attempt - 1), status="released")
 
 
 def failed_outcome(ctx: InvoiceContext, job: InvoiceJob, exc: BaseException) -> ProcessedInvoice:
