@@ -175,6 +175,7 @@ async def _process(
                 def record(done: ProcessedInvoice) -> None:
                     claims.release(done.outcome.key)
                     writer.submit(done.outcome)
+                    progress.processed(done.outcome.status)
 
                 plan.todo, claimed_first = await claims.take(plan.todo)
                 plan.in_flight_elsewhere += claimed_first

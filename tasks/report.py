@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from prefect import task
 from prefect.artifacts import (
@@ -226,8 +228,51 @@ def format_markdown(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    """Where a run is: invoices to process, processed so far by outcome, recorded in the
+    manifest, and how long it has been going (seconds since the work started)."""
+
+    total: int
+    processed: int = 0
+    done: int = 0
+    needs_review: int = 0
+    failed: int = 0
+    recorded: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Invoices processed per second so far."""
+        return self.processed / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until every invoice is processed at the rate so far; None before any."""
+        if not self.processed:
+            return None
+        return max(0.0, self.total - self.processed) / self.rate
+
+
+ProgressListener = Callable[[ProgressSnapshot], None]
+_listeners: list[ProgressListener] = []
+
+
+@contextmanager
+def watching_progress(listener: ProgressListener) -> Iterator[None]:
+    """Call `listener` with a `ProgressSnapshot` whenever a run in this process moves on (an
+    invoice processed or outcomes recorded), while the block runs. For displays in the same
+    process (the `invoices` CLI); the progress artifact is for everyone else."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
 class RunProgress:
-    """A progress artifact, moved on as outcomes are recorded in the manifest.
+    """A run's progress: a progress artifact moved on as outcomes are recorded in the
+    manifest, and a `ProgressSnapshot` for the listeners of this process at every step.
 
     Updates never hold up the run: `advance` only schedules one (coalescing those that pile
     up), and a failed update is logged, not raised: progress is for watching, the manifest
@@ -235,6 +280,8 @@ class RunProgress:
 
     def __init__(self, artifact_id, total: int) -> None:
         self.artifact_id, self.total, self.recorded = artifact_id, total, 0
+        self.counts: Counter[str] = Counter()
+        self._started = time.perf_counter()
         self._pushed = 0
         self._pushing: asyncio.Task[None] | None = None
 
@@ -244,10 +291,25 @@ class RunProgress:
             0.0 if total else 100.0, key="invoice-run-progress",
             description=f"0 of {total} invoices recorded",
         )
-        return cls(artifact_id, total)
+        progress = cls(artifact_id, total)
+        progress._notify()
+        return progress
+
+    def snapshot(self) -> ProgressSnapshot:
+        return ProgressSnapshot(
+            total=self.total, processed=sum(self.counts.values()), done=self.counts["done"],
+            needs_review=self.counts["needs_review"], failed=self.counts["failed"],
+            recorded=self.recorded, elapsed=time.perf_counter() - self._started,
+        )
+
+    def processed(self, status: str) -> None:
+        """One invoice finished with `status` (it is recorded later, by `advance`)."""
+        self.counts[status] += 1
+        self._notify()
 
     async def advance(self, count: int) -> None:
         self.recorded += count
+        self._notify()
         if self._pushing is None or self._pushing.done():
             self._pushing = asyncio.create_task(self._push())
 
@@ -257,6 +319,16 @@ class RunProgress:
             await self._pushing
         if self._pushed != self.recorded:
             await self._push()
+
+    def _notify(self) -> None:
+        if not _listeners:
+            return
+        snapshot = self.snapshot()
+        for listener in list(_listeners):
+            try:
+                listener(snapshot)
+            except Exception as exc:  # a display must not break the run it shows
+                logger.warning("progress display failed: %r", exc)
 
     async def _push(self) -> None:
         while self._pushed != self.recorded:
