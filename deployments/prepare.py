@@ -9,7 +9,6 @@ Against the server in PREFECT_API_URL it makes sure of:
 
 - the `process` work pool (default `invoices`) and its queues `on-demand` (priority 1) and
   `scheduled` (priority 2), which prefect.yaml's deployments use;
-- the `tag:manifest` concurrency limit (one slot), the manifest lock;
 - the LLM limits `llm-in-flight` and `llm-rate`, shared by every run;
 - with `--aws-credentials-block NAME`: a prefect-aws `AwsCredentials` block from the current
   environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE,
@@ -114,7 +113,6 @@ async def ensure_limits(
         LLM_RATE_LIMIT,
         LockUnavailableError,
         ensure_llm_limits,
-        ensure_manifest_lock,
     )
 
     llm_options = {
@@ -126,8 +124,6 @@ async def ensure_limits(
         if value is not None
     }
     try:
-        await ensure_manifest_lock()
-        say("concurrency limit 'tag:manifest' (1 slot, the manifest lock): ok")
         # Without flags an existing limit is left as it is (an operator may have tuned it in
         # the UI); with flags it is set to them.
         await ensure_llm_limits(**llm_options, update_existing=bool(llm_options))
@@ -136,6 +132,8 @@ async def ensure_limits(
     say(f"concurrency limits {LLM_IN_FLIGHT_LIMIT!r} and {LLM_RATE_LIMIT!r}: "
         + (f"set ({', '.join(f'{k}={v}' for k, v in llm_options.items())})" if llm_options
            else "ok (existing ones left unchanged)"))
+    say("manifest locks: one per output (limit 'tag:manifest:<output>', 1 slot), made by the "
+        "first run writing to that output")
 
 
 async def ensure_aws_block(options: AwsBlockOptions, say: Callable[[str], None]) -> None:

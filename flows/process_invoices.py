@@ -152,7 +152,7 @@ async def _process(
         # them all. (Reading the manifest needs no lock: writes are compare-and-swap.)
         parser = PdfParser(parse_executor, max_pages=max_pages)  # also runs the CPU-bound extraction
         _, chosen, _, plan = await all_or_nothing(
-            ensure_manifest_lock(),
+            ensure_manifest_lock(target.lock_tag),
             stack.enter_async_context(
                 build_extractor(extractor, parser=parser, api_key=api_key,
                                 max_in_flight=max_concurrency, slot_lease_seconds=lease_seconds)
@@ -166,7 +166,7 @@ async def _process(
         report_plan(plan, src.url, holders)
         progress = await RunProgress.start(len(plan.todo))
         writer = ManifestWriter(partial(run_locked_session, target), on_commit=progress.advance,
-                                on_lock_wait=report_manifest_lock_wait)
+                                on_lock_wait=partial(report_manifest_lock_wait, target.lock_tag))
         with stop.on_signals():
             if plan.todo:  # ask for the lock now, before this run's own task runs load the server
                 await writer.open()

@@ -28,7 +28,6 @@ from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_API_URL
 
 from tasks.errors import InvoiceFailure
-from tasks.manifest import MANIFEST_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +87,9 @@ async def ensure_concurrency_limit(
         ) from exc
 
 
-async def ensure_manifest_lock() -> None:
-    await ensure_concurrency_limit(tag_limit_name(MANIFEST_TAG), 1, purpose="the manifest lock")
+async def ensure_manifest_lock(tag: str) -> None:
+    """The lock of one output's manifest: the tag limit of `tag` (`manifest_lock_tag`), one slot."""
+    await ensure_concurrency_limit(tag_limit_name(tag), 1, purpose="the manifest lock")
 
 
 # Prefect 3.8.8 gives a tag-limit slot a 60 s lease (task_engine.py, not configurable); the
@@ -97,23 +97,26 @@ async def ensure_manifest_lock() -> None:
 TAG_SLOT_LEASE_NOTE = "a holder that died keeps it until its 60 s slot lease runs out (+ up to 15 s)"
 
 
-async def report_manifest_lock_wait(waited: float) -> None:
-    """Say who holds the manifest lock while this run waits for it (never silent)."""
+async def report_manifest_lock_wait(tag: str, waited: float) -> None:
+    """Say who holds the manifest lock `tag` while this run waits for it (never silent):
+    the task run and its flow run, by name and id."""
     try:
         async with get_client() as client:
-            limit = await client.read_concurrency_limit_by_tag(MANIFEST_TAG)
+            limit = await client.read_concurrency_limit_by_tag(tag)
             holders = []
             for run_id in limit.active_slots[:3]:
                 run = await client.read_task_run(run_id)
+                owner = (await client.read_flow_run(run.flow_run_id)).name if run.flow_run_id else "?"
                 holders.append(
-                    f"task run {run.name!r} ({run.id}) of flow run {run.flow_run_id}, "
-                    f"state {run.state_name}"
+                    f"task run {run.name!r} ({run.id}, {run.state_name}) of flow run "
+                    f"{owner!r} ({run.flow_run_id})"
                 )
         held_by = "; ".join(holders) or "no task run (being granted)"
     except Exception as exc:  # the report must not break the wait it reports on
         held_by = f"unknown ({type(exc).__name__}: {exc})"
     _run_logger().warning(
-        "waited %.0f s for the manifest lock, held by %s; %s", waited, held_by, TAG_SLOT_LEASE_NOTE
+        "waited %.0f s for the manifest lock %r, held by %s; %s", waited, tag, held_by,
+        TAG_SLOT_LEASE_NOTE,
     )
 
 

@@ -22,9 +22,11 @@ an older copy (its `version` went backwards) puts back everything it knew before
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ from tasks.errors import ConfigurationError
 from tasks.storage import ObjectNotFound, PreconditionFailed, Store
 
 MANIFEST_KEY = "manifest.json"
+# Every manifest write runs in a task run tagged `manifest:<output>`, whose tag limit of one
+# slot is that output's lock: runs on different outputs never wait for each other.
 MANIFEST_TAG = "manifest"
 MANIFEST_FORMAT = "invoice-pipeline/manifest"
 MANIFEST_FORMAT_VERSION = 1
@@ -399,6 +403,10 @@ class ManifestTarget:
     def location(self) -> str:
         return manifest_location(self.store, self.key)
 
+    @property
+    def lock_tag(self) -> str:
+        return manifest_lock_tag(self.location)
+
     async def read(self) -> Manifest:
         """The manifest as stored now; `SourceMismatch` if it records another source."""
         manifest, etag = await read_manifest(self.store, self.key)
@@ -414,9 +422,17 @@ class ManifestTarget:
         return result
 
 
+def manifest_lock_tag(location: str) -> str:
+    """The tag of the manifest lock for the manifest at `location`: `manifest:` and the
+    location made tag-safe (Prefect limit names cannot hold `/`), then a hash of the whole
+    location so two outputs never share a lock, e.g. `manifest:s3-bucket-out-manifest.json-3f1a2b`."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", location.split("://")[-1]).strip("-")
+    digest = hashlib.blake2b(location.encode(), digest_size=4).hexdigest()
+    return f"{MANIFEST_TAG}:{readable[-60:]}-{digest}"
+
+
 @task(
     name="update-manifest",
-    tags=[MANIFEST_TAG],
     # No task-level retries: a failed session's batch goes back to the ManifestWriter,
     # which opens a new session (a new task run, a new acquisition of the lock).
     retries=0,
@@ -425,9 +441,10 @@ class ManifestTarget:
 async def update_manifest(
     target: ManifestTarget, batches: AsyncIterator[list[InvoiceOutcome]]
 ) -> int:
-    """The only place the manifest is written: each batch under the `manifest` lock, by
-    compare-and-swap. One task run is one lock session; it commits batches until the
-    writer ends the session. Returns the number of outcomes committed."""
+    """The only place the manifest is written: each batch under the output's manifest lock
+    (tag `manifest:<output>`, one slot), by compare-and-swap. One task run is one lock
+    session; it commits batches until the writer ends the session. Returns the number of
+    outcomes committed."""
     committed = 0
     async for batch in batches:
         await target.commit(batch)
@@ -452,7 +469,8 @@ async def run_locked_session(
     from prefect.utilities.engine import emit_task_run_state_change_event
 
     parameters = {"target": target, "batches": batches}
-    task_run = await update_manifest.create_local_run(parameters=parameters)
+    locked = update_manifest.with_options(tags=[target.lock_tag])
+    task_run = await locked.create_local_run(parameters=parameters)
     emit_task_run_state_change_event(
         task_run=task_run, initial_state=None, validated_state=task_run.state
     )
@@ -463,7 +481,7 @@ async def run_locked_session(
                 break
             except RunNotRecorded:
                 await asyncio.sleep(0.01)
-    await run_task_async(update_manifest, task_run=task_run, parameters=parameters)
+    await run_task_async(locked, task_run=task_run, parameters=parameters)
 
 
 class ManifestWriteError(RuntimeError):

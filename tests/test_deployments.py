@@ -166,13 +166,12 @@ def test_prepare_is_idempotent_and_sets_up_pool_queues_and_limits(deployed, pref
         queues = {name: await client.read_work_queue_by_name(name, work_pool_name="invoices")
                   for name in ("on-demand", "scheduled")}
         limits = {name: await client.read_global_concurrency_limit_by_name(name)
-                  for name in ("tag:manifest", "llm-in-flight", "llm-rate")}
+                  for name in ("llm-in-flight", "llm-rate")}
         return pool, queues, limits
 
     pool, queues, limits = on_server(prefect_server, check)
     assert pool.type == "process"
     assert queues["on-demand"].priority < queues["scheduled"].priority
-    assert limits["tag:manifest"].limit == 1 and limits["tag:manifest"].active
     assert limits["llm-in-flight"].active and limits["llm-rate"].slot_decay_per_second > 0
 
 

@@ -20,6 +20,7 @@ from tasks.manifest import (
     ManifestWriter,
     SourceMismatch,
     apply_outcomes,
+    manifest_lock_tag,
     commit_outcomes,
     merge_entry,
     read_manifest,
@@ -380,3 +381,24 @@ async def test_a_source_mismatch_found_when_writing_is_not_retried_and_names_its
     assert isinstance(caught.value.cause, SourceMismatch) and writer.sessions == 1
     manifest, _ = await read_manifest(store)
     assert manifest.source == "src-A" and manifest.entries["a.pdf"].status == "done"
+
+
+class TestLockTag:
+    LOCATIONS = [
+        "s3://bucket/out/manifest.json", "s3://bucket/out2/manifest.json",
+        "s3://bucket-out/manifest.json", "/data/out/manifest.json", "/data/Out/manifest.json",
+        "/data/out dir/%ü/manifest.json", "/" + "x" * 300 + "/manifest.json",
+    ]
+
+    def test_one_lock_per_output_each_a_valid_prefect_limit_name(self):
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+        from tasks.limits import tag_limit_name
+
+        tags = [manifest_lock_tag(location) for location in self.LOCATIONS]
+        assert len(set(tags)) == len(tags)
+        assert tags == [manifest_lock_tag(location) for location in self.LOCATIONS]  # stable
+        for tag in tags:
+            assert tag.startswith("manifest:") and len(tag) < 100
+            GlobalConcurrencyLimitCreate(name=tag_limit_name(tag), limit=1)  # raises if not valid
+        assert "bucket-out-manifest.json" in tags[0]  # readable in the UI

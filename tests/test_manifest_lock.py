@@ -17,11 +17,11 @@ from prefect.exceptions import ObjectNotFound
 from fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
 from tasks.limits import LockUnavailableError, ensure_manifest_lock, tag_limit_name
-from tasks.manifest import InvoiceOutcome, Manifest, commit_outcomes
+from tasks.manifest import InvoiceOutcome, Manifest, commit_outcomes, manifest_lock_tag
 from tasks.samples import make_invoice
 from tasks.storage import S3Store
 
-MANIFEST_LIMIT = tag_limit_name("manifest")
+MANIFEST_LIMIT = tag_limit_name(manifest_lock_tag("s3://bucket/out/manifest.json"))
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +125,7 @@ class TestInOneProcess:
                 await client.delete_global_concurrency_limit_by_name(MANIFEST_LIMIT)
             except ObjectNotFound:
                 pass
-            await ensure_manifest_lock()
+            await ensure_manifest_lock(manifest_lock_tag("s3://bucket/out/manifest.json"))
             created = await client.read_global_concurrency_limit_by_name(MANIFEST_LIMIT)
             assert (created.limit, created.active) == (1, True)
 
@@ -133,7 +133,7 @@ class TestInOneProcess:
 
             await client.update_global_concurrency_limit(
                 MANIFEST_LIMIT, GlobalConcurrencyLimitUpdate(limit=5, active=False))
-            await ensure_manifest_lock()
+            await ensure_manifest_lock(manifest_lock_tag("s3://bucket/out/manifest.json"))
             repaired = await client.read_global_concurrency_limit_by_name(MANIFEST_LIMIT)
             assert (repaired.limit, repaired.active) == (1, True)
 
@@ -143,7 +143,7 @@ async def test_an_unreachable_server_is_a_clear_error(monkeypatch):
 
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         with pytest.raises(LockUnavailableError, match="Refusing to run without the manifest lock"):
-            await ensure_manifest_lock()
+            await ensure_manifest_lock("manifest:x")
 
 
 def test_the_cli_refuses_to_run_without_a_server_and_writes_nothing(tmp_path: Path):
