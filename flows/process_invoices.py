@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Collection, Coroutine
@@ -203,6 +204,9 @@ async def _process(
         stopped_by=stop.signal.name if stop.signal else None,
     )
     await publish_summary(quote(summary))  # quote: no futures in it for Prefect to look for
+    # The last line of the run's log, so `--watch` (which streams the logs) ends with it.
+    get_run_logger().log(logging.WARNING if summary.failed or summary.counts.get("needs_review")
+                         else logging.INFO, "%s", summary.headline)
     return outcome_state(summary, fail_on_invoice_errors)
 
 
@@ -219,8 +223,10 @@ async def all_or_nothing(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
 
 def report_plan(plan: BatchPlan, source: str, holders: dict[str, ClaimHolder]) -> None:
     logger = get_run_logger()
-    logger.info("%d invoices to process under %s (%d already done)",
-                len(plan.todo), source, len(plan.skipped_done))
+    logger.info("%d invoices to process under %s; skipped: %d done, %d needs_review, %d out of "
+                "attempts, %d claimed by another run", len(plan.todo), source,
+                len(plan.skipped_done), len(plan.skipped_review), len(plan.skipped_exhausted),
+                len(plan.in_flight_elsewhere))
     if plan.taken_over:
         logger.warning("taking over %d invoices claimed by a run that ended or stopped "
                        "renewing its claims: %s",
@@ -233,13 +239,14 @@ def report_plan(plan: BatchPlan, source: str, holders: dict[str, ClaimHolder]) -
 
 def outcome_state(summary: RunSummary, fail_on_invoice_errors: bool) -> State:
     """Completed, or Failed when invoices failed and that is asked for, or Cancelled when a
-    signal stopped the run; the summary is the data."""
-    failed = summary.failed
+    signal stopped the run; the summary is the data. The message says what the run came to
+    (`3 of 6 failed: not_a_pdf 1, empty_file 1, pdf_damaged 1`): the runs list, the flow run
+    page and `prefect deployment run --watch` all show it."""
     if summary.stopped_by:
         return Cancelled(
             message=f"stopped by {summary.stopped_by}: {summary.processed} invoices recorded, "
             f"{summary.unfinished} given back unfinished", data=summary,
         )
-    if failed and fail_on_invoice_errors:
-        return Failed(message=f"{failed} of {summary.processed} invoices failed", data=summary)
-    return Completed(message=f"{summary.processed} invoices processed", data=summary)
+    if summary.failed and fail_on_invoice_errors:
+        return Failed(message=summary.headline, data=summary)
+    return Completed(message=summary.headline, data=summary)

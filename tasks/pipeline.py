@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,12 +23,14 @@ from decimal import Decimal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from tasks.errors import InvoiceFailure
 from tasks.extract import Extraction, Extractor
 from tasks.invoice import Invoice, check_invoice
+from tasks.logs import run_logger
 from tasks.manifest import InvoiceOutcome, Manifest, lease_is_live, utcnow
 from tasks.parse import PdfParser
 from tasks.stopping import StopRequest
@@ -242,14 +245,43 @@ async def process_invoice(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvo
         logger.exception("unexpected error on %s", job.key)
         processed = _failed(ctx, job, "internal_error", f"{type(exc).__name__}: {exc}")
     processed.seconds = time.perf_counter() - started
+    log_outcome(processed)
+    return processed
+
+
+def log_outcome(processed: ProcessedInvoice) -> None:
+    """One line per invoice in the run's log: INFO when done, WARNING with the reasons when
+    it needs review, WARNING with code and message when it failed (ERROR for a fault of
+    ours), so a failure shows on the flow run page under any logging configuration."""
     outcome = processed.outcome
-    logger.info(
-        "%s %s in %.2fs%s", job.key, outcome.status, processed.seconds,
-        f" ({outcome.error_code}: {outcome.error_message})" if outcome.error_code else "",
-        extra={"invoice_key": job.key, "stage": outcome.status,
+    if outcome.status == "failed":
+        level = logging.ERROR if outcome.error_code in INTERNAL_ERRORS else logging.WARNING
+        detail = f": {outcome.error_code}: {outcome.error_message}"
+    elif outcome.status == "needs_review":
+        level, detail = logging.WARNING, ": " + "; ".join(outcome.reasons)
+    else:
+        level, detail = logging.INFO, ""
+    run_logger(logger).log(
+        level, "%s %s in %.2f s%s", outcome.key, outcome.status, processed.seconds, detail,
+        extra={"invoice_key": outcome.key, "stage": outcome.status,
                "duration_s": round(processed.seconds, 4), "error_code": outcome.error_code},
     )
-    return processed
+
+
+# Failure codes that mean a fault in the pipeline, not in the invoice.
+INTERNAL_ERRORS = frozenset({"internal_error", "task_crashed"})
+
+
+def describe_outcomes(outcomes: Collection[InvoiceOutcome]) -> str:
+    """What a batch came to, in one line for a state message: `3 of 6 failed: not_a_pdf 1,
+    empty_file 1, pdf_damaged 1` when some failed, else `6 processed: 5 done, 1 needs_review`."""
+    counts = Counter(outcome.status for outcome in outcomes)
+    if counts["failed"]:
+        codes = Counter(o.error_code or "unknown" for o in outcomes if o.status == "failed")
+        return f"{counts['failed']} of {len(outcomes)} failed: " + ", ".join(
+            f"{code} {n}" for code, n in sorted(codes.items(), key=lambda item: (-item[1], item[0])))
+    return f"{len(outcomes)} processed" + (": " + ", ".join(
+        f"{n} {status}" for status, n in sorted(counts.items())) if outcomes else "")
 
 
 @contextmanager
@@ -360,28 +392,51 @@ def release_outcome(ctx: InvoiceContext, job: InvoiceJob) -> InvoiceOutcome:
     return _outcome(ctx, dataclasses.replace(job, attempt=job.attempt - 1), status="released")
 
 
-def failed_outcome(ctx: InvoiceContext, job: InvoiceJob, exc: BaseException) -> ProcessedInvoice:
+def crashed_outcome(ctx: InvoiceContext, job: InvoiceJob, reason: str) -> ProcessedInvoice:
     """For the flow: an invoice whose chunk's task run crashed (e.g. its backstop timeout)."""
-    logger.error("%s: the process-invoices-chunk task run crashed: %r", job.key, exc,
-                 extra={"invoice_key": job.key, "stage": "failed"})
-    return _failed(ctx, job, "task_crashed", f"{type(exc).__name__}: {exc}")
+    processed = _failed(ctx, job, "task_crashed",
+                        f"the process-invoices-chunk task run ended without it: {reason}")
+    log_outcome(processed)
+    return processed
 
 
 async def process_chunk(
     ctx: InvoiceContext, jobs: list[InvoiceJob], on_done: Callable[[ProcessedInvoice], None]
-) -> None:
+) -> list[InvoiceOutcome]:
     """All `jobs` concurrently (bounded by `ctx.in_flight`); `on_done` gets each outcome as
     soon as it exists, so the manifest writer can commit it while the others still run.
     After a stop request (`ctx.stop`) jobs not yet started are left out, and those still
-    running when its grace period ends are abandoned: neither gets an outcome."""
+    running when its grace period ends are abandoned: neither gets an outcome. Returns the
+    outcomes."""
+    outcomes: list[InvoiceOutcome] = []
 
     async def one(job: InvoiceJob) -> None:
         async with ctx.in_flight:
             processed = await ctx.stop.guard(process_invoice(ctx, job))
         if processed is not None:  # None: stopped before it started, or abandoned
+            outcomes.append(processed.outcome)
             on_done(processed)
 
     await asyncio.gather(*(one(job) for job in jobs))
+    return outcomes
+
+
+def chunk_state(jobs: list[InvoiceJob], outcomes: list[InvoiceOutcome]) -> State:
+    """The state a chunk's task run ends in, so the task-run list does not call a chunk
+    with failed invoices healthy: Failed when any invoice failed; for a chunk of one
+    invoice, that invoice's outcome (`NeedsReview` is a Completed state by that name)."""
+    message = describe_outcomes(outcomes)
+    if len(outcomes) < len(jobs):
+        message += f"; {len(jobs) - len(outcomes)} not finished (the run was stopped)"
+    if len(jobs) == 1 and outcomes:
+        outcome = outcomes[0]
+        if outcome.status == "failed":
+            message = f"{outcome.error_code}: {outcome.error_message}"
+        elif outcome.status == "needs_review":
+            return Completed(name="NeedsReview", message="; ".join(outcome.reasons))
+    if any(outcome.status == "failed" for outcome in outcomes):
+        return Failed(message=message)
+    return Completed(message=message)
 
 
 CHUNK_START_SPACING_S = 0.05
@@ -409,15 +464,16 @@ async def process_all(
     chunk_task = process_chunk_task.with_options(timeout_seconds=waves * ctx.invoice_timeout + 60)
 
     async def run_chunk(chunk: list[InvoiceJob]) -> None:
-        try:
-            # quote: Prefect would otherwise walk the context and every job for futures to
-            # resolve, twice per task run, on the event loop; there are none.
-            await chunk_task(quote(ctx), quote(chunk), record)
-        except Exception as exc:  # the task run itself crashed: its rest is recorded too
-            recorded = {done.outcome.key for done in processed}
-            for job in chunk:
-                if job.key not in recorded:
-                    record(failed_outcome(ctx, job, exc))
+        # quote: Prefect would otherwise walk the context and every job for futures to
+        # resolve, twice per task run, on the event loop; there are none.
+        state = await chunk_task(quote(ctx), quote(chunk), record, return_state=True)
+        if ctx.stop.requested:
+            return  # invoices stopped before they finished are given back, not failed
+        # An invoice without an outcome: the task run itself crashed or timed out.
+        recorded = {done.outcome.key for done in processed}
+        for job in chunk:
+            if job.key not in recorded:
+                record(crashed_outcome(ctx, job, state.message or state.name or "no reason"))
 
     async with asyncio.TaskGroup() as group:
         for chunk in chunked(jobs, chunk_size):
@@ -436,15 +492,18 @@ def chunked(jobs: list[InvoiceJob], size: int) -> list[list[InvoiceJob]]:
 
 
 def _chunk_run_name(parameters: dict[str, object]) -> str:
+    """A chunk of one is named by its invoice's key, so with `chunk_size=1` the task-run
+    list is the invoice list."""
     jobs: list[InvoiceJob] = parameters["jobs"]  # type: ignore[assignment]
-    return f"{jobs[0].key} (+{len(jobs) - 1})" if len(jobs) > 1 else jobs[0].key
+    return f"{jobs[0].key} and {len(jobs) - 1} more" if len(jobs) > 1 else jobs[0].key
 
 
-# One task run per chunk, not per invoice: a task run costs the Prefect server several
-# writes (states, events), which at thousands of invoices dominated the run (bench/README.md).
+# One task run per chunk by default, not per invoice: a task run costs the Prefect server
+# several writes (states, events), which at thousands of invoices dominated the run
+# (bench/README.md).
 @task(name="process-invoices-chunk", task_run_name=_chunk_run_name, cache_policy=NO_CACHE,
       retries=0)
 async def process_chunk_task(
     ctx: InvoiceContext, jobs: list[InvoiceJob], on_done: Callable[[ProcessedInvoice], None]
-) -> None:
-    await process_chunk(ctx, jobs, on_done)
+) -> State:
+    return chunk_state(jobs, await process_chunk(ctx, jobs, on_done))

@@ -21,7 +21,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from tasks.pipeline import BatchPlan, ProcessedInvoice
+from tasks.pipeline import BatchPlan, ProcessedInvoice, describe_outcomes
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class RunSummary(BaseModel):
     stopped_by: str | None = None
     unfinished: int = 0
     rows: list[InvoiceRow] = Field(default_factory=list)
+    # One line on what the run came to, for its state message: "3 of 6 failed: not_a_pdf 1, ...".
+    headline: str = ""
 
     @property
     def failed(self) -> int:
@@ -167,6 +169,7 @@ def summarize(
         stopped_by=stopped_by,
         unfinished=len(plan.todo) - len(processed),
         rows=rows,
+        headline=describe_outcomes([p.outcome for p in processed]),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -145,6 +146,19 @@ def prefect_server(tmp_path_factory):
     yield PrefectServer(url=url, home=home, env=client_env)
     stop_process(proc)
     log.close()
+
+
+def on_server(prefect_server, fn):
+    """Run `await fn(client)` against the test's real server, from a sync test."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def go():
+        with temporary_settings({PREFECT_API_URL: prefect_server.url}):
+            async with get_client() as client:
+                return await fn(client)
+
+    return asyncio.run(go())
 
 
 async def read_artifacts(*, key: str | None = None, flow_run_id=None) -> list:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import stop_process
+from tests.conftest import on_server, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -42,19 +42,6 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 240) -> subpr
 
 def output_of(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-
-
-def on_server(prefect_server, fn):
-    """Run `await fn(client)` against the test's real server, from this (sync) test."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    async def go():
-        with temporary_settings({PREFECT_API_URL: prefect_server.url}):
-            async with get_client() as client:
-                return await fn(client)
-
-    return asyncio.run(go())
 
 
 def artifacts_of(prefect_server, flow_run_id) -> dict[str, dict]:
@@ -298,10 +285,14 @@ def test_a_failed_invoice_fails_the_watch_after_everything_is_recorded(
         "--job-variable", "env=" + json.dumps({"AWS_ENDPOINT_URL": moto_endpoint}),
     )
     assert proc.returncode == 1, output_of(proc) + "\n--- worker\n" + worker.read_text()[-4000:]
-    assert "Flow run finished in state 'Failed'" in proc.stdout + proc.stderr
+    watched = proc.stdout + proc.stderr
+    assert "Flow run finished in state 'Failed'" in watched
+    # --watch streams the run's logs: the failed invoice and the run's outcome are in them.
+    assert re.search(r"broken\.pdf failed in [\d.]+ s: not_a_pdf", watched), watched[-3000:]
+    assert "1 of 3 failed: not_a_pdf 1" in watched
 
     flow_run = on_server(prefect_server, lambda c: c.read_flow_run(flow_run_id))
-    assert flow_run.state.is_failed() and "1 of 3 invoices failed" in flow_run.state.message
+    assert flow_run.state.is_failed() and flow_run.state.message == "1 of 3 failed: not_a_pdf 1"
 
     entries = read_json(moto_endpoint, s3_bucket, "processed/manifest.json")["entries"]
     assert entries["broken.pdf"]["status"] == "failed" and entries["broken.pdf"]["error_code"]
