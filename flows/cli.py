@@ -14,6 +14,7 @@ import inspect
 import signal
 import sys
 import typing
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tasks.report import RunRefused, RunSummary
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
     from flows.process_invoices import BUNDLED_SAMPLES
+    from flows.progress import PLAIN_EVERY_SECONDS
 
     run = sub.add_parser(
         "run",
@@ -63,6 +65,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                      help="on SIGINT/SIGTERM, how long invoices in flight may take to finish "
                      "and be recorded (default 30)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress on stderr (default: a live bar on a terminal, else a line "
+                     f"at most every {PLAIN_EVERY_SECONDS:g} s and one at the end)")
 
 
 # The flow parameters `invoices run` sets, by option: checked against the flow's own
@@ -125,6 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from prefect.exceptions import TerminationSignal
 
     from flows.process_invoices import process_invoices
+    from flows.progress import show_progress
     from tasks.report import format_table
 
     parameters = {name: getattr(args, name) for name in RUN_PARAMETERS}
@@ -134,7 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"invoices run: {problem}", file=sys.stderr)
         return 2
     try:
-        state = run_on_a_server(process_invoices, parameters)
+        with nullcontext() if args.no_progress else show_progress():
+            state = run_on_a_server(process_invoices, parameters)
     except ServerDidNotStart as exc:
         print(f"invoices run: {exc}", file=sys.stderr)
         return 2
