@@ -26,6 +26,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_WORK_POOL = "invoices"
 # The queues prefect.yaml's deployments use: on-demand runs go before scheduled ones when a
@@ -191,6 +192,48 @@ async def ensure_openai_secret(name: str, say: Callable[[str], None]) -> None:
     say(f"Secret block {name!r}: saved from OPENAI_API_KEY")
 
 
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
+# The flag of this command that creates a block of each type a deployment may reference.
+CREATED_BY = {"aws-credentials": "--aws-credentials-block", "secret": "--openai-secret-block"}
+
+
+def block_references(prefect_yaml: Path = PREFECT_YAML) -> list[tuple[str, str, str]]:
+    """(deployment, parameter, block slug `type/name`) of every block a deployment of
+    prefect.yaml names in its parameters (`{"$ref": {"block_document_slug": ...}}`)."""
+    import yaml
+
+    spec = yaml.safe_load(prefect_yaml.read_text())
+    return [
+        (deployment["name"], parameter, value["$ref"]["block_document_slug"])
+        for deployment in spec.get("deployments", [])
+        for parameter, value in (deployment.get("parameters") or {}).items()
+        if isinstance(value, dict) and "block_document_slug" in value.get("$ref", {})
+    ]
+
+
+async def check_deployment_blocks(say: Callable[[str], None]) -> list[str]:
+    """Say, for each block prefect.yaml's deployments use, whether it exists on the server
+    and how to create it if not; returns the missing ones' slugs."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    missing = []
+    async with get_client() as client:
+        for deployment, parameter, slug in block_references():
+            block_type, name = slug.split("/", 1)
+            try:
+                await client.read_block_document_by_name(name, block_type_slug=block_type)
+                say(f"deployment {deployment!r} uses the {block_type} block {name!r} "
+                    f"({parameter}): exists")
+            except ObjectNotFound:
+                missing.append(slug)
+                how = (f"create it with `{CREATED_BY[block_type]} {name}`" if block_type in
+                       CREATED_BY else "create it in the UI (Blocks)")
+                say(f"deployment {deployment!r} uses the {block_type} block {name!r} "
+                    f"({parameter}), which does not exist: {how}; its runs fail until it does")
+    return missing
+
+
 async def prepare(
     *,
     work_pool: str = DEFAULT_WORK_POOL,
@@ -206,6 +249,7 @@ async def prepare(
         await ensure_aws_block(aws, say)
     if openai_secret_block:
         await ensure_openai_secret(openai_secret_block, say)
+    await check_deployment_blocks(say)
 
 
 def build_parser() -> argparse.ArgumentParser:

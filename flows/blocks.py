@@ -1,30 +1,44 @@
-"""Credentials the Prefect way: blocks by name, or the environment when no name is given."""
+"""Credentials the Prefect way: blocks, chosen in the run form, or the environment when none is."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Annotated, Any
 
 from prefect.blocks.system import Secret
-from pydantic import SecretStr
+from prefect_aws import AwsCredentials
+from pydantic import GetJsonSchemaHandler, SecretStr
+from pydantic_core import CoreSchema
 
-if TYPE_CHECKING:
-    from prefect_aws import AwsCredentials
+
+class BlockByReference:
+    """Marks a block parameter so that Prefect's server accepts the block named by reference.
+
+    A block parameter may be given as the block's fields or as a reference (`{"$ref":
+    {"block_document_id" | "block_document_slug": ...}}`: what the run form's block picker
+    and prefect.yaml send). Prefect 3.8.8 checks a flow run's parameters against "the block's
+    schema or a reference, exactly one"; a deployment's, against the block's schema alone with
+    `required` left out. A block whose fields are all optional (prefect-aws's
+    `AwsCredentials`) lets a reference match both at run time, so the run is refused ("is
+    valid under each of"). Requiring a field of the block, as `Secret`'s schema does
+    (`value`), makes a reference match only the reference at run time and still pass when
+    deploying. tests/test_deployments.py checks both paths on a real server."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> dict[str, Any]:
+        json_schema = handler(core_schema)
+        definition = handler.resolve_ref_schema(json_schema)
+        if not definition.get("required"):
+            definition["required"] = [next(iter(definition["properties"]))]
+        return json_schema
 
 
-async def load_aws_credentials(block_name: str | None) -> AwsCredentials | None:
-    """The named `AwsCredentials` block; None means boto's default credential chain."""
-    if block_name is None:
+AwsCredentialsBlock = Annotated[AwsCredentials, BlockByReference]
+
+
+def secret_value(secret: Secret | None) -> SecretStr | None:
+    """The value of a `Secret` block, kept wrapped so it never prints; None without one."""
+    if secret is None:
         return None
-    # Imported here: importing prefect_aws imports its ECS worker too, 0.25-0.45 s of every
-    # run's start, which only runs naming a block need.
-    from prefect_aws import AwsCredentials
-
-    return await AwsCredentials.aload(block_name)
-
-
-async def load_secret(block_name: str | None) -> SecretStr | None:
-    """The value of the named `Secret` block, kept wrapped so it never prints."""
-    if block_name is None:
-        return None
-    secret = await Secret.aload(block_name)
     return SecretStr(str(secret.get()))

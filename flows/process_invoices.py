@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.blocks.system import Secret
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.utilities.annotations import quote
 from pydantic import AfterValidator, Field
 
-from flows.blocks import load_aws_credentials, load_secret
+from flows.blocks import AwsCredentialsBlock, secret_value
 from flows.extractors import ExtractorChoice, build_extractor
 from tasks.claims import ClaimHolder, Claims, claim_holders
 from tasks.errors import ConfigurationError
@@ -64,8 +65,8 @@ async def process_invoices(
     reprocess_needs_review: bool = False,
     parse_executor: Literal["process", "thread"] = "process",
     fail_on_invoice_errors: bool = True,
-    aws_credentials_block: str | None = None,
-    openai_api_key_secret: str | None = None,
+    aws_credentials: AwsCredentialsBlock | None = None,
+    openai_api_key: Secret | None = None,
 ) -> State:
     """Process invoices (PDF) under `source` (s3://bucket/prefix or a folder) into `output`.
 
@@ -94,10 +95,10 @@ async def process_invoices(
         reprocess_needs_review: also redo invoices the manifest marks `needs_review`.
         parse_executor: PyMuPDF runs in a `process` pool (default) or a `thread` pool.
         fail_on_invoice_errors: end the run Failed when any invoice failed (after recording).
-        aws_credentials_block: name of a prefect-aws `AwsCredentials` block for S3; none:
-            the default AWS credential chain.
-        openai_api_key_secret: name of a Prefect `Secret` block holding the OpenAI API key;
-            none: `OPENAI_API_KEY` from the environment.
+        aws_credentials: a prefect-aws `AwsCredentials` block for S3; none: the default AWS
+            credential chain.
+        openai_api_key: a Prefect `Secret` block holding the OpenAI API key; none:
+            `OPENAI_API_KEY` from the environment.
     """
     try:
         return await _process(**locals())
@@ -117,21 +118,21 @@ async def _process(
     chunk_size: int, shard: str | None, invoice_timeout: float, max_pages: int, max_bytes: int,
     max_attempts: int, lease_seconds: float, stop_grace_seconds: float,
     reprocess_needs_review: bool, parse_executor: Literal["process", "thread"],
-    fail_on_invoice_errors: bool, aws_credentials_block: str | None,
-    openai_api_key_secret: str | None,
+    fail_on_invoice_errors: bool, aws_credentials: AwsCredentialsBlock | None,
+    openai_api_key: Secret | None,
 ) -> State:
     started = time.perf_counter()
     part = parse_shard(shard)  # a malformed shard fails before any work
-    credentials = await load_aws_credentials(aws_credentials_block)
-    api_key = await load_secret(openai_api_key_secret)
+    api_key = secret_value(openai_api_key)
     stop = StopRequest(stop_grace_seconds)
     async with AsyncExitStack() as stack:
         loop_probe = await stack.enter_async_context(LoopStallProbe())
         freeze_setup = stack.enter_context(gc_frozen())
         src, out = await all_or_nothing(
             stack.enter_async_context(
-                open_store(source, credentials=credentials, create=False, role="source")),
-            stack.enter_async_context(open_store(output, credentials=credentials, role="output")),
+                open_store(source, credentials=aws_credentials, create=False, role="source")),
+            stack.enter_async_context(
+                open_store(output, credentials=aws_credentials, role="output")),
         )
         target = ManifestTarget(out, source=src.url)
         holders: dict[str, ClaimHolder] = {}

@@ -121,6 +121,9 @@ def prefect_server(tmp_path_factory):
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # tests/test_schedule.py: not 60 s
+        # As the operators' guide sets up a server: `--watch` streams the run's logs.
+        PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true",
+        PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true",
     )
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen(

@@ -31,6 +31,8 @@ BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
 SAMPLES = ROOT / "samples" / "invoices"
 AWS_BLOCK = "invoices-test-aws"
+# How a run names a block parameter (`prefect deployment run --param`, prefect.yaml, the API).
+AWS_BLOCK_REF = {"$ref": {"block_document_slug": f"aws-credentials/{AWS_BLOCK}"}}
 # The block's secret key (moto takes any): it must never show in output, logs or artifacts.
 BLOCK_SECRET = f"blocksecret{uuid.uuid4().hex}"
 WATCH_TIMEOUT = 150
@@ -147,6 +149,10 @@ def test_prepare_is_idempotent_and_sets_up_pool_queues_and_limits(deployed, pref
     again = run_cli([sys.executable, "-m", "deployments.prepare"], deployed)
     assert again.returncode == 0, output_of(again)
     assert "work pool 'invoices' (type process): exists" in again.stdout
+    # The nightly deployment's blocks (prefect.yaml) are named, and how to make them.
+    assert ("deployment 'nightly' uses the aws-credentials block 'invoices-aws' (aws_credentials), "
+            "which does not exist: create it with `--aws-credentials-block invoices-aws`") in again.stdout
+    assert "the secret block 'openai-api-key'" in again.stdout
 
     async def check(client):
         pool = await client.read_work_pool("invoices")
@@ -171,7 +177,8 @@ def test_scheduled_deployment_carries_its_cron_schedule(deployed, prefect_server
         (spec["schedules"][0]["cron"], spec["schedules"][0]["timezone"], True)
     ]
     assert nightly.work_pool_name == "invoices" and nightly.work_queue_name == "scheduled"
-    assert nightly.parameters["aws_credentials_block"] and nightly.parameters["source"].startswith("s3://")
+    assert nightly.parameters["aws_credentials"] == {"$ref": {"block_document_slug": "aws-credentials/invoices-aws"}}
+    assert nightly.parameters["source"].startswith("s3://")
 
 
 def test_on_demand_deployment_has_a_usable_run_form(deployed, prefect_server):
@@ -181,9 +188,13 @@ def test_on_demand_deployment_has_a_usable_run_form(deployed, prefect_server):
     assert on_demand.work_pool_name == "invoices" and on_demand.work_queue_name == "on-demand"
     properties = on_demand.parameter_openapi_schema["properties"]
     for name in ("source", "output", "extractor", "max_concurrency", "invoice_timeout",
-                 "max_attempts", "fail_on_invoice_errors", "aws_credentials_block",
-                 "openai_api_key_secret"):
+                 "max_attempts", "fail_on_invoice_errors", "aws_credentials", "openai_api_key"):
         assert properties[name].get("description"), name
+    # Credentials are blocks: the form shows a block picker of the right type.
+    definitions = on_demand.parameter_openapi_schema["definitions"]
+    for name, slug in (("aws_credentials", "aws-credentials"), ("openai_api_key", "secret")):
+        [ref] = [kind["$ref"] for kind in properties[name]["anyOf"] if "$ref" in kind]
+        assert definitions[ref.rsplit("/", 1)[1]]["block_type_slug"] == slug
         assert name in on_demand.parameters, name
     # Where the code is comes from the clone that deployed, not from a path written in a file.
     [step] = on_demand.pull_steps
@@ -210,6 +221,25 @@ def test_the_run_form_carries_the_bounds_and_the_server_refuses_a_bad_value(
     assert "max_concurrency" in str(refused.value) or "greater" in str(refused.value)
 
 
+def test_a_block_chosen_in_the_run_form_is_accepted(deployed, prefect_server):
+    """What the UI's block picker sends for a credentials parameter: a reference by id.
+    (Prefect checks it against the block's schema or a reference, exactly one of the two;
+    an `AwsCredentials` schema left open to any object matched both and was refused.)"""
+    async def create_and_delete(client):
+        from prefect_aws import AwsCredentials
+
+        block_id = (await AwsCredentials.aload(AWS_BLOCK, client=client))._block_document_id
+        deployment = await client.read_deployment_by_name("process-invoices/on-demand")
+        run = await client.create_flow_run_from_deployment(
+            deployment.id, work_queue_name="nobody-polls-this",
+            parameters={"aws_credentials": {"$ref": {"block_document_id": str(block_id)}}})
+        await client.delete_flow_run(run.id)
+        return run
+
+    run = on_server(prefect_server, create_and_delete)
+    assert run.parameters["aws_credentials"]["$ref"]["block_document_id"]
+
+
 def test_on_demand_run_over_s3_with_an_aws_credentials_block(
     worker, deployed, prefect_server, moto_endpoint, s3_bucket
 ):
@@ -222,7 +252,7 @@ def test_on_demand_run_over_s3_with_an_aws_credentials_block(
         "--param", f"source=s3://{s3_bucket}/incoming",
         "--param", f"output=s3://{s3_bucket}/processed",
         "--param", "extractor=offline",
-        "--param", f"aws_credentials_block={AWS_BLOCK}",
+        "--param", "aws_credentials=" + json.dumps(AWS_BLOCK_REF),
     )
     assert proc.returncode == 0, output_of(proc) + "\n--- worker\n" + worker.read_text()[-4000:]
     assert "Flow run finished successfully in 'Completed'" in proc.stdout
@@ -253,11 +283,11 @@ def test_on_demand_run_over_s3_with_an_aws_credentials_block(
     # The pipeline's own records, as JSON lines from the flow-run process and in the API.
     lines = [json.loads(line) for line in worker.read_text().splitlines() if line.startswith("{")]
     ours = [line for line in lines
-            if line["logger"] == "tasks.pipeline" and line["flow_run_id"] == str(flow_run_id)]
+            if line.get("invoice_key") and line["flow_run_id"] == str(flow_run_id)]
     assert {line["invoice_key"] for line in ours} == set(names)
     assert all(line["task_run_id"] and line["duration_s"] >= 0 for line in ours)
     logs = on_server(prefect_server, lambda c: flow_run_logs(c, flow_run_id))
-    assert {log.task_run_id for log in logs if log.name == "tasks.pipeline"} == {
+    assert {log.task_run_id for log in logs if any(n in log.message for n in names)} >= {
         uuid.UUID(line["task_run_id"]) for line in ours
     }
 
@@ -388,7 +418,7 @@ def test_two_workers_split_one_batch_into_shards_sharing_one_manifest(
                 "process-invoices/on-demand", timeout=0, work_queue_name="shards",
                 parameters={"source": f"s3://{s3_bucket}/sharded",
                             "output": f"s3://{s3_bucket}/sharded-out", "extractor": "offline",
-                            "aws_credentials_block": AWS_BLOCK, "shard": f"{i}/2"},
+                            "aws_credentials": AWS_BLOCK_REF, "shard": f"{i}/2"},
             )
             for i in range(2)
         ]
