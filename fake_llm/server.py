@@ -698,28 +698,29 @@ class FakeLLMServer:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fake-llm", description="A local OpenAI-compatible server with latency and fault injection."
+        prog="fake-llm", description="A local OpenAI-compatible server with latency and fault injection.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8811)
-    p.add_argument("--model", default=FakeLLMConfig.model)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8811, help="port to listen on")
+    p.add_argument("--model", default=FakeLLMConfig.model, help="model name it answers as")
     p.add_argument("--latency", type=float, default=0.0, help="fixed latency in seconds")
     p.add_argument("--latency-median", type=float, default=None, help="log-normal latency median (seconds)")
     p.add_argument("--latency-sigma", type=float, default=0.5, help="log-normal latency sigma")
     p.add_argument("--latency-max", type=float, default=None, help="cap on drawn latency (seconds)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fault and latency draws")
     p.add_argument("--rate-429", type=float, default=0.0, help="probability of a 429 rate limit")
     p.add_argument("--rate-quota", type=float, default=0.0, help="probability of a 429 insufficient_quota")
-    p.add_argument("--rate-500", type=float, default=0.0)
-    p.add_argument("--rate-401", type=float, default=0.0)
-    p.add_argument("--rate-400", type=float, default=0.0)
-    p.add_argument("--rate-hang", type=float, default=0.0)
-    p.add_argument("--rate-malformed", type=float, default=0.0)
-    p.add_argument("--rate-schema-invalid", type=float, default=0.0)
-    p.add_argument("--rate-refusal", type=float, default=0.0)
+    p.add_argument("--rate-500", type=float, default=0.0, help="probability of a 500 server error")
+    p.add_argument("--rate-401", type=float, default=0.0, help="probability of a 401 authentication error")
+    p.add_argument("--rate-400", type=float, default=0.0, help="probability of a 400 bad request")
+    p.add_argument("--rate-hang", type=float, default=0.0, help="probability of a request that never answers")
+    p.add_argument("--rate-malformed", type=float, default=0.0, help="probability of an answer that is not JSON")
+    p.add_argument("--rate-schema-invalid", type=float, default=0.0, help="probability of JSON that breaks the schema")
+    p.add_argument("--rate-refusal", type=float, default=0.0, help="probability of a refusal")
     p.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds on 429")
     p.add_argument("--no-retry-after-ms", action="store_true", help="send only Retry-After, not retry-after-ms")
-    p.add_argument("--rpm", type=int, default=None, help="requests-per-minute cap")
+    p.add_argument("--rpm", type=int, default=None, help="requests-per-minute cap (none: no cap)")
     p.add_argument(
         "--api-key-env",
         default=None,
@@ -727,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer $VAR' (the key is read from this environment variable, "
         "never from the command line)",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="logging level of the server")
     return p
 
 

@@ -180,8 +180,10 @@ def format_table(summary: RunSummary) -> str:
         (r.invoice, r.status, r.vendor or "", r.total or "", r.currency or "", r.reason or "")
         for r in summary.rows
     ]
+    # Columns are padded to at most 60 characters (a longer cell pushes its row over); none
+    # is cut: the reason, last, is often what the table is read for.
     widths = [min(60, max(len(line[i]) for line in lines)) for i in range(len(header))]
-    out = ["  ".join(cell[:60].ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items())) or "nothing"
     out.append("")

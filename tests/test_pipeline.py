@@ -75,3 +75,36 @@ async def test_an_object_replaced_after_listing_is_recorded_as_read(store, parse
     assert outcome.sha256 == hashlib.sha256(second).hexdigest()
     result = json.loads((await store.get(outcome.result_key)).data)
     assert result["etag"] == etag_of(second) and result["sha256"] == outcome.sha256
+
+
+class TestWhatABatchCameTo:
+    @staticmethod
+    def outcome(key: str, status: str, code: str | None = None, reasons=()):
+        from tasks.manifest import InvoiceOutcome
+
+        return InvoiceOutcome(key=key, etag='"e"', status=status, error_code=code,
+                              error_message="why" if code else None, reasons=list(reasons))
+
+    def test_failures_are_counted_by_code_most_first(self):
+        from tasks.pipeline import describe_outcomes
+
+        outcomes = [self.outcome("a", "failed", "not_a_pdf"), self.outcome("b", "done"),
+                    self.outcome("c", "failed", "empty_file"), self.outcome("d", "failed", "not_a_pdf")]
+        assert describe_outcomes(outcomes) == "3 of 4 failed: not_a_pdf 2, empty_file 1"
+        assert describe_outcomes(outcomes[1:2]) == "1 processed: 1 done"
+        assert describe_outcomes([]) == "0 processed"
+
+    def test_a_chunk_with_a_failed_invoice_is_failed_and_a_chunk_of_one_is_its_invoice(self):
+        from tasks.pipeline import InvoiceJob, chunk_state
+
+        jobs = [InvoiceJob("a", '"e"', 1), InvoiceJob("b", '"e"', 1)]
+        mixed = chunk_state(jobs, [self.outcome("a", "done"), self.outcome("b", "failed", "too_large")])
+        assert mixed.is_failed() and mixed.message == "1 of 2 failed: too_large 1"
+        assert chunk_state(jobs, [self.outcome("a", "done"), self.outcome("b", "done")]).is_completed()
+        stopped = chunk_state(jobs, [self.outcome("a", "done")])
+        assert stopped.is_completed() and "1 not finished" in stopped.message
+
+        one = chunk_state(jobs[:1], [self.outcome("a", "failed", "pdf_damaged")])
+        assert one.is_failed() and one.message == "pdf_damaged: why"
+        review = chunk_state(jobs[:1], [self.outcome("a", "needs_review", reasons=["total off"])])
+        assert review.is_completed() and review.name == "NeedsReview" and review.message == "total off"

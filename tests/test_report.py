@@ -38,3 +38,13 @@ def test_gc_frozen_freezes_objects_made_inside_when_asked() -> None:
         assert not {id(item) for item in made} & _collectable_ids()
     assert id(made[0]) in _collectable_ids()
     assert gc.get_freeze_count() == 0
+
+
+def test_the_table_keeps_a_long_reason_whole() -> None:
+    from tasks.report import InvoiceRow, RunSummary, format_table
+
+    reason = "llm_invalid_output: " + "the answer broke the schema at line_items[3].amount " * 3
+    summary = RunSummary(source="in", output="out", discovered=1, processed=1,
+                         counts={"failed": 1},
+                         rows=[InvoiceRow(invoice="a.pdf", status="failed", reason=reason)])
+    assert reason.strip() in format_table(summary)
