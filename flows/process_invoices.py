@@ -56,7 +56,7 @@ async def process_invoices(
     max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 100,
     chunk_size: Annotated[int, Field(ge=1)] = 50,
     shard: Annotated[str | None, Field(pattern=r"^\d+/\d+$"), AfterValidator(valid_shard)] = None,
-    invoice_timeout: Annotated[float, Field(gt=0)] = 300.0,
+    invoice_timeout: Annotated[float, Field(ge=1)] = 300.0,
     max_pages: Annotated[int, Field(ge=1)] = 500,
     max_bytes: Annotated[int, Field(ge=1)] = 50 * 1024 * 1024,
     max_attempts: Annotated[int, Field(ge=1)] = 3,

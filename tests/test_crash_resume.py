@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,6 +96,8 @@ def test_a_killed_run_is_finished_by_the_next_without_redoing_done_invoices(
         )
 
     # The dead run's manifest-lock slot was freed by its Prefect lease, and the wait was
-    # reported while it lasted, naming the holder.
-    assert "for the manifest lock, held by task run" in stderr, stderr[-3000:]
+    # reported while it lasted, naming the holder: its task run and the dead flow run.
+    assert re.search(r"for the manifest lock 'manifest:[^']+', held by task run 'update-manifest"
+                     r"[^']*' \([0-9a-f-]{36}, \w+\) of flow run '[\w-]+' \([0-9a-f-]{36}\)",
+                     stderr), stderr[-3000:]
     assert waited < 150

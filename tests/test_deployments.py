@@ -213,7 +213,7 @@ def test_the_run_form_carries_the_bounds_and_the_server_refuses_a_bad_value(
     properties = on_demand.parameter_openapi_schema["properties"]
     assert properties["max_concurrency"]["minimum"] == 1
     assert properties["chunk_size"]["minimum"] == 1
-    assert properties["invoice_timeout"]["exclusiveMinimum"] == 0
+    assert properties["invoice_timeout"]["minimum"] == 1
     assert properties["stop_grace_seconds"]["minimum"] == 0
     with pytest.raises(Exception) as refused:
         on_server(prefect_server, lambda c: c.create_flow_run_from_deployment(
