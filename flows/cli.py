@@ -103,13 +103,15 @@ def _option(parameter: str) -> str:
 def run_on_a_server(flow: Any, parameters: dict[str, Any]) -> Any:
     """The flow run's final state, on the Prefect API configured (PREFECT_API_URL), or else
     on a temporary server of this run's own (flows/local_server.py)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         return asyncio.run(flow(**parameters, return_state=True))
     print("starting a temporary Prefect server for this run (set PREFECT_API_URL to use "
           "yours)...", file=sys.stderr)
-    with temporary_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
+    # No UI on it, and it is gone when the run ends: no "View at" link to a page that is not there.
+    with temporary_server() as url, temporary_settings(updates={PREFECT_API_URL: url,
+                                                                PREFECT_UI_URL: ""}):
         try:
             return asyncio.run(flow(**parameters, return_state=True))
         finally:

@@ -136,3 +136,20 @@ def test_a_run_on_another_output_is_not_held_up_by_a_long_runs_lock_session(
     assert "for the manifest lock" not in other.stderr
     assert long_run.returncode == 0, err[-3000:]
     assert json.loads(out)["processed"] == 30 and json.loads(other.stdout)["processed"] == 2
+
+
+def test_a_run_on_its_own_temporary_server_shows_progress_and_no_dead_link(tmp_path):
+    """Without PREFECT_API_URL the run has a server of its own, without a UI and gone when
+    it ends: it links to no page there, and its progress is shown on stderr instead."""
+    import os
+
+    write_samples(tmp_path / "in", 2, seed=3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows", "run", str(tmp_path / "in"), "--output",
+         str(tmp_path / "out"), "--extractor", "offline"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "View at" not in proc.stderr
+    assert "progress: 2/2 processed (2 done, 0 needs_review, 0 failed)" in proc.stderr
