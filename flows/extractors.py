@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
 
+from prefect.runtime import flow_run
 from pydantic import SecretStr
 
 from tasks.einvoice import EmbeddedFirstExtractor
@@ -28,6 +29,7 @@ async def build_extractor(
     api_key: SecretStr | None = None,
     max_in_flight: int = 100,
     slot_lease_seconds: float = 120.0,
+    expected_calls: int | None = None,
 ) -> AsyncIterator[Extractor]:
     """`auto` uses the LLM when one is configured (an API key or OPENAI_BASE_URL), else offline.
 
@@ -35,6 +37,11 @@ async def build_extractor(
     the page read that cross-checks it) runs in its pool, off the event loop and under its
     deadline; it is only kept here, so it need not be started yet. Without one they run
     inline (tests, benches that drive extractors directly).
+
+    The LLM's slots follow its calls (`LLMSlots`): none are taken here unless
+    `expected_calls` says how many calls are coming (then a first block for them, waited
+    for). In a flow run, the run publishes its use on its labels and shares the slots
+    fairly with the other runs.
 
     A malformed LLM setting (e.g. OPENAI_BASE_URL with credentials in it) raises
     `ConfigurationError` here, before any invoice; `offline` does not read those settings.
@@ -57,7 +64,8 @@ async def build_extractor(
     # LLM calls are capped by Prefect limits, so all runs together stay within the account's.
     in_flight, rate_burst = await ensure_llm_limits(update_existing=False)
     capacity = min(max_in_flight, in_flight, rate_burst)
-    async with LLMSlots(capacity, lease_seconds=slot_lease_seconds) as slots:
+    async with LLMSlots(capacity, lease_seconds=slot_lease_seconds,
+                        flow_run_id=flow_run.id) as slots:
         # Built in a worker thread, while the slots are taken: the client's TLS context loads
         # the CA bundle, 0.03-0.1 s that would otherwise hold the event loop (loading it
         # releases the GIL; measured) and that came after the slots in every run's set-up.
@@ -65,7 +73,7 @@ async def build_extractor(
             asyncio.to_thread(OpenAIExtractor, settings, call_guard=slots.call)
         )
         try:
-            await slots.open()
+            await slots.open(expected=expected_calls)
         except BaseException:
             with contextlib.suppress(Exception):
                 await (await building).aclose()

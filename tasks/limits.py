@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
 from prefect.client.orchestration import get_client
@@ -18,16 +16,28 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
 )
-from prefect.concurrency.asyncio import concurrency, rate_limit
-from prefect.concurrency.services import (
-    ConcurrencySlotAcquisitionService,
-    ConcurrencySlotAcquisitionWithLeaseService,
-)
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_API_URL
 
-from tasks.errors import InvoiceFailure
+# The LLM limits' slots live in tasks/llm_slots.py; re-exported here.
+from tasks.llm_slots import (  # noqa: F401
+    AT_LABEL,
+    HELD_LABEL,
+    LLM_IN_FLIGHT_LIMIT,
+    LLM_RATE_LIMIT,
+    WANTED_LABEL,
+    LLMRunUse,
+    LLMSlots,
+    _start_slot_services,
+    describe_llm_holders,
+    fair_shares,
+    live_runs,
+    publish_llm_use,
+    read_llm_runs,
+    report_llm_slot_wait,
+    share_cap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +137,6 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logger
 
 
-LLM_IN_FLIGHT_LIMIT = "llm-in-flight"
-LLM_RATE_LIMIT = "llm-rate"
-
-
 async def ensure_llm_limits(
     max_in_flight: int = 100, requests_per_minute: int = 3000, *, update_existing: bool = True
 ) -> tuple[int, int]:
@@ -152,148 +158,3 @@ async def ensure_llm_limits(
         ),
     )
     return in_flight, rate
-
-
-def _start_slot_services() -> None:
-    """Start the Prefect services that acquire the LLM limits' slots, from a worker thread.
-    Prefect starts one on its first use by blocking the calling thread until its own event
-    loop thread has started it (`QueueService._new_instance`); from the flow's event loop
-    that held the loop for 30-120 ms while a run started (bench/end_to_end.py --stall-log).
-    Started here, the calls on the loop find them running."""
-    ConcurrencySlotAcquisitionWithLeaseService.instance(frozenset([LLM_IN_FLIGHT_LIMIT]))
-    ConcurrencySlotAcquisitionService.instance(frozenset([LLM_RATE_LIMIT]))
-
-
-class LLMSlots:
-    """Caps LLM calls in flight and their rate through Prefect limits, without a server
-    round trip per call.
-
-    Prefect 3.8.8 serializes slot acquisitions per limit (one at a time, ~0.1-0.7 s each
-    here), so a slot per call would make 100 concurrent calls wait tens of seconds. Instead
-    a run takes its `capacity` of `llm-in-flight` slots once (`open()` at flow start, or
-    the first call) and holds them under a renewed lease until it ends; `llm-rate` slots
-    are taken `capacity` at a time. Each call takes only local tokens. Runs together never
-    exceed the limits. `open()` waits for the slots (up to `timeout`) while another run
-    holds them all.
-
-    Rate blocks after the first are paced: one is asked for only once its slots have decayed
-    since the last grant. On Prefect 3.8.8 a refused request resets the limit's decay clock
-    (the refusal updates the row, whose `updated` stamp the decay counts from, without
-    applying the decay), so asking early, and retrying after the 423 as Prefect does, cost
-    up to twice the wait: 100-slot blocks at 50/s took 2.4-4.1 s instead of 2 s, and 1000
-    calls under the default limits 25.9 s instead of 19.8 s (measured).
-    """
-
-    def __init__(self, capacity: int, *, timeout: float = 600.0, lease_seconds: float = 120.0) -> None:
-        self.capacity = capacity
-        self.timeout = timeout
-        # The held slots' lease, renewed while the run lives: after a crash (SIGKILL) the
-        # slots come back to the other runs this long after the last renewal. The server
-        # refuses leases under 60 s (422).
-        self.lease_seconds = max(60.0, lease_seconds)
-        self._local = asyncio.Semaphore(capacity)
-        self._holder: asyncio.Task[None] | None = None
-        self._release = asyncio.Event()
-        self._hold_lock = asyncio.Lock()
-        self._rate_lock = asyncio.Lock()
-        self._rate_tokens = 0
-        self._decay_per_second: float | None = None  # llm-rate's, read at the first refill
-        self._granted_at: float | None = None  # loop time of the last block granted
-
-    async def __aenter__(self) -> LLMSlots:
-        return self
-
-    async def open(self) -> LLMSlots:
-        """Take the run's slots now, before its task runs load the server (on SQLite a slot
-        request that collides with that load gets a 503 and a 2 s client backoff)."""
-        await asyncio.to_thread(_start_slot_services)
-        try:
-            # One after the other: on SQLite two slot increments at once collide ("database
-            # is locked" at once, not after the busy timeout: both transactions read before
-            # writing), and the loser's client backs off 2 s (bench/manifest_lock.py).
-            await self._hold_in_flight_slots()
-            await self._take_rate_block()
-        except TimeoutError:
-            pass  # nothing free yet; calls wait for it (bounded) and fail with a reason
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._release.set()
-        if self._holder is not None:
-            await self._holder
-
-    @asynccontextmanager
-    async def call(self) -> AsyncIterator[None]:
-        try:
-            await self._hold_in_flight_slots()
-            await self._take_rate_token()
-        except TimeoutError:
-            raise InvoiceFailure(
-                "llm_slot_timeout",
-                f"no LLM slot within {self.timeout:g} s (limits {LLM_IN_FLIGHT_LIMIT!r} and "
-                f"{LLM_RATE_LIMIT!r} are shared by every run)",
-                retryable=True,
-            ) from None
-        async with self._local:
-            yield
-
-    async def _hold_in_flight_slots(self) -> None:
-        async with self._hold_lock:
-            if self._holder is None:
-                held = asyncio.get_running_loop().create_future()
-                self._holder = asyncio.create_task(self._hold(held), name="llm-slots")
-                try:
-                    await held
-                except BaseException:
-                    self._holder = None  # not held: the next call tries again
-                    raise
-
-    async def _hold(self, held: asyncio.Future[None]) -> None:
-        # One task enters and exits Prefect's concurrency context (it holds a cancel scope
-        # for lease renewal, which must be exited by the task that entered it).
-        try:
-            async with concurrency(LLM_IN_FLIGHT_LIMIT, occupy=self.capacity,
-                                   timeout_seconds=self.timeout, strict=True,
-                                   lease_duration=self.lease_seconds):
-                held.set_result(None)
-                await self._release.wait()
-        except BaseException as exc:
-            if not held.done():
-                held.set_exception(exc)
-                return
-            raise
-
-    async def _take_rate_token(self) -> None:
-        async with self._rate_lock:
-            if self._rate_tokens == 0:
-                await self._take_rate_block()
-            self._rate_tokens -= 1
-
-    async def _take_rate_block(self) -> None:
-        if self._rate_tokens > 0:
-            return
-        loop = asyncio.get_running_loop()
-        if self._granted_at is not None:
-            decay = await self._rate_decay_per_second()
-            if decay > 0:
-                # + 20 ms: the server floors the decayed slots, and its stamp of our last
-                # grant is a little earlier than our clock's.
-                wait = self._granted_at + self.capacity / decay + 0.02 - loop.time()
-                await asyncio.sleep(min(wait, self.timeout))
-        await rate_limit(LLM_RATE_LIMIT, occupy=self.capacity, timeout_seconds=self.timeout,
-                         strict=True)
-        self._granted_at = loop.time()
-        self._rate_tokens = self.capacity
-
-    async def _rate_decay_per_second(self) -> float:
-        if self._decay_per_second is None:
-            try:
-                async with get_client() as client:
-                    limit = await client.read_global_concurrency_limit_by_name(LLM_RATE_LIMIT)
-            except (httpx.HTTPError, ObjectNotFound, OSError, RuntimeError) as exc:
-                # Pacing only saves time; unpaced, Prefect's retries still keep the limit.
-                logger.warning("cannot read the %r limit (%r); this refill is not paced",
-                               LLM_RATE_LIMIT, exc)
-                return 0.0
-            self._decay_per_second = limit.slot_decay_per_second or 0.0
-        return self._decay_per_second

@@ -36,10 +36,12 @@ async def test_a_set_up_that_stops_waiting_for_llm_slots_closes_the_client_built
     await ensure_llm_limits(max_in_flight=2, requests_per_minute=60_000)
     try:
         async with LLMSlots(2, timeout=60) as other_run:
-            await other_run.open()  # holds every slot: the set-up below waits
+            await other_run.open(expected=2)  # holds every slot: the set-up below waits
+            while other_run.held < 2:
+                await asyncio.sleep(0.05)
 
             async def set_up() -> None:
-                async with build_extractor("openai", max_in_flight=2):
+                async with build_extractor("openai", max_in_flight=2, expected_calls=2):
                     pytest.fail("the set-up got slots another run holds")
 
             waiting = asyncio.create_task(set_up())

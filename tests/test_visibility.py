@@ -153,3 +153,41 @@ def test_a_run_on_its_own_temporary_server_shows_progress_and_no_dead_link(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "View at" not in proc.stderr
     assert "progress: 2/2 processed (2 done, 0 needs_review, 0 failed)" in proc.stderr
+
+
+@pytest.fixture
+def small_llm_limit(prefect_server):
+    """The server's `llm-in-flight` limit at 4 for one test, then back to the default."""
+    from tasks.limits import ensure_llm_limits
+
+    on_server(prefect_server, lambda client: ensure_llm_limits(max_in_flight=4,
+                                                                requests_per_minute=60_000))
+    yield 4
+    on_server(prefect_server, lambda client: ensure_llm_limits())
+
+
+def test_two_llm_runs_on_one_server_both_progress(prefect_server, small_llm_limit, tmp_path):
+    """Run A has plenty of LLM work for the 4 slots of the server; run B (another output,
+    a few invoices) starts while A is busy and must finish while A still runs: A shares."""
+    write_samples(tmp_path / "a", 40, seed=4)
+    write_samples(tmp_path / "b", 4, seed=5)
+    with FakeLLMServer(FakeLLMConfig(latency=1.5)) as llm:
+        env = {"OPENAI_BASE_URL": llm.base_url}
+        long_run = invoices_run(prefect_server, tmp_path / "a", tmp_path / "out-a",
+                                "--extractor", "openai", env=env, wait=False)
+        try:
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "out-a" / "manifest.json").exists():  # A is at work
+                assert long_run.poll() is None and time.monotonic() < deadline, long_run.communicate()
+                time.sleep(0.2)
+            started = time.monotonic()
+            other = invoices_run(prefect_server, tmp_path / "b", tmp_path / "out-b",
+                                 "--extractor", "openai", env=env)
+            b_seconds = time.monotonic() - started
+            a_still_running = long_run.poll() is None
+        finally:
+            out, err = long_run.communicate(timeout=300)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert long_run.returncode == 0, err[-3000:]
+    assert json.loads(other.stdout)["processed"] == 4 and json.loads(out)["processed"] == 40
+    assert a_still_running, f"B took {b_seconds:.0f} s and ended after A: it waited for A's slots"
