@@ -16,11 +16,9 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
 )
-from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
-from prefect.logging import get_run_logger
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
-# The LLM limits' slots live in tasks/llm_slots.py; re-exported here.
 from tasks.llm_slots import (  # noqa: F401
     AT_LABEL,
     HELD_LABEL,
@@ -38,6 +36,9 @@ from tasks.llm_slots import (  # noqa: F401
     report_llm_slot_wait,
     share_cap,
 )
+
+# The LLM limits' slots live in tasks/llm_slots.py; re-exported here.
+from tasks.logs import run_logger
 
 logger = logging.getLogger(__name__)
 
@@ -124,17 +125,11 @@ async def report_manifest_lock_wait(tag: str, waited: float) -> None:
         held_by = "; ".join(holders) or "no task run (being granted)"
     except Exception as exc:  # the report must not break the wait it reports on
         held_by = f"unknown ({type(exc).__name__}: {exc})"
-    _run_logger().warning(
+    run_logger(logger).warning(
         "waited %.0f s for the manifest lock %r, held by %s; %s", waited, tag, held_by,
         TAG_SLOT_LEASE_NOTE,
     )
 
-
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logger
 
 
 async def ensure_llm_limits(

@@ -39,10 +39,10 @@ from prefect.concurrency.services import (
     ConcurrencySlotAcquisitionService,
     ConcurrencySlotAcquisitionWithLeaseService,
 )
-from prefect.exceptions import MissingContextError, ObjectNotFound
-from prefect.logging import get_run_logger
+from prefect.exceptions import ObjectNotFound
 
 from tasks.errors import InvoiceFailure
+from tasks.logs import run_logger
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,6 @@ _DEMAND_WINDOW = 2.0  # s, the `wanted` a run publishes is its peak demand over 
 _WARM_SECONDS = 60.0  # s, how long open(expected=...) counts as demand if no call comes
 _ACQUIRE_TIMEOUT = 60.0  # s, one block request (a 503 on SQLite costs a 2-8 s client backoff)
 _RUNS_READ = 200  # RUNNING flow runs read to find the ones using LLM slots
-
-
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logger
 
 
 def fair_shares(limit: int, wanted: Mapping[str, int]) -> dict[str, int]:
@@ -204,7 +197,7 @@ async def report_llm_slot_wait(waited: float, *, own_flow_run_id: str | None = N
         use = "use unknown"
         held_by = f"unknown ({type(exc).__name__}: {exc})"
     try:
-        _run_logger().warning(
+        run_logger(logger).warning(
             "waited %.0f s for LLM slots (%r %s), held by %s; this run holds %d and wants %d",
             waited, LLM_IN_FLIGHT_LIMIT, use, held_by, held, wanted,
         )

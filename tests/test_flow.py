@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -118,10 +117,14 @@ async def test_invoices_run_in_chunks_one_task_run_each_and_all_are_recorded(tmp
     manifest = Manifest.model_validate_json((output / "manifest.json").read_bytes())
     assert set(manifest.entries) == {p.name for p in pdfs}
     async with get_client() as client:
-        runs = await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
-    chunks = sorted(r.name for r in runs if r.task_key.startswith("process_chunk_task"))
+        for _ in range(60):  # the server records task runs from events, which may come late
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            chunks = sorted(r.name for r in runs if r.task_key.startswith("process_chunk_task")
+                            and r.state is not None and r.state.is_final())
+            if len(chunks) >= 3:
+                break
+            await asyncio.sleep(0.5)
     assert chunks == [f"{pdfs[0].name} and 2 more", f"{pdfs[3].name} and 2 more", pdfs[6].name]
 
 
@@ -149,13 +152,3 @@ async def test_an_embedded_e_invoice_is_the_result_and_the_page_cross_checks_it(
     bad = manifest.entries["tampered.pdf"]
     assert bad.status == "needs_review"
     assert any(r.startswith("einvoice_mismatch: total") for r in bad.reasons), bad.reasons
-
-
-def test_importing_the_flow_leaves_prefect_aws_out():
-    """Every deployment run imports the flow in a fresh process: prefect_aws (with its ECS
-    worker, 0.25-0.45 s) is imported only by a run that names an AwsCredentials block
-    (tests/test_deployments.py runs one)."""
-    code = "import sys, flows.process_invoices\nprint('prefect_aws' in sys.modules)\n"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
-    assert out.strip() == "False", out

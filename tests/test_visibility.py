@@ -4,6 +4,7 @@ CLI against a real `prefect server start` and reads back through the Prefect API
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -57,12 +58,19 @@ def run_logs(prefect_server, flow_run_id: str):
     return on_server(prefect_server, read)
 
 
-def task_runs(prefect_server, flow_run_id: str):
+def task_runs(prefect_server, flow_run_id: str, *, final: int):
+    """The flow run's task runs, once `final` of them are in a final state: the server
+    records task runs from their events, which may arrive after the run has ended."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     async def read(client):
-        return await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        for _ in range(60):
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if sum(run.state is not None and run.state.is_final() for run in runs) >= final:
+                break
+            await asyncio.sleep(0.5)
+        return runs
 
     return on_server(prefect_server, read)
 
@@ -88,7 +96,8 @@ def test_each_failure_is_a_warning_of_the_run_and_the_state_names_the_codes(
     assert "2 of 5 failed: empty_file 1, not_a_pdf 1" in warnings
 
     # The chunk's task run holding the failures is not Completed.
-    [chunk] = [run for run in task_runs(prefect_server, flow_run_id)
+    # 3 task runs: the chunk, update-manifest, publish-summary.
+    [chunk] = [run for run in task_runs(prefect_server, flow_run_id, final=3)
                if run.name.startswith(sorted(p.name for p in batch.iterdir())[0])]
     assert chunk.state.is_failed() and chunk.state.message.startswith("2 of 5 failed")
 
@@ -100,7 +109,7 @@ def test_chunk_size_one_gives_a_task_run_per_invoice_in_its_outcome_state(
                         "--chunk-size", "1")
     assert proc.returncode == 1, proc.stderr[-3000:]
     flow_run_id = json.loads(proc.stdout)["flow_run_id"]
-    runs = {run.name: run for run in task_runs(prefect_server, flow_run_id)
+    runs = {run.name: run for run in task_runs(prefect_server, flow_run_id, final=7)
             if run.task_key.startswith("process_chunk_task")}
     assert set(runs) == {path.name for path in batch.iterdir()}
     for name, (_, code) in BROKEN.items():
