@@ -226,9 +226,10 @@ def test_a_block_chosen_in_the_run_form_is_accepted(deployed, prefect_server):
     (Prefect checks it against the block's schema or a reference, exactly one of the two;
     an `AwsCredentials` schema left open to any object matched both and was refused.)"""
     async def create_and_delete(client):
-        from prefect_aws import AwsCredentials
-
-        block_id = (await AwsCredentials.aload(AWS_BLOCK, client=client))._block_document_id
+        # Read, not loaded: loading a block emits an event, which would start this process's
+        # events worker against this server, where later in-process tests' events do not go.
+        block_id = (await client.read_block_document_by_name(
+            AWS_BLOCK, block_type_slug="aws-credentials")).id
         deployment = await client.read_deployment_by_name("process-invoices/on-demand")
         run = await client.create_flow_run_from_deployment(
             deployment.id, work_queue_name="nobody-polls-this",
