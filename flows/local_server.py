@@ -97,13 +97,18 @@ def temporary_server() -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
         log.close()
         if process.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
             with contextlib.suppress(OSError):
                 os.unlink(log.name)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

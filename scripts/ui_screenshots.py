@@ -47,7 +47,7 @@ from uuid import UUID
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # run as a script: make `flows`, `tasks` importable
 
-from flows.local_server import temporary_server  # noqa: E402
+from flows.local_server import stop_process, temporary_server  # noqa: E402
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 WIDTH, HEIGHT = 1600, 1200
@@ -264,12 +264,7 @@ def ui_server(api_url: str, static_dir: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
 
 
 def write_source(folder: Path) -> None:

@@ -19,6 +19,8 @@ import pytest
 import pytest_asyncio
 from moto.server import ThreadedMotoServer
 
+from flows.local_server import stop_process
+
 # Prefect state of the test run stays out of the user's ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="invoices-test-prefect-"))
 os.environ.pop("PREFECT_API_URL", None)
@@ -84,16 +86,6 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def free_port() -> int:
