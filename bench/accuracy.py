@@ -9,11 +9,11 @@ Sets
 ----
 ``invoice2data``: ``../shared/eval/invoice2data`` (relative to the project root), folders
 ``compare/`` and ``custom/``. Every ``<name>.json`` (a list holding one record) is scored
-against ``<name>.pdf`` (parsed with the project's ``tasks.parse.parse_pdf_bytes``) or
+against ``<name>.pdf`` (parsed with the project's ``tasks.pdf.parse.parse_pdf_bytes``) or
 ``<name>.txt`` (read as one page of text, no word positions).
 
 ``samples``: ``--count`` (default 100) invoices made in memory with the project's generator,
-``tasks.samples.make_invoice(seed)``, seeds 1000.. cycling through every layout; one in ten
+``testing.samples.make_invoice(seed)``, seeds 1000.. cycling through every layout; one in ten
 runs over 2-3 pages and one in twenty prints a wrong total (``defect="total_mismatch"``,
 whose truth is the total as printed). The truth is the generator's ``Invoice``.
 
@@ -41,7 +41,7 @@ lines              line_items          see below
 =================  ==================  =================================================
 
 - Numbers: both sides become ``Decimal`` (floats through ``str``, strings such as "0.01"
-  or "1.234,56" through ``tasks.extract.parse_number``) and must be equal (4.1 == 4.10).
+  or "1.234,56" through ``tasks.extract.rules.parse_number``) and must be equal (4.1 == 4.10).
 - Dates: the expected ISO string and the extracted ``date`` must be the same day.
 - Ids (invoice number, VAT id, IBAN, BIC): compared upper-cased with spaces, dots, dashes
   and a leading "#" removed ("DE 232 446 240" == "DE232446240", "# BLR_1" == "#BLR_1",
@@ -108,9 +108,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.extract import Extractor, OfflineExtractor, parse_number  # noqa: E402
+from tasks.extract.rules import Extractor, OfflineExtractor, parse_number  # noqa: E402
 from tasks.invoice import Invoice, check_invoice  # noqa: E402
-from tasks.parse import ParsedDocument, parse_pdf_bytes  # noqa: E402
+from tasks.pdf.parse import ParsedDocument, parse_pdf_bytes  # noqa: E402
 
 EVAL_DIR = ROOT.parent / "shared" / "eval" / "invoice2data"
 
@@ -249,7 +249,7 @@ def load_invoice2data() -> list[Case]:
 
 
 def load_samples(count: int) -> list[Case]:
-    from tasks.samples import LAYOUTS, make_invoice
+    from testing.samples import LAYOUTS, make_invoice
 
     cases = []
     for i in range(count):
@@ -438,7 +438,7 @@ async def amain(args: argparse.Namespace) -> int:
         extractor: Any = OfflineExtractor()
         closer = None
     else:
-        from tasks.llm import LLMSettings, OpenAIExtractor
+        from tasks.extract.llm import LLMSettings, OpenAIExtractor
 
         settings = LLMSettings.from_env()
         if settings.api_key is None and settings.base_url is None:

@@ -8,7 +8,7 @@ server-side PUT counter of ``manifest_lock.py``, whose helpers this script impor
 ``ml``), the fake OpenAI-compatible server (fixed ``--latency``, 1.0 s by default, answering
 with ``ml.canned_answer()``: see below), and a Prefect server (``ml.PrefectServer``:
 ``prefect server start`` with SQLite in a temporary PREFECT_HOME). It sets the Prefect LLM
-limits to the project defaults (``tasks.limits.ensure_llm_limits()``: 100 in flight,
+limits to the project defaults (``tasks.orchestration.limits.ensure_llm_limits()``: 100 in flight,
 3000/min).
 
 Workload: N invoice PDFs under ``s3://<bucket>/in-N/invoices/``. Generating 1000 PDFs
@@ -31,7 +31,7 @@ For each N, two runs, each a separate process, measured from this process:
   project's own ``tasks.pipeline.process_invoice`` (the same download, ``PdfParser``
   process pool, ``OpenAIExtractor`` HTTP call, validation and result write), then, under
   one ``asyncio.Lock``, it read-modify-writes the JSON manifest ``ref-N/manifest.json``
-  with ``tasks.manifest.commit_outcomes`` (read, merge, conditional PUT: one write per
+  with ``tasks.manifest.model.commit_outcomes`` (read, merge, conditional PUT: one write per
   invoice, the same format as the flow's). Prefect is imported (the tasks import it) but
   no API is called: its PREFECT_API_URL points at a closed port. The same
   ``LoopStallProbe`` as the flow's measures its event loop, from before its set-up (as in
@@ -65,7 +65,7 @@ flight, the Prefect task runs by name, and the CPU the other processes used duri
 run (Prefect server, moto, fake LLM). The script ends with the targets at the largest N:
 flow wall <= 1.3 x reference wall, flow peak RSS < 600 MB, flow stall < 100 ms.
 
-The fake LLM is ``ml.LLMProcess`` (a child process), not ``python -m fake_llm``:
+The fake LLM is ``ml.LLMProcess`` (a child process), not ``python -m testing.fake_llm``:
 the standalone server answers with the offline rules extractor run per request, which on
 this 2-core machine would bill the extraction's CPU to the benchmark; here it answers with
 ``ml.canned_answer()`` (one valid invoice made once), like the other benches. Its
@@ -133,7 +133,7 @@ def pool_pages(pool: int, long_share: float) -> list[int]:
 
 
 def make_pool(pool: int, long_share: float) -> list[bytes]:
-    from tasks.samples import make_invoice
+    from testing.samples import make_invoice
 
     return [make_invoice(j, pages=p)[0] for j, p in enumerate(pool_pages(pool, long_share))]
 
@@ -363,9 +363,9 @@ def invoice_context(cls: Any, src: Any, out: Any, parser: Any, extractor: Any,
 
 async def reference_async(source: str, output: str, concurrency: int) -> dict[str, Any]:
     # Imported in reference_main, before timing starts (the flow's imports precede it too).
-    from tasks.llm import LLMSettings, OpenAIExtractor
-    from tasks.manifest import commit_outcomes, read_manifest
-    from tasks.parse import PdfParser
+    from tasks.extract.llm import LLMSettings, OpenAIExtractor
+    from tasks.manifest.model import commit_outcomes, read_manifest
+    from tasks.pdf.parse import PdfParser
     from tasks.pipeline import InvoiceContext, plan_batch, process_invoice
     from tasks.report import LoopStallProbe
     from tasks.storage import open_store
@@ -414,7 +414,7 @@ async def reference_async(source: str, output: str, concurrency: int) -> dict[st
 
 def reference_main(source: str, output: str, concurrency: int) -> int:
     install_stall_log()
-    import tasks.llm, tasks.manifest, tasks.parse, tasks.pipeline, tasks.report, tasks.storage  # noqa: E401,F401
+    import tasks.extract.llm, tasks.manifest.model, tasks.pdf.parse, tasks.pipeline, tasks.report, tasks.storage  # noqa: E401,F401
 
     result = asyncio.run(reference_async(source, output, concurrency))
     print(json.dumps(result), flush=True)
@@ -880,7 +880,7 @@ def targets(rows: list[Row], n: int) -> list[str]:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from fake_llm.server import FakeLLMConfig
+    from testing.fake_llm.server import FakeLLMConfig
 
     logdir = tempfile.mkdtemp(prefix="bench-e2e-")
     pages = pool_pages(args.pool, args.long_share)
@@ -916,7 +916,7 @@ def bench(args: argparse.Namespace) -> int:
         server = ml.PrefectServer("start", [], args.keep_home).__enter__()
         api_url = os.environ["PREFECT_API_URL"]
         import prefect
-        from tasks.limits import ensure_llm_limits
+        from tasks.orchestration.limits import ensure_llm_limits
 
         in_flight, burst = asyncio.run(ensure_llm_limits(update_existing=True))
         print(f"# prefect {prefect.__version__}: {server.description}, ready in "

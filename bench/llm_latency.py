@@ -13,7 +13,7 @@ share the flow's process and GIL). Rows:
 - ``sequential bound``: N x latency, computed; and measured on
   ``--sequential-sample`` calls made one after another, scaled to N.
 - ``asyncio.gather + Lock``: N coroutines gathered; each calls the fake
-  server through ``tasks.llm.OpenAIExtractor`` (the project's request, the
+  server through ``tasks.extract.llm.OpenAIExtractor`` (the project's request, the
   unmodified ``openai.AsyncOpenAI`` client, one shared by all) on text
   parsed before timing, then read-modify-writes a JSON manifest in S3 under
   one ``asyncio.Lock``. No Prefect, no download, no parsing.
@@ -214,7 +214,7 @@ async def rate_refill_seconds() -> float:
     """How long the `llm-rate` limit takes to refill from empty (burst / decay per second):
     a run started sooner waits for its first block, which a first run did not."""
     from prefect.client.orchestration import get_client
-    from tasks.limits import LLM_RATE_LIMIT
+    from tasks.orchestration.limits import LLM_RATE_LIMIT
 
     async with get_client() as client:
         limit = await client.read_global_concurrency_limit_by_name(LLM_RATE_LIMIT)
@@ -222,7 +222,7 @@ async def rate_refill_seconds() -> float:
 
 
 async def asyncio_baseline(n: int, endpoint: str, llm: Any, texts: list[Any]) -> Row:
-    from tasks.llm import LLMSettings, OpenAIExtractor
+    from tasks.extract.llm import LLMSettings, OpenAIExtractor
 
     bucket = await create_bucket(endpoint, "llm-baseline")
     lock = asyncio.Lock()
@@ -244,7 +244,7 @@ async def asyncio_baseline(n: int, endpoint: str, llm: Any, texts: list[Any]) ->
 
 
 async def sequential_sample(k: int, n: int, llm: Any, texts: list[Any]) -> Row:
-    from tasks.llm import LLMSettings, OpenAIExtractor
+    from tasks.extract.llm import LLMSettings, OpenAIExtractor
 
     async with OpenAIExtractor(LLMSettings(base_url=llm.base_url, api_key="x")) as extractor:
         t0 = time.perf_counter()
@@ -256,7 +256,7 @@ async def sequential_sample(k: int, n: int, llm: Any, texts: list[Any]) -> Row:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    from fake_llm.server import FakeLLMConfig
+    from testing.fake_llm.server import FakeLLMConfig
 
     n, latency = args.n, args.latency
     age = interpreter_age_at_script_start()
@@ -302,7 +302,7 @@ async def main_async(args: argparse.Namespace) -> int:
             f"LLM limits {t_first_call - t_imports:.2f} s{interp}",
         )
 
-        from tasks.parse import parse_pdf_bytes
+        from tasks.pdf.parse import parse_pdf_bytes
 
         texts = [parse_pdf_bytes(pdf) for pdf in ml.invoice_pdfs()]
         if args.sequential_sample > 0:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/manifest_cost.py                     # 1k, 10k, 50k, 100k entries
     .venv/bin/python bench/manifest_cost.py --entries 1000 --entries 200000
 
-A commit (`tasks.manifest.commit_outcomes`) reads the whole object, parses it, merges the
+A commit (`tasks.manifest.model.commit_outcomes`) reads the whole object, parses it, merges the
 batch, serializes it and writes it back conditionally. For each size this script builds a
 manifest of that many realistic entries in moto S3 (a child process, as in the other
 benches) and times, on the best of `--repeat` rounds: the GET, the parse, the merge of a
@@ -28,7 +28,7 @@ import manifest_lock as ml  # noqa: E402  (bench/ is on sys.path when run as a s
 
 
 def outcomes(n: int, start: int = 0, status: str = "done"):
-    from tasks.manifest import InvoiceOutcome, utcnow
+    from tasks.manifest.model import InvoiceOutcome, utcnow
 
     now = utcnow()
     return [
@@ -47,7 +47,7 @@ def best(samples: list[float]) -> float:
 
 
 async def measure(endpoint: str, bucket: str, entries: int, batch: int, repeat: int) -> dict:
-    from tasks.manifest import Manifest, apply_outcomes, commit_outcomes, read_manifest
+    from tasks.manifest.model import Manifest, apply_outcomes, commit_outcomes, read_manifest
     from tasks.storage import open_store
 
     async with open_store(f"s3://{bucket}/cost-{entries}", endpoint_url=endpoint) as store:

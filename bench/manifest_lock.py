@@ -135,7 +135,7 @@ def canned_answer():
     """The fake LLM's answer in benchmarks: one valid extraction, made once. A real model
     does its work on another machine; the fake server's default answer (running the
     offline extractor per request, in this process) would bill the flow's CPU for it."""
-    from tasks.samples import make_invoice
+    from testing.samples import make_invoice
 
     invoice = make_invoice(0)[1]
     return lambda text: invoice
@@ -275,7 +275,7 @@ class LLMProcess:
     child's stdin."""
 
     def __init__(self, config: Any = None) -> None:
-        from fake_llm.server import FakeLLMConfig
+        from testing.fake_llm.server import FakeLLMConfig
 
         config = config if config is not None else FakeLLMConfig()
         self.proc, port = spawn_server("fake LLM", "--serve-llm",
@@ -305,7 +305,7 @@ class LLMProcess:
 
 def serve_llm(config_json: str) -> int:
     """Child side of LLMProcess: serve until stdin closes, answering `reset` and `stats`."""
-    from fake_llm.server import FakeLLMConfig, FakeLLMServer
+    from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 
     server = FakeLLMServer(FakeLLMConfig(**json.loads(config_json)), answer=canned_answer()).start()
     print("PORT", server.port, flush=True)
@@ -522,7 +522,7 @@ _PDFS: list[bytes] = []
 def invoice_pdfs() -> list[bytes]:
     """PDF_POOL small invoice PDFs (make_invoice(seed), seeds 0..PDF_POOL-1), made once."""
     if not _PDFS:
-        from tasks.samples import make_invoice
+        from testing.samples import make_invoice
 
         _PDFS.extend(make_invoice(seed)[0] for seed in range(PDF_POOL))
     return _PDFS
@@ -579,7 +579,7 @@ def flow_environment(s3_endpoint: str, llm_base_url: Optional[str]) -> Iterator[
 async def set_llm_limits(mode: str, n: int) -> str:
     """Size the Prefect limits the flow's LLM calls take ('fit': all N in flight at once)
     or leave them ('keep'); returns what is in force."""
-    from tasks.limits import ensure_llm_limits
+    from tasks.orchestration.limits import ensure_llm_limits
 
     if mode == "fit":
         in_flight, burst = await ensure_llm_limits(
@@ -653,7 +653,7 @@ class SimulatedExtractor:
         self._answer = canned_answer()
 
     async def extract(self, document: Any) -> Any:
-        from tasks.extract import Extraction
+        from tasks.extract.rules import Extraction
 
         await asyncio.sleep(EXTRACT_SECONDS)
         return Extraction(invoice=self._answer(document.text), source="llm")
@@ -667,7 +667,7 @@ def simulated_extraction() -> Iterator[None]:
     from unittest import mock
 
     import flows.process_invoices
-    from tasks.einvoice import EmbeddedFirstExtractor
+    from tasks.extract.einvoice import EmbeddedFirstExtractor
 
     @contextlib.asynccontextmanager
     async def build_simulated(choice: Any, **_: Any) -> Any:
@@ -683,7 +683,7 @@ async def run_c(name: str, n: int, endpoint: str, bucket: str, *, llm: bool) -> 
     await upload_invoices(endpoint, bucket, INPUT_PREFIX, invoice_keys(n))
     note_llm = ""
     if llm:
-        from fake_llm.server import FakeLLMConfig
+        from testing.fake_llm.server import FakeLLMConfig
 
         limits = await set_llm_limits(_LLM_LIMITS_MODE["mode"], n)
         with LLMProcess(FakeLLMConfig(latency=EXTRACT_SECONDS)) as server:

@@ -4,7 +4,7 @@
     .venv/bin/python bench/parse_executor.py --n 40 --repeat 1   # quick look
 
 The PDFs are made in memory before any timing, with the project's generator,
-``tasks.samples.make_invoice(seed, pages=p)`` for seeds ``--seed`` .. ``--seed``+N-1.
+``testing.samples.make_invoice(seed, pages=p)`` for seeds ``--seed`` .. ``--seed``+N-1.
 A fixed share of them (``--long-share``, default 10%, rounded; which ones is drawn
 from a seeded RNG) has 20 to 30 pages; the others have 1 to ``--pages-max``
 (default 5) pages. The page counts come from ``random.Random(f"parse-bench:{seed}")``,
@@ -20,7 +20,7 @@ interleaved: round 1 runs every row, then round 2, ...):
   coroutines, the loop would not run at all and the stall would be the whole run.
 - ``threads, run_in_executor``: every file submitted at once (``asyncio.gather``) with
   ``loop.run_in_executor(ThreadPoolExecutor(--workers), ...)``, each call holding
-  the project's process-wide PyMuPDF lock (``tasks.parse._parse_serialized``, the
+  the project's process-wide PyMuPDF lock (``tasks.pdf.parse._parse_serialized``, the
   function ``PdfParser("thread")`` runs). PyMuPDF is not thread-safe: MuPDF
   contexts and its warning store are shared, and ``parse_pdf_bytes`` resets that
   store per file. So an unlocked thread pool is not measured: it could crash or
@@ -43,7 +43,7 @@ interleaved: round 1 runs every row, then round 2, ...):
   in-flight bound, deadline or crash handling. The forkserver is process-wide, so
   this row shares the one that ``PdfParser`` started, with PyMuPDF preloaded. Its
   workers import this script as ``__mp_main__``, which is cheap. Start-up is timed
-  by pinging the pool, with a call that imports ``tasks.parse``, until every worker
+  by pinging the pool, with a call that imports ``tasks.pdf.parse``, until every worker
   has answered. ``--plain-context fork|spawn`` changes the start method.
 
 Columns:
@@ -104,7 +104,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
-# Heavy imports (tasks.parse: pydantic via tasks.errors; tasks.samples: pymupdf) are made
+# Heavy imports (tasks.pdf.parse: pydantic via tasks.errors; testing.samples: pymupdf) are made
 # inside functions: the plain process pool's forkserver workers import this script as
 # __mp_main__ and need none of them at import time.
 
@@ -142,7 +142,7 @@ def page_plan(n: int, pages_max: int, long_share: float, seed: int) -> list[int]
 
 
 def make_workload(n: int, pages_max: int, long_share: float, seed: int) -> Workload:
-    from tasks.samples import make_invoice
+    from testing.samples import make_invoice
 
     plan = page_plan(n, pages_max, long_share, seed)
     t0 = time.perf_counter()
@@ -290,7 +290,7 @@ def _ping() -> int:
 
 
 def _ping_import() -> int:
-    import tasks.parse  # noqa: F401  (else the first parse in each worker imports it, timed)
+    import tasks.pdf.parse  # noqa: F401  (else the first parse in each worker imports it, timed)
 
     return os.getpid()
 
@@ -307,7 +307,7 @@ async def _start_all(loop: asyncio.AbstractEventLoop, executor: Executor, worker
 
 
 async def setup_sequential(args: argparse.Namespace):
-    from tasks.parse import parse_pdf_bytes
+    from tasks.pdf.parse import parse_pdf_bytes
 
     async def parse_all(pdfs: list[bytes]) -> list:
         out = []
@@ -320,7 +320,7 @@ async def setup_sequential(args: argparse.Namespace):
 
 
 async def setup_threads(args: argparse.Namespace):
-    from tasks.parse import _parse_serialized  # parse_pdf_bytes under the process-wide lock
+    from tasks.pdf.parse import _parse_serialized  # parse_pdf_bytes under the process-wide lock
 
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
@@ -346,7 +346,7 @@ async def _start_all_threads(
 
 def _parser_setup(kind: str):
     async def setup(args: argparse.Namespace):
-        from tasks.parse import PdfParser
+        from tasks.pdf.parse import PdfParser
 
         parser = PdfParser(kind, max_workers=args.workers)  # type: ignore[arg-type]
         t0 = time.perf_counter()
@@ -362,7 +362,7 @@ def _parser_setup(kind: str):
 
 
 async def setup_plain_process(args: argparse.Namespace):
-    from tasks.parse import parse_pdf_bytes
+    from tasks.pdf.parse import parse_pdf_bytes
 
     loop = asyncio.get_running_loop()
     ctx = multiprocessing.get_context(args.plain_context)

@@ -109,7 +109,7 @@ async def ensure_limits(
     llm_max_in_flight: int | None, llm_requests_per_minute: int | None,
     say: Callable[[str], None],
 ) -> None:
-    from tasks.limits import (
+    from tasks.orchestration.limits import (
         LLM_IN_FLIGHT_LIMIT,
         LLM_RATE_LIMIT,
         LockUnavailableError,

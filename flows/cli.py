@@ -171,8 +171,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _demo_module(name: str) -> Any:
+    """A module of the repository's `testing/` package (the sample generator, the fake LLM),
+    which the demo commands use but the installed package leaves out: found next to `flows/`
+    in a checkout, else an error saying so."""
+    import importlib
+
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "testing" / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("testing"):
+            raise
+        raise SystemExit(f"invoices: {name} is part of the repository's testing/ package, "
+                         "not of the installed one: run this from a checkout "
+                         "(pip install -e .)") from None
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
-    from tasks.samples import write_samples
+    write_samples = _demo_module("testing.samples").write_samples
 
     paths = write_samples(Path(args.folder), args.count, seed=args.seed)
     print(f"wrote {len(paths)} invoices to {args.folder}")
@@ -182,9 +201,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["fake-llm"]:  # its own argparse; forward everything after the name
-        from fake_llm.server import main as fake_llm_main
-
-        return fake_llm_main(argv[1:]) or 0
+        return _demo_module("testing.fake_llm.server").main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="invoices", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

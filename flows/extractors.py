@@ -11,12 +11,12 @@ from typing import Literal
 from prefect.runtime import flow_run
 from pydantic import SecretStr
 
-from tasks.einvoice import EmbeddedFirstExtractor
+from tasks.extract.einvoice import EmbeddedFirstExtractor
 from tasks.errors import ConfigurationError
-from tasks.extract import Extractor, OfflineExtractor
-from tasks.limits import LLMSlots, ensure_llm_limits
-from tasks.llm import LLMSettings, OpenAIExtractor  # at import: importing openai takes ~0.3 s
-from tasks.parse import PdfParser
+from tasks.extract.rules import Extractor, OfflineExtractor
+from tasks.orchestration.limits import LLMSlots, ensure_llm_limits
+from tasks.extract.llm import LLMSettings, OpenAIExtractor  # at import: importing openai takes ~0.3 s
+from tasks.pdf.parse import PdfParser
 
 ExtractorChoice = Literal["auto", "offline", "openai"]
 
@@ -87,5 +87,5 @@ def _offline(parser: PdfParser | None) -> Extractor:
         # Every invoice is read by the rules in a worker: import them in the forkserver,
         # once, rather than in every fresh worker on its first invoice. (With the LLM, only
         # e-invoices need them there, so those workers import them when one comes.)
-        parser.preload("tasks.extract", "tasks.einvoice")
+        parser.preload("tasks.extract.rules", "tasks.extract.einvoice")
     return EmbeddedFirstExtractor(OfflineExtractor(parser), parser=parser)

@@ -21,11 +21,11 @@ from pydantic import AfterValidator, Field
 
 from flows.blocks import AwsCredentialsBlock, secret_value
 from flows.extractors import ExtractorChoice, build_extractor
-from tasks.claims import ClaimHolder, Claims, claim_holders
+from tasks.manifest.claims import ClaimHolder, Claims, claim_holders
 from tasks.errors import ConfigurationError
-from tasks.limits import ensure_manifest_lock, report_manifest_lock_wait
-from tasks.manifest import ManifestTarget, ManifestWriteError, ManifestWriter, run_locked_session
-from tasks.parse import PdfParser
+from tasks.orchestration.limits import ensure_manifest_lock, report_manifest_lock_wait
+from tasks.manifest.model import ManifestTarget, ManifestWriteError, ManifestWriter, run_locked_session
+from tasks.pdf.parse import PdfParser
 from tasks.pipeline import (
     BatchPlan,
     InvoiceContext,

@@ -269,7 +269,7 @@ def ui_server(api_url: str, static_dir: Path) -> Iterator[str]:
 
 def write_source(folder: Path) -> None:
     """Good invoices plus three broken ones: empty, not a PDF, a truncated PDF."""
-    from tasks.samples import write_samples
+    from testing.samples import write_samples
 
     good = write_samples(folder, GOOD_INVOICES, seed=0)
     (folder / "empty.pdf").write_bytes(b"")

@@ -14,7 +14,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
-from tasks.validation import (
+from tasks.checks import (
     due_date_problem,
     iban_problem,
     is_iso4217,

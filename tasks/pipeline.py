@@ -28,11 +28,11 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from tasks.errors import InvoiceFailure
-from tasks.extract import Extraction, Extractor
+from tasks.extract.rules import Extraction, Extractor
 from tasks.invoice import Invoice, check_invoice
 from tasks.logs import run_logger
-from tasks.manifest import InvoiceOutcome, Manifest, lease_is_live, utcnow
-from tasks.parse import PdfParser
+from tasks.manifest.model import InvoiceOutcome, Manifest, lease_is_live, utcnow
+from tasks.pdf.parse import PdfParser
 from tasks.stopping import StopRequest
 from tasks.storage import ObjectInfo, StorageError, Store
 

@@ -8,9 +8,9 @@ from functools import partial
 
 import pytest
 
-from tasks.claims import Claims
-from tasks.extract import OfflineExtractor
-from tasks.manifest import (
+from tasks.manifest.claims import Claims
+from tasks.extract.rules import OfflineExtractor
+from tasks.manifest.model import (
     InvoiceOutcome,
     Manifest,
     ManifestTarget,

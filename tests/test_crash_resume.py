@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from fake_llm.server import FakeLLMConfig, FakeLLMServer
-from tasks.manifest import Manifest
-from tasks.samples import write_samples
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
+from tasks.manifest.model import Manifest
+from testing.samples import write_samples
 
 pytest_plugins = ["tests.reliability_report"]
 

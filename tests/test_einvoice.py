@@ -18,9 +18,10 @@ import pymupdf
 import pytest
 from lxml import etree
 
-from tasks import einvoice, embedded_xml
-from tasks.einvoice import attach_einvoice, build_cii_xml, cross_check, parse_einvoice
-from tasks.embedded_xml import EmbeddedXml, find_embedded_einvoice
+from tasks.extract import einvoice
+from tasks.pdf import embedded_xml
+from tasks.extract.einvoice import attach_einvoice, build_cii_xml, cross_check, parse_einvoice
+from tasks.pdf.embedded_xml import EmbeddedXml, find_embedded_einvoice
 from tasks.errors import InvoiceFailure
 from tasks.invoice import Invoice, LineItem
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from tasks.extract import (
+from tasks.extract.rules import (
     Extraction,
     OfflineExtractor,
     decimal_separator,
@@ -33,14 +33,14 @@ from tasks.extract import (
     table_items_by_position,
 )
 from tasks.invoice import Invoice, LineItem, check_invoice
-from tasks.parse import ParsedDocument, parse_pdf_bytes
-from tasks.samples import LAYOUTS, make_invoice
+from tasks.pdf.parse import ParsedDocument, parse_pdf_bytes
+from testing.samples import LAYOUTS, make_invoice
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def sorted_text(data: bytes) -> str:
-    """What the pipeline extracts from: tasks.parse (PyMuPDF, sorted reading order)."""
+    """What the pipeline extracts from: tasks.pdf.parse (PyMuPDF, sorted reading order)."""
     return parse_pdf_bytes(data).text
 
 

@@ -8,12 +8,12 @@ import asyncio
 import pytest
 
 from flows.extractors import build_extractor
-from tasks.einvoice import EmbeddedFirstExtractor
+from tasks.extract.einvoice import EmbeddedFirstExtractor
 from tasks.errors import ConfigurationError
-from tasks.extract import OfflineExtractor
-from tasks.limits import LLMSlots, ensure_llm_limits
-from tasks.llm import OpenAIExtractor
-from tasks.parse import PdfParser
+from tasks.extract.rules import OfflineExtractor
+from tasks.orchestration.limits import LLMSlots, ensure_llm_limits
+from tasks.extract.llm import OpenAIExtractor
+from tasks.pdf.parse import PdfParser
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from fake_llm.server import FAULT_KINDS, FakeLLMConfig, FakeLLMServer, document_text, fault_kind, strict_schema_problems
+from testing.fake_llm.server import FAULT_KINDS, FakeLLMConfig, FakeLLMServer, document_text, fault_kind, strict_schema_problems
 from tasks.invoice import Invoice
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,10 +309,10 @@ def test_async_answer_function():
 
 
 def test_default_answer_uses_offline_extractor():
-    import tasks.extract
+    import tasks.extract.rules
 
-    if not hasattr(tasks.extract, "extract_fields"):
-        pytest.skip("tasks.extract.extract_fields not there yet")
+    if not hasattr(tasks.extract.rules, "extract_fields"):
+        pytest.skip("tasks.extract.rules.extract_fields not there yet")
     with FakeLLMServer() as s:
         status, _, body = post(s, chat_body("Invoice number: INV-42\nTotal: 12.50 EUR"))
         assert status == 200
@@ -329,7 +329,7 @@ def test_standalone_main_runs_and_stops_on_sigterm():
     port = _free_port()
     env = {**os.environ, "FAKE_KEY": "sk-standalone-secret-123456"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fake_llm", "--port", str(port), "--rate-429", "0", "--api-key-env", "FAKE_KEY"],
+        [sys.executable, "-m", "testing.fake_llm", "--port", str(port), "--rate-429", "0", "--api-key-env", "FAKE_KEY"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -12,8 +12,8 @@ import fitz
 import pytest
 
 from flows.process_invoices import process_invoices
-from tasks.manifest import Manifest
-from tasks.samples import write_samples
+from tasks.manifest.model import Manifest
+from testing.samples import write_samples
 from tests.conftest import read_artifacts
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -129,8 +129,8 @@ async def test_invoices_run_in_chunks_one_task_run_each_and_all_are_recorded(tmp
 
 
 async def test_an_embedded_e_invoice_is_the_result_and_the_page_cross_checks_it(tmp_path: Path):
-    from tasks.einvoice import attach_einvoice, build_cii_xml
-    from tasks.samples import make_invoice
+    from tasks.extract.einvoice import attach_einvoice, build_cii_xml
+    from testing.samples import make_invoice
 
     source, output = tmp_path / "in", tmp_path / "out"
     source.mkdir()

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 
-from fake_llm.server import FakeLLMConfig, FakeLLMServer
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
-from tasks.limits import LLM_IN_FLIGHT_LIMIT, LLM_RATE_LIMIT
-from tasks.manifest import Manifest
-from tasks.samples import write_samples
+from tasks.orchestration.limits import LLM_IN_FLIGHT_LIMIT, LLM_RATE_LIMIT
+from tasks.manifest.model import Manifest
+from testing.samples import write_samples
 from tests.conftest import read_artifacts
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -72,7 +72,7 @@ async def test_llm_limits_are_created_and_cap_calls_in_flight(llm, tmp_path: Pat
                 await client.delete_global_concurrency_limit_by_name(name)
             except Exception:
                 pass
-    from tasks.limits import ensure_llm_limits
+    from tasks.orchestration.limits import ensure_llm_limits
 
     await ensure_llm_limits(max_in_flight=3, requests_per_minute=6000)
     try:
@@ -88,8 +88,8 @@ async def test_llm_limits_are_created_and_cap_calls_in_flight(llm, tmp_path: Pat
 
 
 async def test_an_embedded_e_invoice_costs_no_llm_call(llm, tmp_path: Path):
-    from tasks.einvoice import attach_einvoice, build_cii_xml
-    from tasks.samples import make_invoice
+    from tasks.extract.einvoice import attach_einvoice, build_cii_xml
+    from testing.samples import make_invoice
 
     source, output = tmp_path / "in", tmp_path / "out"
     source.mkdir()

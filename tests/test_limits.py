@@ -19,7 +19,7 @@ from prefect.concurrency.services import (
 )
 from prefect.states import Completed, Running
 
-from tasks.limits import (
+from tasks.orchestration.limits import (
     AT_LABEL,
     HELD_LABEL,
     LLM_IN_FLIGHT_LIMIT,
@@ -427,7 +427,7 @@ async def test_a_run_waiting_for_slots_says_who_holds_them(caplog):
     """The limit is full, held by a run that publishes its use: a run waiting for a slot
     logs, every `report_every` s, how long it has waited, the limit's use, and the holder's
     flow run name and id."""
-    caplog.set_level(logging.WARNING, logger="tasks.llm_slots")
+    caplog.set_level(logging.WARNING, logger="tasks.orchestration.llm_slots")
     await ensure_llm_limits(max_in_flight=4, requests_per_minute=60_000)
     release = asyncio.Event()
     async with get_client() as client:
@@ -482,14 +482,14 @@ async def test_the_wait_report_never_breaks_the_wait(monkeypatch, caplog):
         ConcurrencyLimitAsyncClient,
     )
 
-    from tasks.limits import report_llm_slot_wait
+    from tasks.orchestration.limits import report_llm_slot_wait
 
     async def unreadable(self, name):
         raise httpx.ConnectError("the server is gone")
 
     monkeypatch.setattr(ConcurrencyLimitAsyncClient, "read_global_concurrency_limit_by_name",
                         unreadable)
-    caplog.set_level(logging.WARNING, logger="tasks.llm_slots")
+    caplog.set_level(logging.WARNING, logger="tasks.orchestration.llm_slots")
     await report_llm_slot_wait(10.2)
     assert "waited 10 s for LLM slots ('llm-in-flight' use unknown), held by unknown " \
            "(ConnectError: the server is gone)" in caplog.text

@@ -13,10 +13,10 @@ from decimal import Decimal
 import pytest
 from pydantic import SecretStr
 
-from fake_llm.server import FakeLLMConfig, FakeLLMServer, strict_schema_problems
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer, strict_schema_problems
 from tasks.errors import ConfigurationError, InvoiceFailure
 from tasks.invoice import Invoice, LineItem
-from tasks.llm import (
+from tasks.extract.llm import (
     INVOICE_SCHEMA,
     SYSTEM_PROMPT,
     LLMSettings,
@@ -25,7 +25,7 @@ from tasks.llm import (
     neutralise_delimiters,
     retry_after_seconds,
 )
-from tasks.parse import ParsedDocument
+from tasks.pdf.parse import ParsedDocument
 
 KEY = "sk-proj-TESTKEY-do-not-leak-9f8e7d6c5b4a"
 
@@ -46,7 +46,7 @@ SAMPLE = Invoice(
 )
 DOC = ParsedDocument(pages=["ACME GmbH\nInvoice INV-2026-001\nTotal 119.00 EUR", "page two"])
 
-SECRET_LOGGERS = ("openai", "httpx2", "httpcore2", "tasks.llm", "fake_llm", "aiohttp")
+SECRET_LOGGERS = ("openai", "httpx2", "httpcore2", "tasks.extract.llm", "testing.fake_llm", "aiohttp")
 
 
 @pytest.fixture
@@ -366,7 +366,7 @@ async def test_api_key_never_in_repr_messages_or_logs(server, caplog):
     assert [m.split(":")[0] for m in messages] == ["llm_server_error", "llm_auth"]
     assert caplog.records  # the loggers did run at DEBUG
     assert any(r.name.startswith("openai") for r in caplog.records)
-    assert any(r.name == "tasks.llm" for r in caplog.records)
+    assert any(r.name == "tasks.extract.llm" for r in caplog.records)
     everything = caplog.text + "".join(repr(r.args) + str(r.msg) for r in caplog.records) + "".join(messages)
     assert KEY not in everything
 

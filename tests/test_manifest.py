@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from tasks.errors import ConfigurationError
-from tasks.manifest import (
+from tasks.manifest.model import (
     InvoiceOutcome,
     Manifest,
     ManifestTarget,
@@ -308,7 +308,7 @@ class TestRollback:
         for i in range(5):
             await target.commit([outcome(f"{i}.pdf")])
         await _delete(store, "manifest.json")
-        with caplog.at_level(logging.WARNING, logger="tasks.manifest"):
+        with caplog.at_level(logging.WARNING, logger="tasks.manifest.model"):
             result = await target.commit([outcome("5.pdf")])
         manifest, _ = await read_manifest(store)
         assert set(manifest.entries) == {f"{i}.pdf" for i in range(6)}
@@ -324,7 +324,7 @@ class TestRollback:
         other = ManifestTarget(store)
         await other.commit([outcome("other.pdf")])  # another writer: version 3
         await store.put("manifest.json", old)  # someone restores version 1
-        with caplog.at_level(logging.WARNING, logger="tasks.manifest"):
+        with caplog.at_level(logging.WARNING, logger="tasks.manifest.model"):
             await target.commit([outcome("c.pdf")])
             manifest, _ = await read_manifest(store)
             assert manifest.entries["a.pdf"].status == "done"  # not back to processing
@@ -340,7 +340,7 @@ class TestRollback:
         target = ManifestTarget(store)
         await target.commit([outcome("a.pdf")])
         await commit_outcomes(store, [outcome("b.pdf")])
-        with caplog.at_level(logging.WARNING, logger="tasks.manifest"):
+        with caplog.at_level(logging.WARNING, logger="tasks.manifest.model"):
             await target.commit([outcome("c.pdf")])
         assert "went back" not in caplog.text and "disappeared" not in caplog.text
 
@@ -393,7 +393,7 @@ class TestLockTag:
     def test_one_lock_per_output_each_a_valid_prefect_limit_name(self):
         from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-        from tasks.limits import tag_limit_name
+        from tasks.orchestration.limits import tag_limit_name
 
         tags = [manifest_lock_tag(location) for location in self.LOCATIONS]
         assert len(set(tags)) == len(tags)

@@ -14,11 +14,11 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
-from fake_llm.server import FakeLLMConfig, FakeLLMServer
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
-from tasks.limits import LockUnavailableError, ensure_manifest_lock, tag_limit_name
-from tasks.manifest import InvoiceOutcome, Manifest, commit_outcomes, manifest_lock_tag
-from tasks.samples import make_invoice
+from tasks.orchestration.limits import LockUnavailableError, ensure_manifest_lock, tag_limit_name
+from tasks.manifest.model import InvoiceOutcome, Manifest, commit_outcomes, manifest_lock_tag
+from testing.samples import make_invoice
 from tasks.storage import S3Store
 
 MANIFEST_LIMIT = tag_limit_name(manifest_lock_tag("s3://bucket/out/manifest.json"))

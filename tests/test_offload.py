@@ -18,17 +18,17 @@ import pymupdf
 import pytest
 
 from flows.extractors import build_extractor
-from tasks.einvoice import (
+from tasks.extract.einvoice import (
     EmbeddedFirstExtractor,
     attach_einvoice,
     build_cii_xml,
     parse_einvoice,
 )
 from tasks.errors import InvoiceFailure
-from tasks.extract import Extraction, Extractor, OfflineExtractor
-from tasks.parse import ParsedDocument, PdfParser, parse_pdf_bytes
+from tasks.extract.rules import Extraction, Extractor, OfflineExtractor
+from tasks.pdf.parse import ParsedDocument, PdfParser, parse_pdf_bytes
 from tasks.pipeline import InvoiceContext, InvoiceJob, process_invoice
-from tasks.samples import make_invoice
+from testing.samples import make_invoice
 from tasks.storage import LocalStore
 
 # Pure C, holds the GIL and a core until it is killed: the shape of abandoned CPU work.
@@ -251,13 +251,13 @@ async def test_a_text_heavy_invoice_times_out_in_extraction_without_stalling_the
 
 PRELOAD_PROBE = """
 import asyncio, sys
-from tasks.parse import PdfParser
+from tasks.pdf.parse import PdfParser
 
 async def main():
     async with PdfParser("process", max_workers=1) as parser:
         if sys.argv[1:] == ["preload"]:
-            parser.preload("tasks.extract")
-        print(await parser.run(eval, "'tasks.extract' in __import__('sys').modules"))
+            parser.preload("tasks.extract.rules")
+        print(await parser.run(eval, "'tasks.extract.rules' in __import__('sys').modules"))
 
 asyncio.run(main())
 """

@@ -22,8 +22,8 @@ import pymupdf
 import pytest
 
 from tasks.errors import InvoiceFailure
-from tasks.parse import ParsedDocument, PdfParser, Word, parse_pdf_bytes
-from tasks.priority import lowered
+from tasks.pdf.parse import ParsedDocument, PdfParser, Word, parse_pdf_bytes
+from tasks.pdf.priority import lowered
 
 KINDS = ["process", "thread"]
 
@@ -345,8 +345,8 @@ async def test_workers_that_cannot_start_fail_each_parse_with_the_reason(monkeyp
     # Workers that take 2 s to answer their start-up ping, against a 0.05 s start timeout.
     # (A bare 1e-9 s timeout was not enough: with the forkserver warm, the pings could be
     # answered before the wait began, and the start then succeeded.)
-    monkeypatch.setattr("tasks.parse._ping", functools.partial(time.sleep, 2.0))
-    monkeypatch.setattr("tasks.parse._START_TIMEOUT", 0.05)
+    monkeypatch.setattr("tasks.pdf.parse._ping", functools.partial(time.sleep, 2.0))
+    monkeypatch.setattr("tasks.pdf.parse._START_TIMEOUT", 0.05)
     async with PdfParser("process", max_workers=1, timeout=30) as parser:
         for _ in range(2):  # the start is tried once; each parse reports its failure
             with pytest.raises(InvoiceFailure) as info:
@@ -402,8 +402,8 @@ async def test_words_survive_the_process_pool() -> None:
 def test_sorted_text_is_pymupdfs_reading_order_text_on_every_layout():
     import glob
 
-    from tasks.parse import sorted_text
-    from tasks.samples import LAYOUTS, make_invoice
+    from tasks.pdf.parse import sorted_text
+    from testing.samples import LAYOUTS, make_invoice
 
     pdfs = [make_invoice(seed, pages=1 + seed % 3)[0] for seed in range(2 * len(LAYOUTS))]
     pdfs += [open(p, "rb").read() for p in sorted(glob.glob("../shared/eval/invoice2data/compare/*.pdf"))]
@@ -418,29 +418,29 @@ def test_sorted_text_is_pymupdfs_reading_order_text_on_every_layout():
 
 
 def test_parsing_needs_neither_the_invoice_models_nor_the_extractors(tmp_path):
-    """What the parser's forkserver preloads (tasks.parse, tasks.embedded_xml) is all a parse
+    """What the parser's forkserver preloads (tasks.pdf.parse, tasks.pdf.embedded_xml) is all a parse
     imports, also of a PDF with an e-invoice: importing the extractors there doubled the
     forkserver's start, which every run's first parse waits for."""
-    from tasks.einvoice import attach_einvoice, build_cii_xml
-    from tasks.samples import make_invoice
+    from tasks.extract.einvoice import attach_einvoice, build_cii_xml
+    from testing.samples import make_invoice
 
     pdf, truth = make_invoice(5)
     path = tmp_path / "factur-x.pdf"
     path.write_bytes(attach_einvoice(pdf, build_cii_xml(truth)))
     code = (
-        "import sys, tasks.parse, tasks.embedded_xml\n"
-        f"doc = tasks.parse.parse_pdf_bytes(open({str(path)!r}, 'rb').read())\n"
+        "import sys, tasks.pdf.parse, tasks.pdf.embedded_xml\n"
+        f"doc = tasks.pdf.parse.parse_pdf_bytes(open({str(path)!r}, 'rb').read())\n"
         "assert doc.einvoice is not None\n"
         "print(sorted(m for m in sys.modules if m.startswith('tasks.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], check=True).stdout
-    assert {"tasks.einvoice", "tasks.extract", "tasks.invoice"}.isdisjoint(eval(out)), out
+    assert {"tasks.extract.einvoice", "tasks.extract.rules", "tasks.invoice"}.isdisjoint(eval(out)), out
 
 
 def test_an_embedded_e_invoice_travels_with_the_parsed_document():
-    from tasks.einvoice import attach_einvoice, build_cii_xml
-    from tasks.samples import make_invoice
+    from tasks.extract.einvoice import attach_einvoice, build_cii_xml
+    from testing.samples import make_invoice
 
     pdf, truth = make_invoice(5)
     parsed = parse_pdf_bytes(attach_einvoice(pdf, build_cii_xml(truth)))

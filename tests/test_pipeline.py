@@ -9,11 +9,11 @@ from datetime import timedelta
 
 import pytest
 
-from tasks.extract import OfflineExtractor
-from tasks.manifest import InvoiceOutcome, Manifest, apply_outcomes, utcnow
-from tasks.parse import PdfParser
+from tasks.extract.rules import OfflineExtractor
+from tasks.manifest.model import InvoiceOutcome, Manifest, apply_outcomes, utcnow
+from tasks.pdf.parse import PdfParser
 from tasks.pipeline import InvoiceContext, InvoiceJob, plan_batch, process_invoice, result_key_for
-from tasks.samples import make_invoice
+from testing.samples import make_invoice
 from tasks.storage import ObjectInfo, etag_of
 
 # Keys that collided before: case, empty and dot segments, escapes, the store's reserved names.
@@ -80,7 +80,7 @@ async def test_an_object_replaced_after_listing_is_recorded_as_read(store, parse
 class TestWhatABatchCameTo:
     @staticmethod
     def outcome(key: str, status: str, code: str | None = None, reasons=()):
-        from tasks.manifest import InvoiceOutcome
+        from tasks.manifest.model import InvoiceOutcome
 
         return InvoiceOutcome(key=key, etag='"e"', status=status, error_code=code,
                               error_message="why" if code else None, reasons=list(reasons))

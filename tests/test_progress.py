@@ -22,7 +22,7 @@ from flows.progress import (
     show_progress,
 )
 from tasks.report import ProgressSnapshot, RunProgress
-from tasks.samples import write_samples
+from testing.samples import write_samples
 
 
 class Clock:

@@ -25,14 +25,14 @@ import boto3
 import pymupdf
 import pytest
 
-from fake_llm.server import FakeLLMConfig, FakeLLMServer
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
 from tasks.errors import InvoiceFailure
-from tasks.extract import extract_fields
-from tasks.manifest import Manifest, ManifestWriter, ManifestWriteError
-from tasks.parse import parse_pdf_bytes
+from tasks.extract.rules import extract_fields
+from tasks.manifest.model import Manifest, ManifestWriter, ManifestWriteError
+from tasks.pdf.parse import parse_pdf_bytes
 from tasks.pipeline import result_key_for
-from tasks.samples import make_invoice
+from testing.samples import make_invoice
 from tasks.storage import S3Store
 from tests.conftest import read_artifacts
 

@@ -10,8 +10,8 @@ import pymupdf
 import pytest
 
 from tasks.invoice import Invoice, check_invoice
-from tasks.samples import COUNTRIES, DEFECTS, LAYOUTS, _bank_account, main, make_invoice, write_samples
-from tasks.validation import bic_is_valid, format_iban, iban_is_valid, tax_id_problem
+from testing.samples import COUNTRIES, DEFECTS, LAYOUTS, _bank_account, main, make_invoice, write_samples
+from tasks.checks import bic_is_valid, format_iban, iban_is_valid, tax_id_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "samples" / "invoices"
@@ -209,7 +209,7 @@ def test_bundled_set_is_readable_and_its_truth_checks_out():
 
 
 def test_bundled_set_is_what_the_generator_makes(tmp_path):
-    """`python -m tasks.samples samples/invoices --count 12 --seed 0 --expected samples/expected`
+    """`python -m testing.samples samples/invoices --count 12 --seed 0 --expected samples/expected`
     regenerates the committed set (compared by truth and text, not bytes, so a PyMuPDF
     patch release that serializes differently does not fail this)."""
     paths = write_samples(tmp_path / "pdf", 12, seed=0, expected_folder=tmp_path / "exp")

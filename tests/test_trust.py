@@ -40,11 +40,11 @@ import boto3
 import pytest
 import pytest_asyncio
 
-from fake_llm.server import FakeLLMConfig, FakeLLMServer
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
-from tasks.manifest import MANIFEST_KEY, Manifest, ManifestEntry, utcnow
+from tasks.manifest.model import MANIFEST_KEY, Manifest, ManifestEntry, utcnow
 from tasks.report import RunRefused, RunSummary
-from tasks.samples import make_invoice, write_samples
+from testing.samples import make_invoice, write_samples
 from tasks.storage import etag_of
 from tests.test_reliability import run_flow as reliability_run
 
@@ -321,7 +321,7 @@ async def test_a_manifest_deleted_or_rolled_back_mid_run_loses_nothing(
     """While a run works (30 invoices, 0.5 s LLM calls, 5 at a time), its manifest is deleted,
     or replaced by the copy written right after the claims: the run puts back everything it
     knew, says so in a warning, and ends Completed with every invoice recorded."""
-    caplog.set_level(logging.INFO, logger="tasks.manifest")
+    caplog.set_level(logging.INFO, logger="tasks.manifest.model")
     n = 30
     source, output = places("in"), places("out")
     files = invoices(n, seed=7200)
@@ -365,7 +365,7 @@ async def test_a_manifest_deleted_or_rolled_back_mid_run_loses_nothing(
     assert set(manifest.entries) == set(keys)
     assert manifest.version > old.version  # it never went backwards for good
     warnings = [r.getMessage() for r in caplog.records
-                if r.name == "tasks.manifest" and r.levelno == logging.WARNING]
+                if r.name == "tasks.manifest.model" and r.levelno == logging.WARNING]
     expected = "disappeared" if damage == "deleted" else "went back from version"
     assert any(expected in w and "manifest.json" in w for w in warnings), warnings
 

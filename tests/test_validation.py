@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 
 from tasks.invoice import TOLERANCE, Invoice, LineItem, check_invoice
-from tasks.samples import LAYOUTS, make_invoice
-from tasks.validation import (
+from testing.samples import LAYOUTS, make_invoice
+from tasks.checks import (
     ISO4217_CODES,
     VAT_FORMATS,
     bic_is_valid,

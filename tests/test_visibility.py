@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fake_llm.server import FakeLLMConfig, FakeLLMServer
-from tasks.samples import write_samples
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
+from testing.samples import write_samples
 from tests.conftest import on_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_a_run_on_its_own_temporary_server_shows_progress_and_no_dead_link(tmp_p
 @pytest.fixture
 def small_llm_limit(prefect_server):
     """The server's `llm-in-flight` limit at 4 for one test, then back to the default."""
-    from tasks.limits import ensure_llm_limits
+    from tasks.orchestration.limits import ensure_llm_limits
 
     on_server(prefect_server, lambda client: ensure_llm_limits(max_in_flight=4,
                                                                 requests_per_minute=60_000))

@@ -5,7 +5,7 @@ file (UN/CEFACT CII `CrossIndustryInvoice`; some senders embed UBL 2.1 `Invoice`
 The XML is what the seller's system actually issued, so the pipeline prefers it over anything
 read from the page and keeps the text extraction only as a cross-check (`cross_check`).
 
-Finding the XML in a PDF and parsing it as the hostile input it is are `tasks.embedded_xml`'s
+Finding the XML in a PDF and parsing it as the hostile input it is are `tasks.pdf.embedded_xml`'s
 (the parser's workers need them and nothing else of this module); this module reads the
 invoice out of the parsed XML, builds such XML, and cross-checks it against the page.
 
@@ -23,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 
 from lxml import etree
 
-from tasks.embedded_xml import (
+from tasks.pdf.embedded_xml import (
     CII_NS,
     DEFAULT_MAX_BYTES,
     KNOWN_ROOTS,
@@ -32,9 +32,9 @@ from tasks.embedded_xml import (
     parse_xml,
 )
 from tasks.errors import InvoiceFailure
-from tasks.extract import Extraction, Extractor, OfflineExtractor
+from tasks.extract.rules import Extraction, Extractor, OfflineExtractor
 from tasks.invoice import Invoice, LineItem
-from tasks.parse import ParsedDocument, PdfParser
+from tasks.pdf.parse import ParsedDocument, PdfParser
 
 __all__ = [
     "attach_einvoice",

@@ -6,7 +6,7 @@ each publishes what it holds and wants on its own flow run's labels, and a run h
 than its max-min fair share gives blocks back while another run wants more. A run that
 waits for slots says every 10 s how long, and which flow runs hold them.
 
-Re-exported by `tasks.limits` (the rest of the project's Prefect limits).
+Re-exported by `tasks.orchestration.limits` (the rest of the project's Prefect limits).
 """
 
 from __future__ import annotations

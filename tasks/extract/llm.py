@@ -45,9 +45,9 @@ from openai.types.chat import ChatCompletion
 from pydantic import SecretStr, ValidationError
 
 from tasks.errors import ConfigurationError, InvoiceFailure
-from tasks.extract import Extraction
+from tasks.extract.rules import Extraction
 from tasks.invoice import Invoice
-from tasks.parse import ParsedDocument
+from tasks.pdf.parse import ParsedDocument
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Every invoice without a `defect` passes `tasks.invoice.check_invoice`: issue dat
 carry correct check digits with the matching bank's BIC. Only the german and dutch layouts
 print IBAN and BIC, so only their truth has `iban` (no spaces) and `bic`; elsewhere both are None.
 
-    python -m tasks.samples OUT_DIR --count 12 --seed 0 [--expected DIR] [--pages N]
+    python -m testing.samples OUT_DIR --count 12 --seed 0 [--expected DIR] [--pages N]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import pymupdf
 
 from tasks.invoice import Invoice, LineItem
-from tasks.validation import format_iban, iban_from_bban
+from tasks.checks import format_iban, iban_from_bban
 
 LAYOUTS: tuple[str, ...] = ("classic", "modern", "german", "compact", "french", "dutch")
 DEFECTS: tuple[str, ...] = ("total_mismatch",)
@@ -707,7 +707,7 @@ class _Layout:
             self.footer(cv, index, n_pages)
             cv.commit()
         doc.set_metadata({
-            "title": f"Invoice {c.number}", "author": c.vendor.name, "creator": "tasks.samples",
+            "title": f"Invoice {c.number}", "author": c.vendor.name, "creator": "testing.samples",
             "producer": "PyMuPDF", "creationDate": f"D:{c.issue:%Y%m%d}090000Z",
             "modDate": f"D:{c.issue:%Y%m%d}090000Z",
         })
@@ -1407,7 +1407,7 @@ def write_samples(folder: Path, count: int, *, seed: int = 0, expected_folder: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.samples", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m testing.samples", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="folder for the PDFs")
     parser.add_argument("--count", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)

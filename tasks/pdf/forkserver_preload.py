@@ -1,10 +1,10 @@
-"""Imported first by the parse pool's forkserver (`tasks.parse._process_context`), never by
+"""Imported first by the parse pool's forkserver (`tasks.pdf.parse._process_context`), never by
 the flow's process: lowers the forkserver's priority below its parent's, so its own start-up
 (a Python process importing PyMuPDF, ~0.2 s of CPU when a run starts) and every parse worker
-forked from it yield the CPU to the flow's event loop (`tasks.priority`)."""
+forked from it yield the CPU to the flow's event loop (`tasks.pdf.priority`)."""
 
 import os
 
-from tasks.priority import lower_priority, lowered
+from tasks.pdf.priority import lower_priority, lowered
 
 lower_priority(lowered(os.getpriority(os.PRIO_PROCESS, os.getppid())))

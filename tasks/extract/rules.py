@@ -52,7 +52,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Iterable, Literal, Protocol
 
 from tasks.invoice import Invoice, LineItem
-from tasks.parse import ParsedDocument, PdfParser
+from tasks.pdf.parse import ParsedDocument, PdfParser
 
 
 @dataclass
@@ -1162,7 +1162,7 @@ def rows_from_text(page_text: str, page: int) -> list[_Row]:
 
 
 def rows_from_words(words: Iterable, page: int) -> list[_Row]:
-    """Visual lines from word boxes (`tasks.parse.Word` or PyMuPDF tuples x0, y0, x1, y1, text):
+    """Visual lines from word boxes (`tasks.pdf.parse.Word` or PyMuPDF tuples x0, y0, x1, y1, text):
     words whose vertical centres are within a third of a line's height share a line."""
     boxes = sorted(((w[1] + w[3]) / 2, w[0], w) for w in words if str(w[4]).strip())
     rows: list[tuple[float, float, list]] = []  # (centre, height, words)

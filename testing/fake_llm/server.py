@@ -3,7 +3,7 @@
 It answers `POST /v1/chat/completions` (structured output through `response_format`) and
 `GET /v1/models` the way the OpenAI API does, so the unmodified `openai` SDK can be pointed
 at it (`base_url=server.base_url`). The "model" is a plain function of the document text
-(by default `tasks.extract.extract_fields`, the offline rules extractor); faults, latency and
+(by default `tasks.extract.rules.extract_fields`, the offline rules extractor); faults, latency and
 a requests-per-minute cap are injected around it, by probability (seeded) or
 deterministically (`fail_next`).
 
@@ -15,7 +15,7 @@ In-process (tests)::
         ...
         assert server.total_requests == 3
 
-Standalone: ``python -m fake_llm --port 8811 --latency 1.0 --rate-429 0.1`` (see `main`).
+Standalone: ``python -m testing.fake_llm --port 8811 --latency 1.0 --rate-429 0.1`` (see `main`).
 
 The Authorization header is never logged or recorded.
 """
@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Callable, Mapping, Union
 
 from aiohttp import web
 
-log = logging.getLogger("fake_llm")
+log = logging.getLogger("testing.fake_llm")
 
 #: What an answer function may return: an `Invoice` (any pydantic model), a mapping (sent as
 #: JSON) or a string (sent as the message content verbatim).
@@ -207,7 +207,7 @@ def _tokens(text: str) -> int:
 
 
 def _default_answer(text: str) -> Any:
-    from tasks.extract import extract_fields  # lazy: the offline extractor
+    from tasks.extract.rules import extract_fields  # lazy: the offline extractor
 
     return extract_fields(text)
 

@@ -19,7 +19,7 @@ from prefect.client.schemas.actions import (
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
-from tasks.llm_slots import (  # noqa: F401
+from tasks.orchestration.llm_slots import (  # noqa: F401
     AT_LABEL,
     HELD_LABEL,
     LLM_IN_FLIGHT_LIMIT,

@@ -29,12 +29,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 from tasks.errors import InvoiceFailure
-from tasks.priority import lower_priority, lowered
+from tasks.pdf.priority import lower_priority, lowered
 
 if TYPE_CHECKING:
     import pymupdf
 
-    from tasks.embedded_xml import EmbeddedXml
+    from tasks.pdf.embedded_xml import EmbeddedXml
 
 T = TypeVar("T")
 
@@ -200,7 +200,7 @@ def parse_pdf_bytes(data: bytes, *, max_pages: int | None = None) -> ParsedDocum
             ) from None
         # Repair can also happen lazily, when a page's objects are first loaded.
         _refuse_repaired(doc, size)
-        from tasks.embedded_xml import find_embedded_einvoice
+        from tasks.pdf.embedded_xml import find_embedded_einvoice
 
         einvoice = find_embedded_einvoice(doc)
 
@@ -373,7 +373,7 @@ def _init_worker(niceness: int) -> None:
     lower_priority(niceness)
     import pymupdf as _pymupdf
 
-    import tasks.embedded_xml  # noqa: F401
+    import tasks.pdf.embedded_xml  # noqa: F401
 
     _pymupdf.TOOLS.mupdf_display_errors(False)
 
@@ -394,8 +394,8 @@ def _process_context() -> multiprocessing.context.BaseContext:
     # forkserver with preload. The preload list is process-wide and only takes effect if the
     # forkserver has not started yet; preloading pymupdf is harmless for any other user, and
     # any other user's processes are batch work too. What a parse imports (this module,
-    # tasks.embedded_xml to look for an e-invoice attachment) is imported once in the
-    # forkserver, not in every new worker. Not tasks.einvoice: with the offline extractor
+    # tasks.pdf.embedded_xml to look for an e-invoice attachment) is imported once in the
+    # forkserver, not in every new worker. Not tasks.extract.einvoice: with the offline extractor
     # and the invoice models it cost ~0.25 s more, and each run's first parse waits for the
     # forkserver's start (0.43 s, now 0.20 s, until both workers answer; measured). A run
     # that extracts in the pool adds them through `PdfParser.preload`.
@@ -405,7 +405,7 @@ def _process_context() -> multiprocessing.context.BaseContext:
 
 
 # What the forkserver imports when it starts: see _process_context and PdfParser.preload.
-_PRELOAD = ["tasks.forkserver_preload", "pymupdf", "tasks.parse", "tasks.embedded_xml"]
+_PRELOAD = ["tasks.pdf.forkserver_preload", "pymupdf", "tasks.pdf.parse", "tasks.pdf.embedded_xml"]
 
 
 class _Pool:
@@ -442,7 +442,7 @@ def _workers_skip_main() -> Iterator[None]:
     multiprocessing's non-fork start methods import the parent's main module in every
     worker ("prepare"): under `python -m prefect.engine` (a Prefect worker's flow run) or a
     bench script that is ~2 s per worker, measured here, for nothing: workers only need
-    tasks.parse. A main-module spec whose name ends in `.__main__` is the documented case
+    tasks.pdf.parse. A main-module spec whose name ends in `.__main__` is the documented case
     in which multiprocessing skips that import. Workers are started synchronously inside
     executor.submit, so the swap is scoped to that call.
     """
@@ -558,7 +558,7 @@ class PdfParser:
         has started (it reads the list once; `async with` starts it): it then imports them
         once, and every worker forked from it, also in the pools that replace a retired one,
         has them. Otherwise a worker imports a module on its first call that needs it, and
-        every fresh pool's first calls pay for that again (tasks.extract: ~0.3 s a worker)."""
+        every fresh pool's first calls pay for that again (tasks.extract.rules: ~0.3 s a worker)."""
         if self._context is None:
             return
         _PRELOAD.extend(module for module in modules if module not in _PRELOAD)
