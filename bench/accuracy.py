@@ -108,7 +108,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.extract.rules import Extractor, OfflineExtractor, parse_number  # noqa: E402
+from tasks.extract.base import Extractor  # noqa: E402
+from tasks.extract.rules import OfflineExtractor, parse_number  # noqa: E402
 from tasks.invoice import Invoice, check_invoice  # noqa: E402
 from tasks.pdf.parse import ParsedDocument, parse_pdf_bytes  # noqa: E402
 

@@ -653,7 +653,7 @@ class SimulatedExtractor:
         self._answer = canned_answer()
 
     async def extract(self, document: Any) -> Any:
-        from tasks.extract.rules import Extraction
+        from tasks.extract.base import Extraction
 
         await asyncio.sleep(EXTRACT_SECONDS)
         return Extraction(invoice=self._answer(document.text), source="llm")

@@ -13,7 +13,8 @@ from pydantic import SecretStr
 
 from tasks.extract.einvoice import EmbeddedFirstExtractor
 from tasks.errors import ConfigurationError
-from tasks.extract.rules import Extractor, OfflineExtractor
+from tasks.extract.base import Extractor
+from tasks.extract.rules import OfflineExtractor
 from tasks.orchestration.limits import LLMSlots, ensure_llm_limits
 from tasks.extract.llm import LLMSettings, OpenAIExtractor  # at import: importing openai takes ~0.3 s
 from tasks.pdf.parse import PdfParser

@@ -28,7 +28,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from tasks.errors import InvoiceFailure
-from tasks.extract.rules import Extraction, Extractor
+from tasks.extract.base import Extraction, Extractor
 from tasks.invoice import Invoice, check_invoice
 from tasks.logs import run_logger
 from tasks.manifest.model import InvoiceOutcome, Manifest, lease_is_live, utcnow

@@ -25,7 +25,8 @@ from tasks.extract.einvoice import (
     parse_einvoice,
 )
 from tasks.errors import InvoiceFailure
-from tasks.extract.rules import Extraction, Extractor, OfflineExtractor
+from tasks.extract.base import Extraction, Extractor
+from tasks.extract.rules import OfflineExtractor
 from tasks.pdf.parse import ParsedDocument, PdfParser, parse_pdf_bytes
 from tasks.pipeline import InvoiceContext, InvoiceJob, process_invoice
 from testing.samples import make_invoice

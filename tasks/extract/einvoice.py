@@ -32,7 +32,8 @@ from tasks.pdf.embedded_xml import (
     parse_xml,
 )
 from tasks.errors import InvoiceFailure
-from tasks.extract.rules import Extraction, Extractor, OfflineExtractor
+from tasks.extract.base import Extraction, Extractor
+from tasks.extract.rules import OfflineExtractor
 from tasks.invoice import Invoice, LineItem
 from tasks.pdf.parse import ParsedDocument, PdfParser
 

@@ -45,7 +45,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import SecretStr, ValidationError
 
 from tasks.errors import ConfigurationError, InvoiceFailure
-from tasks.extract.rules import Extraction
+from tasks.extract.base import Extraction
 from tasks.invoice import Invoice
 from tasks.pdf.parse import ParsedDocument
 

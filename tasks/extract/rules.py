@@ -1,6 +1,4 @@
-"""Extraction: one interface, several extractors (offline rules here, the LLM in llm.py).
-
-The offline extractor (`extract_fields`, `extract_document`, `OfflineExtractor`) reads an
+"""The offline extractor (`extract_fields`, `extract_document`, `OfflineExtractor`) reads an
 invoice from its text layer with general rules, no per-vendor templates:
 
 1. The text is cut into *cells*: lines, split further where a layout puts columns side by side
@@ -49,28 +47,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal, InvalidOperation
-from typing import Iterable, Literal, Protocol
+from typing import Iterable, Literal
 
+from tasks.extract.base import Extraction
 from tasks.invoice import Invoice, LineItem
 from tasks.pdf.parse import ParsedDocument, PdfParser
-
-
-@dataclass
-class Extraction:
-    invoice: Invoice
-    source: Literal["text", "llm", "embedded_xml"]
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    truncated: bool = False
-    notes: list[str] = field(default_factory=list)
-    # Reasons for review the extractor itself found ("code: message"), on top of the checks.
-    problems: list[str] = field(default_factory=list)
-
-
-class Extractor(Protocol):
-    name: str
-
-    async def extract(self, document: ParsedDocument) -> Extraction: ...
 
 
 # ============================================================================================
