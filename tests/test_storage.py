@@ -323,26 +323,6 @@ async def test_s3_folder_markers_are_not_listed(moto_endpoint, s3_bucket):
         assert [i.key for i in await s3.list()] == ["inv/a.pdf"]
 
 
-async def test_s3_endpoint_rules_run_once_not_once_per_key(moto_endpoint, s3_bucket, monkeypatch):
-    from botocore.endpoint_provider import RuleSet
-
-    evaluated = []
-    evaluate = RuleSet.evaluate
-
-    def counted(self, input_parameters):
-        evaluated.append(dict(input_parameters))
-        return evaluate(self, input_parameters)
-
-    monkeypatch.setattr(RuleSet, "evaluate", counted)
-    async with s3_store(s3_bucket, moto_endpoint) as s3:
-        for i in range(5):
-            await s3.put(f"rules/{i}.json", b"{}")
-            assert (await s3.get(f"rules/{i}.json")).data == b"{}"
-    # The endpoint depends on the bucket, never on the key: one resolution serves them all.
-    assert len(evaluated) <= 2  # at most one each for PutObject and GetObject
-    assert all("Key" not in params and params["Bucket"] == s3_bucket for params in evaluated)
-
-
 @pytest.mark.parametrize(
     ("status", "code"), [(409, "ConditionalRequestConflict"), (412, "PreconditionFailed")]
 )
@@ -449,18 +429,6 @@ def test_open_store_routing(tmp_path):
 
     with pytest.raises(ConfigurationError, match="s3://bucket/prefix or a folder"):
         open_store("gs://bucket/x")
-
-
-def test_the_shared_data_loader_holds_the_models_a_listing_needs():
-    # Loaded in the loader's thread, not at a client's first listing on the event loop. In
-    # a fresh interpreter: here any earlier listing has filled the shared loader already.
-    check = (
-        "from tasks.storage import _s3_data_loader\n"
-        "loader = _s3_data_loader()\n"
-        "version = loader.load_service_model('s3', 'service-2')['metadata']['apiVersion']\n"
-        "assert ('load_service_model', 's3', 'paginators-1', version) in loader._cache\n"
-    )
-    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[1])
 
 
 @pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
