@@ -1,4 +1,5 @@
-"""Plausibility checks on single invoice fields: IBAN, VAT id, currency code, dates.
+"""The checks that make an extraction safe to pay from: single fields (IBAN, BIC, VAT id,
+currency code, dates) and the whole invoice (`check_invoice`).
 
 An extraction is only safe to pay from when the numbers a payment is built from are the ones
 the issuer printed. A misread digit in an IBAN, a VAT id lifted from the wrong block or a date
@@ -9,13 +10,28 @@ sanity window for dates. A value that fails is not necessarily fraud, only not t
 enough to pay without a human look.
 
 All functions are pure. The `*_problem` functions return a short human reason (or None when
-the value passes); the `*_is_valid` functions are their boolean forms.
+the value passes); the `*_is_valid` functions are their boolean forms. `check_invoice` runs them
+all, with the invoice-level checks (arithmetic, dates, ids), over one extracted `Invoice` and
+lists every reason it needs a human look before it is paid, each as "code: message" with a
+stable code (the pipeline records them as the needs_review reasons). Amounts may be negative
+(credit notes carry negative subtotal, tax, total and line amounts): every check is a signed
+comparison, so a credit note whose signs agree passes.
+
+This module is the only copy of these tables and checks: the rule-based extractor
+(`tasks.extract.rules`) reads IBAN lengths, the mod-97 check, the BIC shape and the VAT id
+formats from here, so what it finds and what is validated cannot disagree. It imports nothing
+from the project at run time (the `Invoice` import is for type annotations only).
 """
 
 from __future__ import annotations
 
 import re
 from datetime import date, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.invoice import Invoice
 
 # --------------------------------------------------------------------------------------------
 # IBAN (ISO 13616)
@@ -82,6 +98,19 @@ def iban_is_valid(iban: str) -> bool:
     return iban_problem(iban) is None
 
 
+def iban_checksum_ok(iban: str) -> bool:
+    """The check digits alone: an IBAN's shape (country letters, two check digits, 11 to 30
+    letters or digits) whose mod 97 leaves 1, with no country or length check.
+
+    What the extractor asks of an IBAN found in running text (it checks the country's length
+    itself, where IBAN_LENGTHS knows the country); `iban_problem` is the whole check.
+    """
+    value = normalize_iban(iban)
+    if not re.fullmatch(r"[A-Z]{2}\d{2}[A-Z0-9]{11,30}", value):
+        return False
+    return _mod97(value[4:] + value[:4]) == 1
+
+
 def iban_from_bban(country: str, bban: str) -> str:
     """Build the IBAN for a national account number (BBAN): compute the two check digits.
 
@@ -99,13 +128,13 @@ def format_iban(iban: str) -> str:
 
 
 # BIC (ISO 9362): 4 bank letters, 2 country letters, 2 location characters, optional 3-char branch.
-_BIC_RE = re.compile(r"[A-Z]{4}[A-Z]{2}[A-Z0-9]{2}(?:[A-Z0-9]{3})?")
+BIC_RE = re.compile(r"[A-Z]{4}[A-Z]{2}[A-Z0-9]{2}(?:[A-Z0-9]{3})?")
 
 
 def bic_is_valid(bic: str) -> bool:
     """True when `bic` has the ISO 9362 shape (8 or 11 characters). Format only: whether the
     bank exists needs the SWIFT directory."""
-    return bool(_BIC_RE.fullmatch("".join(bic.split()).upper()))
+    return bool(BIC_RE.fullmatch("".join(bic.split()).upper()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,6 +182,12 @@ VAT_FORMATS: dict[str, tuple[str, str]] = {
 }
 
 
+# The table compiled once: prefix -> what follows it, matched whole.
+_VAT_BODY_RES: dict[str, re.Pattern[str]] = {
+    prefix: re.compile(pattern) for prefix, (pattern, _) in VAT_FORMATS.items()
+}
+
+
 def normalize_vat_id(vat_id: str) -> str:
     """The VAT id as compared: spaces, dots and dashes removed, upper-cased.
 
@@ -178,9 +213,8 @@ def vat_id_problem(vat_id: str) -> str | None:
         return f"{vat_id!r}: Greek VAT ids use the prefix EL, not GR"
     if prefix not in VAT_FORMATS:
         return f"{vat_id!r}: unknown format (no VAT id format known for prefix {prefix})"
-    pattern, description = VAT_FORMATS[prefix]
-    if not re.fullmatch(pattern, value[2:]):
-        return f"{vat_id!r} does not match the {prefix} format ({prefix} + {description})"
+    if not _VAT_BODY_RES[prefix].fullmatch(value[2:]):
+        return f"{vat_id!r} does not match the {prefix} format ({prefix} + {VAT_FORMATS[prefix][1]})"
     return None
 
 
@@ -276,3 +310,77 @@ def due_date_problem(due: date, issue: date | None, today: date) -> str | None:
     if due > latest:
         return f"due date {due} is after {latest}, more than {MAX_PAYMENT_TERM.days} days from today"
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# The whole invoice
+# --------------------------------------------------------------------------------------------
+
+# Amounts are printed to the cent; sums of rounded line amounts may drift by a cent or two.
+TOLERANCE = Decimal("0.02")
+
+
+def check_invoice(invoice: Invoice, *, today: date | None = None) -> list[str]:
+    """Return the reasons this invoice needs a human look; empty means every check passed.
+
+    Every failing check is listed (not just the first), each as "code: message":
+
+    - missing_total, missing_invoice_number: nothing to pay, or nothing to quote with it.
+    - lines_sum_mismatch: the line amounts do not add up to the subtotal (a line misread or
+      missed), within TOLERANCE for per-line rounding.
+    - total_mismatch: subtotal + tax is not the total, within TOLERANCE.
+    - due_before_issue: the due date precedes the issue date.
+    - issue_date_implausible: issued before 1990-01-01 or after tomorrow (`today` + 1 day).
+    - due_date_implausible: due more than 400 days after issue (or, with no issue date,
+      outside 1990-01-01 .. today + 401 days).
+    - unknown_currency: the currency is not an active ISO 4217 code.
+    - iban_invalid: wrong length for its country, unknown country or failed mod-97 check.
+    - vat_id_invalid: the issuer's VAT id does not have its country's format, or has an
+      unknown prefix (a US EIN such as 12-3456789 passes).
+
+    Checks on optional fields (dates, currency, IBAN, VAT id) run only when the field is
+    present. `today` defaults to `date.today()`; tests pass a fixed date.
+    """
+    today = today or date.today()
+    problems: list[str] = []
+    if invoice.total is None:
+        problems.append("missing_total: no total amount found")
+    if invoice.invoice_number is None:
+        problems.append("missing_invoice_number: no invoice number found")
+    amounts = [line.amount for line in invoice.line_items]
+    if invoice.line_items and invoice.subtotal is not None and None not in amounts:
+        line_sum = sum(amounts, Decimal(0))
+        if abs(line_sum - invoice.subtotal) > TOLERANCE:
+            problems.append(
+                f"lines_sum_mismatch: line amounts sum to {line_sum}, subtotal is {invoice.subtotal}"
+            )
+    if None not in (invoice.subtotal, invoice.tax, invoice.total):
+        expected = invoice.subtotal + invoice.tax
+        if abs(expected - invoice.total) > TOLERANCE:
+            problems.append(
+                f"total_mismatch: subtotal {invoice.subtotal} + tax {invoice.tax} = {expected}, "
+                f"total is {invoice.total}"
+            )
+    if invoice.issue_date and invoice.due_date and invoice.due_date < invoice.issue_date:
+        problems.append(
+            f"due_before_issue: due date {invoice.due_date} is before issue date {invoice.issue_date}"
+        )
+    if invoice.issue_date is not None:
+        reason = issue_date_problem(invoice.issue_date, today)
+        if reason:
+            problems.append(f"issue_date_implausible: {reason}")
+    if invoice.due_date is not None:
+        reason = due_date_problem(invoice.due_date, invoice.issue_date, today)
+        if reason:
+            problems.append(f"due_date_implausible: {reason}")
+    if invoice.currency is not None and not is_iso4217(invoice.currency):
+        problems.append(f"unknown_currency: {invoice.currency!r} is not an ISO 4217 currency code")
+    if invoice.iban is not None:
+        reason = iban_problem(invoice.iban)
+        if reason:
+            problems.append(f"iban_invalid: {reason}")
+    if invoice.vendor_tax_id is not None:
+        reason = tax_id_problem(invoice.vendor_tax_id)
+        if reason:
+            problems.append(f"vat_id_invalid: {reason}")
+    return problems

@@ -49,9 +49,11 @@ from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Iterable, Literal
 
+from tasks.checks import BIC_RE, IBAN_LENGTHS, VAT_FORMATS, iban_checksum_ok, vat_id_is_valid
 from tasks.extract.base import Extraction
 from tasks.invoice import Invoice, LineItem
-from tasks.pdf.parse import ParsedDocument, PdfParser
+from tasks.pdf.parse import ParsedDocument
+from tasks.pdf.pool import PdfParser
 
 
 # ============================================================================================
@@ -673,7 +675,6 @@ def split_cells(text: str) -> list[Cell]:
 _TAX_ID_RE = re.compile(
     r"^(?:[A-Z]{2,3}[ -]?)?[0-9][0-9A-Z .\-/]{4,20}[0-9A-Z](?:\s+(?:MWST|TVA|IVA|VAT))?$"
 )
-_VAT_ID_RE = re.compile(r"^[A-Z]{2}[ -]?[0-9A-Z]{2,3}[0-9A-Z .\-]{4,14}[0-9A-Z](?:\s+(?:MWST|TVA|IVA))?$")
 _INVOICE_NUMBER_RE = re.compile(r"^[#№]?\s*([A-Za-z0-9][A-Za-z0-9./_\-]*[A-Za-z0-9]|[0-9])$")
 _TITLE_RE = re.compile(
     r"(?:(?:tax|vat|commercial|pro[\s-]?forma|sales|final|payment)\s+)?(?:invoice|receipt|bill|statement|credit\s+note)"
@@ -689,7 +690,8 @@ _LEGAL_FORM_RE = re.compile(
 
 def looks_like_tax_id(text: str, *, strict: bool = False) -> bool:
     """A VAT id (DE123456789, FR12345678901, NL123456789B01, CHE-123.456.789 MWST) or, unless
-    strict, another tax number with at least six digits (US EIN 12-3456789)."""
+    strict, another tax number with at least six digits (US EIN 12-3456789). Strict means the
+    official format of its country prefix (`tasks.checks.VAT_FORMATS`)."""
     t = text.strip()
     if sum(ch.isdigit() for ch in t) < 6 or len(t) > 32:
         return False
@@ -697,31 +699,26 @@ def looks_like_tax_id(text: str, *, strict: bool = False) -> bool:
         return False  # an amount ("EUR 12436.85"), not an id
     if parse_date(t, True) is not None:
         return False
-    return bool((_VAT_ID_RE if strict else _TAX_ID_RE).match(t))
+    if strict:
+        return vat_id_is_valid(t)
+    return bool(_TAX_ID_RE.match(t))
 
 
-# EU VAT ids (and the Swiss, Norwegian and British ones) by country, spaces, dots and dashes
-# removed: for ids printed without a label.
-_VAT_FORMATS = {
-    "AT": r"U\d{8}", "BE": r"[01]\d{9}", "BG": r"\d{9,10}", "CY": r"\d{8}[A-Z]", "CZ": r"\d{8,10}",
-    "DE": r"\d{9}", "DK": r"\d{8}", "EE": r"\d{9}", "EL": r"\d{9}", "ES": r"[A-Z0-9]\d{7}[A-Z0-9]",
-    "FI": r"\d{8}", "FR": r"[A-HJ-NP-Z0-9]{2}\d{9}", "HR": r"\d{11}", "HU": r"\d{8}",
-    "IE": r"\d[A-Z0-9+*]\d{5}[A-Z]{1,2}", "IT": r"\d{11}", "LT": r"\d{9}|\d{12}", "LU": r"\d{8}",
-    "LV": r"\d{11}", "MT": r"\d{8}", "NL": r"\d{9}B\d{2}", "PL": r"\d{10}", "PT": r"\d{9}",
-    "RO": r"\d{2,10}", "SE": r"\d{12}", "SI": r"\d{8}", "SK": r"\d{10}", "GB": r"\d{9}|\d{12}",
-    "CHE": r"\d{9}(?:MWST|TVA|IVA)?", "NO": r"\d{9}MVA",
-}
-_VAT_START_RE = re.compile(r"(?=[A-Z])(?<![A-Za-z0-9])(CHE|[A-Z]{2})(?=[ .\-]?[0-9A-Z])")
+# Where a VAT id printed without a label may start: a prefix of the checks' table as a word of
+# its own ("DE 123...", "CHE-123..." is CH + "E123..."), the id after at most one separator.
+_VAT_START_RE = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(sorted(VAT_FORMATS)) + r")(?=[ .\-]?[0-9A-Z])")
+# Unlabelled, "NO 123456789" is as likely "INVOICE NO 123456789" as a Norwegian organisation
+# number: there only the VAT-registered form counts, with its "MVA" (the validator, which sees
+# the field's value rather than running text, accepts the bare number too).
+_UNLABELLED_SUFFIX = {"NO": "MVA"}
 
 
 def find_vat_id(text: str) -> str | None:
     """The first VAT id in `text` that has its country's format ("DE 123 456 789" ->
-    "DE123456789"); IBANs, phone numbers and amounts do not."""
+    "DE123456789"); IBANs, phone numbers and amounts do not. The format is the validator's
+    (`tasks.checks.vat_id_is_valid`), so an id found here passes check_invoice."""
     for m in _VAT_START_RE.finditer(text):
         country = m.group(1)
-        fmt = _VAT_FORMATS.get(country)
-        if fmt is None:
-            continue
         # the id may be printed in groups: try every run of groups after the country code
         pieces = re.match(r"[ .\-]?([0-9A-Z]+(?:[ .\-][0-9A-Z]+)*)", text[m.end():])
         if not pieces:
@@ -731,7 +728,7 @@ def find_vat_id(text: str) -> str | None:
             body += piece
             if len(body) > 16:
                 break
-            if re.fullmatch(fmt, body):
+            if vat_id_is_valid(country + body) and body.endswith(_UNLABELLED_SUFFIX.get(country, "")):
                 found = body  # the longest run that fits ("CHE-123.456.789 MWST")
         if found:
             return country + found
@@ -743,7 +740,7 @@ def normalize_tax_id(text: str) -> str:
     numbers (and a trailing "MWST"/"TVA") stay as printed."""
     t = " ".join(text.split())
     m = re.fullmatch(r"([A-Z]{2}[0-9A-Z .\-]*?)((?:\s+(?:MWST|TVA|IVA))?)", t)
-    if m and _VAT_ID_RE.match(t) and re.fullmatch(r"[A-Z]{2}[0-9A-Z ]+", m.group(1)):
+    if m and vat_id_is_valid(t) and re.fullmatch(r"[A-Z]{2}[0-9A-Z ]+", m.group(1)):
         return m.group(1).replace(" ", "") + m.group(2)
     return t
 
@@ -804,26 +801,7 @@ def _currency_in(text: str) -> str | None:
     return None
 
 
-# IBAN lengths by country (ISO 13616 registry, the countries an invoice here is likely to name).
-_IBAN_LENGTHS = {
-    "AD": 24, "AE": 23, "AT": 20, "BA": 20, "BE": 16, "BG": 22, "CH": 21, "CY": 28, "CZ": 24, "DE": 22,
-    "DK": 18, "EE": 20, "ES": 24, "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GI": 23, "GL": 18, "GR": 27,
-    "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IS": 26, "IT": 27, "LI": 21, "LT": 20, "LU": 20, "LV": 21,
-    "MC": 27, "ME": 22, "MK": 19, "MT": 31, "NL": 18, "NO": 15, "PL": 28, "PT": 25, "RO": 24, "RS": 22,
-    "SA": 24, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "TR": 26, "UA": 29, "VA": 22,
-}
 _IBAN_START_RE = re.compile(r"(?=[A-Z])(?<![A-Z0-9])([A-Z]{2}\d{2})((?:[ \u00a0]?[A-Z0-9]{1,8}){1,9})")
-_BIC_RE = re.compile(r"[A-Z]{4}[A-Z]{2}[A-Z0-9]{2}(?:[A-Z0-9]{3})?")
-
-
-def iban_checksum_ok(iban: str) -> bool:
-    """ISO 7064 mod 97-10: the IBAN with its first four characters moved to the end, letters
-    as numbers (A=10 ... Z=35), leaves 1 when divided by 97."""
-    iban = iban.replace(" ", "").upper()
-    if not re.fullmatch(r"[A-Z]{2}\d{2}[A-Z0-9]{11,30}", iban):
-        return False
-    digits = "".join(str(int(ch, 36)) for ch in iban[4:] + iban[:4])
-    return int(digits) % 97 == 1
 
 
 def find_iban(text: str, *, labelled: bool) -> str | None:
@@ -836,7 +814,7 @@ def find_iban(text: str, *, labelled: bool) -> str | None:
     for m in _IBAN_START_RE.finditer(text.upper()):
         head, tail = m.group(1), m.group(2)
         groups = [g for g in re.split(r"[ \u00a0]", tail) if g]
-        want = _IBAN_LENGTHS.get(head[:2])
+        want = IBAN_LENGTHS.get(head[:2])
         # The longest run of groups that makes a plausible IBAN (text may follow it).
         for n in range(len(groups), 0, -1):
             candidate = head + "".join(groups[:n])
@@ -849,11 +827,15 @@ def find_iban(text: str, *, labelled: bool) -> str | None:
     return None
 
 
+# A BIC's country letters: an IBAN country or one of the big non-IBAN ones an invoice names.
+_BIC_COUNTRIES = frozenset(IBAN_LENGTHS) | {"US", "CA", "IN", "JP", "CN"}
+
+
 def find_bic(text: str) -> str | None:
     """A BIC (SWIFT code) printed after its label: 8 or 11 characters, bank, country, place."""
     for token in re.split(r"[\s:;,|]+", text.strip()):
         token = token.strip(".()")
-        if _BIC_RE.fullmatch(token) and token[4:6] in _IBAN_LENGTHS | {"US": 0, "CA": 0, "IN": 0, "JP": 0, "CN": 0}:
+        if BIC_RE.fullmatch(token) and token[4:6] in _BIC_COUNTRIES:
             return token
     return None
 
