@@ -1,9 +1,9 @@
 """The e-invoice XML embedded in a PDF: found among its attachments and parsed as hostile input.
 
 Parsing a PDF (`tasks.pdf.parse`, in the parser's worker processes) looks for it in every file;
-reading an `Invoice` out of it (`tasks.extract.einvoice`) happens later, at extraction. Kept apart so
-the workers' forkserver need not import the invoice models and the offline extractor: that
-took its start, which every run's first parse waits for, from ~0.2 s to ~0.45 s (measured).
+reading an `Invoice` out of it (`tasks.extract.einvoice`) happens later, at extraction. Kept
+apart so the workers' forkserver need not import the invoice models and the offline extractor,
+which would slow its start, and every run's first parse waits for that start.
 
 The XML comes from whoever sent the PDF, so it is parsed as hostile input: size-capped, and any
 document type declaration is refused outright (e-invoices never carry one). That rules out

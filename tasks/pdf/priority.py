@@ -1,9 +1,9 @@
 """The parse workers' priority: below the flow's.
 
 Parsing is batch work; the flow's event loop is latency work (every invoice's I/O, Prefect's
-heartbeats). With as many workers as cores, workers at the flow's priority took the cores
-away from the loop for 0.3-0.7 s at a time (measured as loop stalls, bench/end_to_end.py);
-niced workers yield to it at once and still get every cycle the loop leaves idle.
+heartbeats). With as many workers as cores, workers at the flow's priority take the cores
+away from the loop and stall it (bench/end_to_end.py measures the stalls); niced workers
+yield to it at once and still get every cycle the loop leaves idle.
 """
 
 from __future__ import annotations
