@@ -16,7 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
-from tasks.manifest.model import Manifest, ManifestTarget, ManifestWriter, lease_is_live, utcnow
+from tasks.manifest import Manifest, ManifestTarget, ManifestWriter, lease_is_live, utcnow
 from tasks.pipeline import InvoiceContext, InvoiceJob, claim_outcome, release_outcome
 
 logger = logging.getLogger(__name__)
