@@ -4,10 +4,11 @@
     .venv/bin/python bench/end_to_end.py --n 20 --latency 0.5
 
 One script run starts, each in a child process of its own: moto's S3 server (with the
-server-side PUT counter of ``manifest_lock.py``, whose helpers this script imports as
-``ml``), the fake OpenAI-compatible server (fixed ``--latency``, 1.0 s by default, answering
-with ``ml.canned_answer()``: see below), and a Prefect server (``ml.PrefectServer``:
-``prefect server start`` with SQLite in a temporary PREFECT_HOME). It sets the Prefect LLM
+server-side PUT counter of ``testing/harness.py``, whose servers this script starts), the
+fake OpenAI-compatible server (fixed ``--latency``, 1.0 s by default, answering with
+``canned_answer()``: see below), and a Prefect server (``PrefectAPI``: ``prefect server
+start`` with SQLite in a temporary PREFECT_HOME). The manifest helpers come from
+``manifest_lock.py`` (``ml``). It sets the Prefect LLM
 limits to the project defaults (``tasks.orchestration.limits.ensure_llm_limits()``: 100 in flight,
 3000/min).
 
@@ -57,7 +58,7 @@ Columns:
 - ``w/inv``: manifest PUTs the S3 server accepted during the run (server-side counter,
   any key ending in ``/manifest.json`` in the bucket) per invoice.
 - ``stall ms``: the largest wake-up delay of a 10 ms sleeper on the run's event loop
-  (``tasks.report.LoopStallProbe``; flow: ``summary.max_loop_stall_s``).
+  (``tasks.runtime.LoopStallProbe``; flow: ``summary.max_loop_stall_s``).
 - ``lost``: N minus the invoices recorded in the run's manifest.
 
 A note per row gives the exit code, the outcomes, the fake LLM's requests and peak in
@@ -65,10 +66,10 @@ flight, the Prefect task runs by name, and the CPU the other processes used duri
 run (Prefect server, moto, fake LLM). The script ends with the targets at the largest N:
 flow wall <= 1.3 x reference wall, flow peak RSS < 600 MB, flow stall < 100 ms.
 
-The fake LLM is ``ml.LLMProcess`` (a child process), not ``python -m testing.fake_llm``:
+The fake LLM is the harness's ``LLMProcess`` (a child process), not ``python -m testing.fake_llm``:
 the standalone server answers with the offline rules extractor run per request, which on
 this 2-core machine would bill the extraction's CPU to the benchmark; here it answers with
-``ml.canned_answer()`` (one valid invoice made once), like the other benches. Its
+``canned_answer()`` (one valid invoice made once), like the other benches. Its
 statistics are read and reset through its stdin.
 
 ``--stall-log`` (diagnosis) says what the event loop did while it stalled: in both children
@@ -108,7 +109,18 @@ import time
 import uuid
 from typing import Any, Optional
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
 import manifest_lock as ml  # bench/ is on sys.path when run as a script
+from testing.harness import (
+    LLMProcess,
+    PrefectAPI,
+    drain_prefect_workers,
+    s3_client,
+    service_env,
+    start_moto,
+    with_env,
+)
 
 HERE = os.path.abspath(__file__)
 VENV_BIN = os.path.dirname(sys.executable)
@@ -140,7 +152,7 @@ def make_pool(pool: int, long_share: float) -> list[bytes]:
 
 async def upload(endpoint: str, bucket: str, prefix: str, n: int, pdfs: list[bytes]) -> None:
     gate = asyncio.Semaphore(50)
-    async with ml.s3_client(endpoint) as client:
+    async with s3_client(endpoint) as client:
 
         async def put(i: int, key: str) -> None:
             async with gate:
@@ -152,13 +164,13 @@ async def upload(endpoint: str, bucket: str, prefix: str, n: int, pdfs: list[byt
 
 async def create_bucket(endpoint: str) -> str:
     bucket = f"e2e-{uuid.uuid4().hex[:8]}"
-    async with ml.s3_client(endpoint) as admin:
+    async with s3_client(endpoint) as admin:
         await admin.create_bucket(Bucket=bucket)
     return bucket
 
 
 async def manifest_of(endpoint: str, bucket: str, key: str) -> dict[str, Any]:
-    async with ml.s3_client(endpoint) as client:
+    async with s3_client(endpoint) as client:
         return await ml.read_manifest(client, bucket, key)
 
 
@@ -364,10 +376,10 @@ def invoice_context(cls: Any, src: Any, out: Any, parser: Any, extractor: Any,
 async def reference_async(source: str, output: str, concurrency: int) -> dict[str, Any]:
     # Imported in reference_main, before timing starts (the flow's imports precede it too).
     from tasks.extract.llm import LLMSettings, OpenAIExtractor
-    from tasks.manifest.model import commit_outcomes, read_manifest
-    from tasks.pdf.parse import PdfParser
+    from tasks.manifest import commit_outcomes, read_manifest
+    from tasks.pdf.pool import PdfParser
     from tasks.pipeline import InvoiceContext, plan_batch, process_invoice
-    from tasks.report import LoopStallProbe
+    from tasks.runtime import LoopStallProbe
     from tasks.storage import open_store
 
     started = time.perf_counter()
@@ -414,7 +426,7 @@ async def reference_async(source: str, output: str, concurrency: int) -> dict[st
 
 def reference_main(source: str, output: str, concurrency: int) -> int:
     install_stall_log()
-    import tasks.extract.llm, tasks.manifest.model, tasks.pdf.parse, tasks.pipeline, tasks.report, tasks.storage  # noqa: E401,F401
+    import tasks.extract.llm, tasks.manifest, tasks.pdf.pool, tasks.pipeline, tasks.report, tasks.storage  # noqa: E401,F401
 
     result = asyncio.run(reference_async(source, output, concurrency))
     print(json.dumps(result), flush=True)
@@ -552,15 +564,15 @@ def _handle_name(handle: Any, before: Optional[list[str]]) -> str:
 
 
 def install_stall_log() -> None:
-    """Replace tasks.report.LoopStallProbe (and the flow module's name for it) with one that
+    """Replace tasks.runtime.LoopStallProbe (and the flow's name for it) with one that
     also logs its stalls to $E2E_STALL_LOG; the measured max_stall is the same."""
     path = os.environ.get(STALL_LOG_ENV)
     if not path:
         return
-    import tasks.report as report
+    import tasks.runtime as runtime
 
     log = _StallLog(path)
-    base = report.LoopStallProbe
+    base = runtime.LoopStallProbe
 
     class StallLogProbe(base):  # type: ignore[misc, valid-type]
         async def _watch(self) -> None:
@@ -584,11 +596,11 @@ def install_stall_log() -> None:
             await super().__aexit__(*exc_info)
             log.dump()
 
-    report.LoopStallProbe = StallLogProbe
+    runtime.LoopStallProbe = StallLogProbe
     with contextlib.suppress(ImportError):
-        import flows.process_invoices as fp
+        import flows.run as run
 
-        fp.LoopStallProbe = StallLogProbe
+        run.LoopStallProbe = StallLogProbe
 
 
 def cli_with_stall_log(argv: list[str]) -> int:
@@ -690,19 +702,10 @@ STALL_LOG = {"on": False}  # --stall-log
 
 def child_env(endpoint: str, llm_url: str, api_url: str, stall_log: Optional[str] = None
               ) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop(STALL_LOG_ENV, None)
-    if stall_log:
-        env[STALL_LOG_ENV] = stall_log
-    for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "OPENAI_MODEL",
-              "OPENAI_ORG_ID", "OPENAI_ORGANIZATION", "OPENAI_PROJECT_ID"):
-        env.pop(k, None)
-    env.update(
-        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION=ml.REGION, OPENAI_BASE_URL=llm_url, OPENAI_API_KEY="dummy",
-        PREFECT_API_URL=api_url, PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="WARNING",
-    )
-    return env
+    return with_env(os.environ, {
+        **service_env(endpoint, llm_url), STALL_LOG_ENV: stall_log or None,
+        "PREFECT_API_URL": api_url, "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    })
 
 
 @dataclasses.dataclass
@@ -746,7 +749,7 @@ def failure_note(m: Measured) -> str:
     return f"exit {m.returncode}{' (timed out)' if m.timed_out else ''}: {tail[:300]}"
 
 
-def run_flow_row(n: int, bucket: str, endpoint: str, llm: ml.LLMProcess, api_url: str,
+def run_flow_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, api_url: str,
                  counter: Any, others: Others, timeout: float, logdir: str) -> Row:
     row = Row("flow", n)
     out_prefix = f"out-{n}"
@@ -791,7 +794,7 @@ def run_flow_row(n: int, bucket: str, endpoint: str, llm: ml.LLMProcess, api_url
     return row
 
 
-def run_reference_row(n: int, bucket: str, endpoint: str, llm: ml.LLMProcess, counter: Any,
+def run_reference_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, counter: Any,
                       others: Others, timeout: float, logdir: str, concurrency: int) -> Row:
     row = Row("asyncio", n, task_runs=0)
     out_prefix = f"ref-{n}"
@@ -901,11 +904,11 @@ def bench(args: argparse.Namespace) -> int:
     )
 
     moto = llm = None
-    server: Optional[ml.PrefectServer] = None
+    server: Optional[PrefectAPI] = None
     rows: list[Row] = []
     try:
-        moto, endpoint, counter = ml.start_moto()
-        llm = ml.LLMProcess(FakeLLMConfig(latency=args.latency))
+        moto, endpoint, counter = start_moto(count_puts_of="/" + ml.MANIFEST_KEY)
+        llm = LLMProcess(FakeLLMConfig(latency=args.latency))
         bucket = asyncio.run(create_bucket(endpoint))
         for n in args.n:
             t0 = time.perf_counter()
@@ -913,7 +916,7 @@ def bench(args: argparse.Namespace) -> int:
             print(f"# uploaded {n} PDFs to s3://{bucket}/in-{n}/ in {time.perf_counter() - t0:.1f} s",
                   flush=True)
 
-        server = ml.PrefectServer("start", [], args.keep_home).__enter__()
+        server = PrefectAPI("start", [], args.keep_home).__enter__()
         api_url = os.environ["PREFECT_API_URL"]
         import prefect
         from tasks.orchestration.limits import ensure_llm_limits
@@ -944,7 +947,7 @@ def bench(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             with contextlib.suppress(Exception):
-                asyncio.run(ml.drain_prefect_workers())
+                asyncio.run(drain_prefect_workers())
             server.__exit__(None, None, None)
         if llm is not None:
             llm.stop()

@@ -5,10 +5,10 @@
 
 One script run, one workload: N invoices (``make_invoice(seed)`` PDFs for 50
 seeds, reused) in a moto S3 bucket under ``in/`` (moto is a real HTTP server
-on 127.0.0.1 in a child process, as in ``manifest_lock.py``, whose helpers
-this script imports), and a ``FakeLLMServer`` with a fixed ``--latency`` per
-answer, also in a child process (``ml.LLMProcess``: a real model does not
-share the flow's process and GIL). Rows:
+on 127.0.0.1 in a child process, started by ``testing/harness.py``; the flow and
+manifest helpers come from ``manifest_lock.py``), and a ``FakeLLMServer`` with a fixed
+``--latency`` per answer, also in a child process (the harness's ``LLMProcess``: a real
+model does not share the flow's process and GIL). Rows:
 
 - ``sequential bound``: N x latency, computed; and measured on
   ``--sequential-sample`` calls made one after another, scaled to N.
@@ -77,7 +77,18 @@ import tempfile  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
 import manifest_lock as ml  # noqa: E402  (bench/ is on sys.path when run as a script)
+from testing.harness import (  # noqa: E402
+    LLMProcess,
+    PrefectAPI,
+    drain_prefect_workers,
+    patched_environ,
+    s3_client,
+    service_env,
+    start_moto,
+)
 
 FAULTS_OUTPUT_PREFIX = "out-faults"
 WARM_UP_OUTPUT_PREFIX = "out-warm-up"
@@ -123,13 +134,13 @@ HEADER = f"{'row':<50} {'N':>5} {'seconds':>9} {'x lat':>7} {'recorded':>8}  not
 
 async def create_bucket(endpoint: str, prefix: str) -> str:
     bucket = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    async with ml.s3_client(endpoint) as admin:
+    async with s3_client(endpoint) as admin:
         await admin.create_bucket(Bucket=bucket)
     return bucket
 
 
 async def recorded_in(endpoint: str, bucket: str, key: str, n: int) -> tuple[int, dict[str, int]]:
-    async with ml.s3_client(endpoint) as client:
+    async with s3_client(endpoint) as client:
         manifest = await ml.read_manifest(client, bucket, key)
     return ml.count_entries(manifest, ml.invoice_keys(n)), ml.manifest_outcomes(manifest)
 
@@ -181,7 +192,7 @@ async def run_flow_row(name: str, endpoint: str, bucket: str, llm: Any, n: int,
     if local:
         source, output, tmp = local_folder_invoices(n)
     try:
-        with ml.flow_environment(endpoint, llm.base_url):
+        with patched_environ(service_env(endpoint, llm.base_url)):
             cpu_before = machine_cpu_seconds()
             run = await ml.run_flow(bucket, n, output_prefix, source=source, output=output)
             cpu_after = machine_cpu_seconds()
@@ -228,7 +239,7 @@ async def asyncio_baseline(n: int, endpoint: str, llm: Any, texts: list[Any]) ->
     lock = asyncio.Lock()
     llm.reset_stats()
     settings = LLMSettings(base_url=llm.base_url, api_key="x")
-    async with OpenAIExtractor(settings) as extractor, ml.s3_client(endpoint) as client:
+    async with OpenAIExtractor(settings) as extractor, s3_client(endpoint) as client:
 
         async def one(i: int, key: str) -> None:
             await extractor.extract(texts[i % len(texts)])
@@ -261,19 +272,19 @@ async def main_async(args: argparse.Namespace) -> int:
     n, latency = args.n, args.latency
     age = interpreter_age_at_script_start()
     rows: list[Row] = []
-    moto, endpoint, _ = ml.start_moto()
-    fixed = ml.LLMProcess(FakeLLMConfig(latency=latency))
-    faulty = ml.LLMProcess(FakeLLMConfig(
+    moto, endpoint, _ = start_moto()
+    fixed = LLMProcess(FakeLLMConfig(latency=latency))
+    faulty = LLMProcess(FakeLLMConfig(
         latency_median=latency, latency_sigma=FAULT_SIGMA, latency_max=FAULT_LATENCY_CAP,
         error_rate_429=FAULT_429_RATE, retry_after=FAULT_RETRY_AFTER, seed=args.seed,
     ))
-    server: Optional[ml.PrefectServer] = None
+    server: Optional[PrefectAPI] = None
     try:
         bucket = await create_bucket(endpoint, "llm-latency")
         await ml.upload_invoices(endpoint, bucket, ml.INPUT_PREFIX, ml.invoice_keys(n))
         t_setup = time.perf_counter()
 
-        server = ml.PrefectServer(args.prefect, args.server_env, args.keep_home).__enter__()
+        server = PrefectAPI(args.prefect, args.server_env, args.keep_home).__enter__()
         t_server = time.perf_counter()
         import flows.process_invoices  # noqa: F401  (timed here: the flow's imports)
         import prefect
@@ -325,7 +336,7 @@ async def main_async(args: argparse.Namespace) -> int:
             rows += [f_inside, f_wall]
     finally:
         if server is not None:
-            await ml.drain_prefect_workers()
+            await drain_prefect_workers()
             server.__exit__(None, None, None)
         fixed.stop()
         faulty.stop()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import manifest_lock as ml  # noqa: E402  (bench/ is on sys.path when run as a script)
+from testing.harness import default_fake_aws_credentials, s3_client, start_moto
 
 
 def outcomes(n: int, start: int = 0, status: str = "done"):
@@ -47,7 +47,7 @@ def best(samples: list[float]) -> float:
 
 
 async def measure(endpoint: str, bucket: str, entries: int, batch: int, repeat: int) -> dict:
-    from tasks.manifest.model import Manifest, apply_outcomes, commit_outcomes, read_manifest
+    from tasks.manifest import Manifest, apply_outcomes, commit_outcomes, read_manifest
     from tasks.storage import open_store
 
     async with open_store(f"s3://{bucket}/cost-{entries}", endpoint_url=endpoint) as store:
@@ -78,7 +78,7 @@ async def measure(endpoint: str, bucket: str, entries: int, batch: int, repeat: 
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    moto, endpoint, _ = ml.start_moto()
+    moto, endpoint, _ = start_moto()
     try:
         bucket = await ml_bucket(endpoint)
         print(f"{'entries':>8} {'MB':>6} {'get s':>7} {'parse s':>8} {'merge s':>8} "
@@ -94,7 +94,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 async def ml_bucket(endpoint: str) -> str:
-    async with ml.s3_client(endpoint) as client:
+    async with s3_client(endpoint) as client:
         await client.create_bucket(Bucket="manifest-cost")
     return "manifest-cost"
 
@@ -106,11 +106,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     args.entries = sorted(set(args.entries or [1000, 10_000, 50_000, 100_000]))
-    import os
-
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", ml.REGION)
+    default_fake_aws_credentials()
     asyncio.run(main_async(args))
     return 0
 

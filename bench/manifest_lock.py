@@ -96,22 +96,29 @@ import json
 import logging
 import os
 import platform
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from testing.harness import (
+    LLMProcess,
+    PrefectAPI,
+    PutCounter,
+    canned_answer,
+    drain_prefect_workers,
+    patched_environ,
+    s3_client,
+    service_env,
+    start_moto,
+)
 
 MANIFEST_KEY = "manifest.json"
 EXTRACT_SECONDS = 0.5
 TAG = "manifest"
-REGION = "us-east-1"
 
 
 # --------------------------------------------------------------------------
@@ -131,210 +138,13 @@ class Result:
 
 
 
-def canned_answer():
-    """The fake LLM's answer in benchmarks: one valid extraction, made once. A real model
-    does its work on another machine; the fake server's default answer (running the
-    offline extractor per request, in this process) would bill the flow's CPU for it."""
-    from testing.samples import make_invoice
-
-    invoice = make_invoice(0)[1]
-    return lambda text: invoice
-
 def invoice_keys(n: int) -> list[str]:
     return [f"invoices/inv-{i:05d}.pdf" for i in range(n)]
 
 
 # --------------------------------------------------------------------------
-# S3: moto server with a server-side PUT counter, aioboto3 client helpers
+# S3: the manifest, read and written through the harness's aioboto3 client
 # --------------------------------------------------------------------------
-
-
-class PutCounter:
-    """WSGI wrapper counting PUTs of the manifest key per bucket (and their status)."""
-
-    def __init__(self, app: Callable[..., Any]):
-        self.app = app
-        self.lock = threading.Lock()
-        self.counts: dict[str, dict[str, int]] = {}
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]):
-        path = environ.get("PATH_INFO", "")
-        if environ.get("REQUEST_METHOD") == "GET" and path.startswith(COUNTS_PATH):
-            body = json.dumps(self.get(path[len(COUNTS_PATH):])).encode()
-            start_response("200 OK", [("Content-Type", "application/json"),
-                                      ("Content-Length", str(len(body)))])
-            return [body]
-        if environ.get("REQUEST_METHOD") == "PUT" and path.endswith("/" + MANIFEST_KEY):
-            bucket = path.lstrip("/").split("/", 1)[0]
-
-            def _start_response(status: str, headers: Any, exc_info: Any = None):
-                ok = status.startswith("2")
-                with self.lock:
-                    c = self.counts.setdefault(bucket, {"ok": 0, "total": 0})
-                    c["total"] += 1
-                    c["ok"] += int(ok)
-                if exc_info is not None:
-                    return start_response(status, headers, exc_info)
-                return start_response(status, headers)
-
-            return self.app(environ, _start_response)
-        return self.app(environ, start_response)
-
-    def get(self, bucket: str) -> dict[str, int]:
-        with self.lock:
-            return dict(self.counts.get(bucket, {"ok": 0, "total": 0}))
-
-
-COUNTS_PATH = "/__put_counts__/"  # GET <endpoint>/__put_counts__/<bucket>: the counter's figures
-
-
-def start_moto_thread() -> tuple[Any, str, PutCounter]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no per-request access log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    counter = PutCounter(server._server.app)  # werkzeug serves self.server.app per request
-    server._server.app = counter
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}", counter
-
-
-class RemotePutCounter:
-    """The PUT counter of a moto server running in another process, read over HTTP."""
-
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-
-    def get(self, bucket: str) -> dict[str, int]:
-        with urllib.request.urlopen(self.endpoint + COUNTS_PATH + bucket, timeout=30) as r:
-            return json.loads(r.read())
-
-
-class MotoProcess:
-    """moto's S3 server (with the PUT counter) in a child process of its own, so its request
-    handling does not compete with the variant for this process's GIL (real S3 would not)."""
-
-    def __init__(self) -> None:
-        self.proc, port = spawn_server("moto server", "--serve-moto")
-        self.endpoint = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        stop_child(self.proc)
-
-
-def spawn_server(
-    what: str, *args: str, new_session: bool = False
-) -> tuple[subprocess.Popen[str], int]:
-    """This script as a child server (`args` say which), and the port it listens on: it prints
-    "PORT <n>" once listening and serves until its stdin closes (`stop_child`)."""
-    proc = subprocess.Popen(
-        [sys.executable, __file__, *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=new_session,
-    )
-    line = proc.stdout.readline()
-    if not line.startswith("PORT "):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{what} did not start: {line!r}")
-    return proc, int(line.split()[1])
-
-
-def stop_child(proc: subprocess.Popen[str]) -> None:
-    """End a bench child that serves until its stdin closes; kill it if it does not."""
-    with contextlib.suppress(OSError):
-        proc.stdin.close()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def start_moto(mode: str = "process") -> tuple[Any, str, Any]:
-    """moto in a child process ('process', the default) or in a thread of this one ('thread')."""
-    if mode == "thread":
-        return start_moto_thread()
-    server = MotoProcess()
-    return server, server.endpoint, RemotePutCounter(server.endpoint)
-
-
-def serve_moto() -> int:
-    """Child side of MotoProcess: serve until stdin closes."""
-    server, endpoint, _ = start_moto_thread()
-    print("PORT", endpoint.rsplit(":", 1)[1], flush=True)
-    sys.stdin.read()
-    server.stop()
-    return 0
-
-
-class LLMProcess:
-    """The fake LLM (``canned_answer``) in a child process of its own, for the same reason as
-    `MotoProcess`: a real model answers from another machine, so its HTTP handling must not
-    compete with the flow for this process's GIL. Statistics are read and reset through the
-    child's stdin."""
-
-    def __init__(self, config: Any = None) -> None:
-        from testing.fake_llm.server import FakeLLMConfig
-
-        config = config if config is not None else FakeLLMConfig()
-        self.proc, port = spawn_server("fake LLM", "--serve-llm",
-                                       json.dumps(dataclasses.asdict(config)), new_session=True)
-        self.base_url = f"http://127.0.0.1:{port}/v1"
-
-    def _ask(self, command: str) -> str:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def reset_stats(self) -> None:
-        self._ask("reset")
-
-    def stats(self) -> dict[str, Any]:
-        return json.loads(self._ask("stats"))
-
-    def stop(self) -> None:
-        stop_child(self.proc)
-
-    def __enter__(self) -> "LLMProcess":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def serve_llm(config_json: str) -> int:
-    """Child side of LLMProcess: serve until stdin closes, answering `reset` and `stats`."""
-    from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
-
-    server = FakeLLMServer(FakeLLMConfig(**json.loads(config_json)), answer=canned_answer()).start()
-    print("PORT", server.port, flush=True)
-    try:
-        for line in sys.stdin:
-            command = line.strip()
-            if command == "reset":
-                server.reset_stats()
-                print("OK", flush=True)
-            elif command == "stats":
-                print(json.dumps(server.stats()), flush=True)
-    finally:
-        server.stop()
-    return 0
-
-
-def s3_client(endpoint: str):
-    """One aioboto3 S3 client context manager (path-style, fake credentials)."""
-    import aioboto3
-    from aiobotocore.config import AioConfig
-
-    return aioboto3.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=AioConfig(s3={"addressing_style": "path"}),
-    )
 
 
 async def read_manifest(client: Any, bucket: str, key: str = MANIFEST_KEY) -> dict[str, Any]:
@@ -544,38 +354,6 @@ async def upload_invoices(endpoint: str, bucket: str, prefix: str, keys: list[st
         await asyncio.gather(*(put(i, k) for i, k in enumerate(keys)))
 
 
-@contextlib.contextmanager
-def flow_environment(s3_endpoint: str, llm_base_url: Optional[str]) -> Iterator[None]:
-    """The environment the flow reads its S3 endpoint and LLM from (no LLM at all when
-    `llm_base_url` is None), restored afterwards.
-
-    The API key is a dummy on purpose: a real OPENAI_API_KEY from the caller's
-    environment must not be sent to the fake server."""
-    values = {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }
-    unset = ["AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "OPENAI_MODEL"]
-    if llm_base_url is None:
-        unset += ["OPENAI_BASE_URL", "OPENAI_API_KEY"]
-    else:
-        values.update(OPENAI_BASE_URL=llm_base_url, OPENAI_API_KEY="bench-unused")
-    saved = {k: os.environ.get(k) for k in [*values, *unset]}
-    os.environ.update(values)
-    for k in unset:
-        os.environ.pop(k, None)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 async def set_llm_limits(mode: str, n: int) -> str:
     """Size the Prefect limits the flow's LLM calls take ('fit': all N in flight at once)
     or leave them ('keep'); returns what is in force."""
@@ -666,14 +444,14 @@ def simulated_extraction() -> Iterator[None]:
     is untouched."""
     from unittest import mock
 
-    import flows.process_invoices
+    import flows.run
     from tasks.extract.einvoice import EmbeddedFirstExtractor
 
     @contextlib.asynccontextmanager
     async def build_simulated(choice: Any, **_: Any) -> Any:
         yield EmbeddedFirstExtractor(SimulatedExtractor())
 
-    with mock.patch.object(flows.process_invoices, "build_extractor", build_simulated):
+    with mock.patch.object(flows.run, "build_extractor", build_simulated):
         yield
 
 
@@ -687,13 +465,13 @@ async def run_c(name: str, n: int, endpoint: str, bucket: str, *, llm: bool) -> 
 
         limits = await set_llm_limits(_LLM_LIMITS_MODE["mode"], n)
         with LLMProcess(FakeLLMConfig(latency=EXTRACT_SECONDS)) as server:
-            with flow_environment(endpoint, server.base_url):
+            with patched_environ(service_env(endpoint, server.base_url)):
                 run = await run_flow(bucket, n)
             stats = server.stats()
         note_llm = (f"; LLM {stats['total_requests']} requests, max {stats['max_in_flight']} "
                     f"in flight; {limits}")
     else:
-        with flow_environment(endpoint, None), simulated_extraction():
+        with patched_environ(service_env(endpoint, None)), simulated_extraction():
             run = await run_flow(bucket, n)
     async with s3_client(endpoint) as client:
         outcomes = manifest_outcomes(await read_manifest(client, bucket, C_MANIFEST_KEY))
@@ -749,109 +527,6 @@ VARIANTS: list[Variant] = [
 
 
 # --------------------------------------------------------------------------
-# Prefect server management
-# --------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}; see {log}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        time.sleep(0.25)
-    raise RuntimeError(f"prefect server not healthy after {timeout:.0f} s; see {log}")
-
-
-class PrefectServer:
-    """Prefect API for the variants that need one; must be entered before importing prefect."""
-
-    def __init__(self, mode: str, server_env: list[str], keep_home: bool):
-        self.mode = mode
-        self.server_env = dict(kv.split("=", 1) for kv in server_env)
-        self.keep_home = keep_home
-        self.home: Optional[str] = None
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-        self._stack = contextlib.ExitStack()
-        self.description = ""
-        self.startup_s = 0.0
-
-    def __enter__(self) -> "PrefectServer":
-        t0 = time.perf_counter()
-        self.home = tempfile.mkdtemp(prefix="bench-manifest-prefect-")
-        os.environ["PREFECT_HOME"] = os.path.join(self.home, "client")
-        if self.mode == "start":
-            port = _free_port()
-            url = f"http://127.0.0.1:{port}/api"
-            env = dict(os.environ)
-            env.pop("PREFECT_API_URL", None)
-            env.update(
-                PREFECT_HOME=os.path.join(self.home, "server"),
-                PREFECT_UI_ENABLED="false",
-                PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            )
-            env.update(self.server_env)
-            log = os.path.join(self.home, "server.log")
-            prefect_bin = os.path.join(os.path.dirname(sys.executable), "prefect")
-            with open(log, "wb") as out:
-                self.proc = subprocess.Popen(
-                    [prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            _wait_healthy(url, self.proc, 120, log)
-            os.environ["PREFECT_API_URL"] = url
-            db = self.server_env.get("PREFECT_SERVER_DATABASE_CONNECTION_URL", "SQLite")
-            self.description = f"prefect server start at {url} ({db.split('://')[0]})"
-        elif self.mode == "harness":
-            os.environ.pop("PREFECT_API_URL", None)
-            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            from prefect.testing.utilities import prefect_test_harness
-
-            self._stack.enter_context(prefect_test_harness())
-            self.description = "prefect_test_harness() (SQLite, subprocess server)"
-        else:
-            os.environ["PREFECT_API_URL"] = self.mode
-            self.description = f"existing server {self.mode}"
-        self.startup_s = time.perf_counter() - t0
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)  # our own child's session only
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if self.home and not self.keep_home:
-            shutil.rmtree(self.home, ignore_errors=True)
-
-
-async def drain_prefect_workers() -> None:
-    """Flush Prefect's event and log workers while the server is still up; otherwise
-    they retry against a stopped server at interpreter exit."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    await APILogWorker.drain_all(timeout=15)
-    await EventsWorker.drain_all(timeout=15)
-
-
-# --------------------------------------------------------------------------
 # Harness
 # --------------------------------------------------------------------------
 
@@ -899,8 +574,8 @@ async def run_one(
 async def main_async(args: argparse.Namespace, chosen: list[Variant]) -> int:
     # Entered and left inside this task: prefect_test_harness() sets context variables.
     stack = contextlib.ExitStack()
-    moto, endpoint, counter = start_moto(args.moto)
-    server: Optional[PrefectServer] = None
+    moto, endpoint, counter = start_moto(args.moto, count_puts_of="/" + MANIFEST_KEY)
+    server: Optional[PrefectAPI] = None
     results: list[Result] = []
     last: dict[str, tuple[int, float]] = {}
     warmed: set[str] = set()
@@ -920,7 +595,7 @@ async def main_async(args: argparse.Namespace, chosen: list[Variant]) -> int:
                     # Started lazily, so the variants without Prefect that come first do
                     # not share the CPU with a server that is still starting its services.
                     server = stack.enter_context(
-                        PrefectServer(args.prefect, args.server_env, args.keep_home)
+                        PrefectAPI(args.prefect, args.server_env, args.keep_home)
                     )
                     import prefect
 
@@ -987,8 +662,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default="process",
         help="run moto's S3 server in a child process (default) or in a thread of the bench",
     )
-    p.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--serve-llm", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.n = sorted(set(args.n or [100]))
     return args
@@ -996,10 +669,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if args.serve_moto:
-        return serve_moto()
-    if args.serve_llm is not None:
-        return serve_llm(args.serve_llm)
     by_name = {v.name: v for v in VARIANTS}
     names = [s.strip() for s in args.variants.split(",") if s.strip()]
     unknown = [s for s in names if s not in by_name]

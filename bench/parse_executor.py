@@ -346,7 +346,7 @@ async def _start_all_threads(
 
 def _parser_setup(kind: str):
     async def setup(args: argparse.Namespace):
-        from tasks.pdf.parse import PdfParser
+        from tasks.pdf.pool import PdfParser
 
         parser = PdfParser(kind, max_workers=args.workers)  # type: ignore[arg-type]
         t0 = time.perf_counter()

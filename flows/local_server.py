@@ -36,7 +36,7 @@ class ServerDidNotStart(RuntimeError):
     pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -48,7 +48,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
             return response.status == 200
@@ -62,7 +62,7 @@ def temporary_server() -> Iterator[str]:
 
     Call it before anything starts threads (preexec_fn is only safe in a single-threaded
     process): the CLI does, before it runs the flow."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -88,7 +88,7 @@ def temporary_server() -> Iterator[str]:
     )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(url):
+        while not healthy(url):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = Path(log.name).read_text(errors="replace")[-2000:]
                 raise ServerDidNotStart(

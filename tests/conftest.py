@@ -1,25 +1,18 @@
-"""Shared test harness: real servers on 127.0.0.1, never mocks of the thing under test."""
+"""Test fixtures over testing/harness.py: real servers on 127.0.0.1, never mocks of the thing under test."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import boto3
 import pytest
 import pytest_asyncio
-from moto.server import ThreadedMotoServer
 
-from flows.local_server import stop_process
+from flows.local_server import stop_process  # noqa: F401  (tests import it from here)
+from testing import harness
 
 # Prefect state of the test run stays out of the user's ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="invoices-test-prefect-"))
@@ -29,26 +22,21 @@ for _name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"):
     os.environ.pop(_name, None)
 
 # Tests talk to moto over HTTP; these fake credentials never leave the loopback.
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+harness.default_fake_aws_credentials()
 
 
 @pytest.fixture(scope="session")
 def moto_endpoint():
     """A moto S3 server as a real HTTP server on 127.0.0.1 (random port)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with harness.moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3_bucket(moto_endpoint):
     """A fresh, empty bucket on the moto server; its name."""
     name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name=harness.REGION).create_bucket(Bucket=name)
     return name
 
 
@@ -82,65 +70,23 @@ def proxy(moto_endpoint):
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server (SQLite) for every test that runs flows."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
+    with harness.prefect_test_server(startup_timeout=60):
         yield
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class PrefectServer:
-    url: str
-    home: Path
-    env: dict[str, str]  # what a client process needs to talk to this server
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME and SQLite."""
+    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME and SQLite
+    (`harness.PrefectServer`: .url, .home, .env for a client process)."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # tests/test_schedule.py: not 60 s
+    with harness.prefect_server(home, settings={
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # tests/test_schedule.py: not 60 s
         # As the operators' guide sets up a server: `--watch` streams the run's logs.
-        PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true",
-        PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true",
-    )
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.3)
-    client_env = {**env, "PREFECT_API_URL": url}
-    client_env.pop("PREFECT_API_DATABASE_CONNECTION_URL")
-    yield PrefectServer(url=url, home=home, env=client_env)
-    stop_process(proc)
-    log.close()
+        "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+        "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
+    }) as server:
+        yield server
 
 
 def on_server(prefect_server, fn):

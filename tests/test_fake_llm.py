@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 
 from testing.fake_llm.server import FAULT_KINDS, FakeLLMConfig, FakeLLMServer, document_text, fault_kind, strict_schema_problems
 from tasks.invoice import Invoice
+from testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -319,14 +319,8 @@ def test_default_answer_uses_offline_extractor():
         Invoice.model_validate_json(body["choices"][0]["message"]["content"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_standalone_main_runs_and_stops_on_sigterm():
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "FAKE_KEY": "sk-standalone-secret-123456"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "testing.fake_llm", "--port", str(port), "--rate-429", "0", "--api-key-env", "FAKE_KEY"],
