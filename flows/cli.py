@@ -18,15 +18,26 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError, create_model
+from pydantic import ValidationError
 
 from flows.local_server import ServerDidNotStart, temporary_server
 from tasks.report import RunRefused, RunSummary
 
 
+# The flow parameters `invoices run` offers as options (the others keep their defaults).
+RUN_OPTIONS = (
+    "source", "output", "extractor", "max_concurrency", "invoice_timeout", "max_attempts",
+    "reprocess_needs_review", "parse_executor", "max_pages", "max_bytes", "chunk_size", "shard",
+    "lease_seconds", "stop_grace_seconds",
+)
+
+
 def _run_parser(sub: argparse._SubParsersAction) -> None:
-    from flows.process_invoices import BUNDLED_SAMPLES
+    from prefect.utilities.callables import parameter_docstrings
+
+    from flows.process_invoices import process_invoices
     from flows.progress import PLAIN_EVERY_SECONDS
+    from flows.settings import RunSettings
 
     run = sub.add_parser(
         "run",
@@ -35,61 +46,37 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         "OUTPUT/manifest.json. Uses Prefect's API from PREFECT_API_URL, or a temporary local "
         "server when none is set.",
     )
-    run.add_argument(
-        "source", nargs="?", default=BUNDLED_SAMPLES,
-        help="s3://bucket/prefix or a local folder (default: the bundled sample invoices)",
-    )
-    run.add_argument("-o", "--output", default="out",
-                     help="s3://bucket/prefix or a folder for results and the manifest (default: ./out)")
-    run.add_argument("--extractor", choices=["auto", "offline", "openai"], default="auto",
-                     help="auto: the LLM when OPENAI_API_KEY or OPENAI_BASE_URL is set, else offline")
-    run.add_argument("--max-concurrency", type=int, default=100, help="invoices in flight (default 100)")
-    run.add_argument("--invoice-timeout", type=float, default=300.0,
-                     help="seconds one invoice may take, all stages (default 300)")
-    run.add_argument("--max-attempts", type=int, default=3,
-                     help="attempts per invoice before a failure is final (default 3)")
-    run.add_argument("--reprocess-needs-review", action="store_true",
-                     help="also redo invoices recorded as needs_review")
-    run.add_argument("--parse-executor", choices=["process", "thread"], default="process",
-                     help="where PyMuPDF runs (default: a process pool)")
-    run.add_argument("--max-pages", type=int, default=500,
-                     help="PDFs with more pages fail too_many_pages before parsing (default 500)")
-    run.add_argument("--max-bytes", type=int, default=50 * 1024 * 1024,
-                     help="larger objects fail too_large before download (default 50 MiB)")
-    run.add_argument("--lease-seconds", type=float, default=60.0,
-                     help="how long a run that died keeps its claims and LLM slots (default 60)")
-    run.add_argument("--shard", default=None,
-                     help="i/n: only the i-th of n disjoint parts of the listing (default: all)")
-    run.add_argument("--chunk-size", type=int, default=50, help="invoices per task run (default 50)")
-    run.add_argument("--stop-grace-seconds", type=float, default=30.0,
-                     help="on SIGINT/SIGTERM, how long invoices in flight may take to finish "
-                     "and be recorded (default 30)")
+    # Types and defaults from RunSettings, help from the flow's docstring (the run form's).
+    helps = parameter_docstrings(inspect.getdoc(process_invoices.fn))
+    for name in RUN_OPTIONS:
+        field = RunSettings.model_fields[name]
+        default = field.default
+        shown = "the bundled sample invoices" if name == "source" else default
+        options: dict[str, Any] = {"default": default, "help": f"{helps[name]} (default: {shown})"}
+        if field.annotation is bool:
+            options["action"] = "store_true"
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            options["choices"] = typing.get_args(field.annotation)
+        elif field.annotation in (int, float):
+            options["type"] = field.annotation
+        if name == "source":
+            run.add_argument("source", nargs="?", **options)
+        else:
+            run.add_argument(*(["-o"] if name == "output" else []), _option(name), **options)
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress on stderr (default: a live bar on a terminal, else a line "
                      f"at most every {PLAIN_EVERY_SECONDS:g} s and one at the end)")
 
 
-# The flow parameters `invoices run` sets, by option: checked against the flow's own
-# signature (its types and bounds) before anything starts.
-RUN_PARAMETERS = (
-    "source", "output", "extractor", "max_concurrency", "invoice_timeout", "max_attempts",
-    "reprocess_needs_review", "parse_executor", "max_pages", "max_bytes", "chunk_size", "shard",
-    "lease_seconds", "stop_grace_seconds",
-)
+def check_parameters(parameters: dict[str, Any]) -> list[str]:
+    """What is wrong with `parameters` as run settings (types, bounds), one line each naming
+    the option; [] when they are fine. The same check Prefect applies to the flow's
+    parameters, without starting anything."""
+    from flows.settings import RunSettings
 
-
-def check_parameters(flow_fn: Any, parameters: dict[str, Any]) -> list[str]:
-    """What is wrong with `parameters` for `flow_fn`'s signature (types, bounds), one line
-    each naming the option; [] when they are fine. The same check Prefect applies to a
-    deployment run's parameters, without starting anything."""
-    hints = typing.get_type_hints(flow_fn, include_extras=True)
-    fields = {
-        name: (hints[name], param.default)
-        for name, param in inspect.signature(flow_fn).parameters.items() if name in parameters
-    }
     try:
-        create_model("RunParameters", **fields).model_validate(parameters)  # type: ignore[call-overload]
+        RunSettings.model_validate(parameters)
     except ValidationError as exc:
         return [f"{_option(str(error['loc'][0]))} {parameters[error['loc'][0]]!r}: {error['msg']}"
                 for error in exc.errors()]
@@ -135,8 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.progress import show_progress
     from tasks.report import format_table
 
-    parameters = {name: getattr(args, name) for name in RUN_PARAMETERS}
-    problems = check_parameters(process_invoices.fn, parameters)
+    parameters = {name: getattr(args, name) for name in RUN_OPTIONS}
+    problems = check_parameters(parameters)
     if problems:
         for problem in problems:
             print(f"invoices run: {problem}", file=sys.stderr)

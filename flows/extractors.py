@@ -6,20 +6,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Literal
 
 from prefect.runtime import flow_run
 from pydantic import SecretStr
 
+from flows.settings import DEFAULTS, ExtractorChoice
 from tasks.extract.einvoice import EmbeddedFirstExtractor
 from tasks.errors import ConfigurationError
 from tasks.extract.base import Extractor
 from tasks.extract.rules import OfflineExtractor
 from tasks.orchestration.limits import LLMSlots, ensure_llm_limits
 from tasks.extract.llm import LLMSettings, OpenAIExtractor  # at import: importing openai takes ~0.3 s
-from tasks.pdf.parse import PdfParser
-
-ExtractorChoice = Literal["auto", "offline", "openai"]
+from tasks.pdf.pool import PdfParser
 
 
 @asynccontextmanager
@@ -28,8 +26,8 @@ async def build_extractor(
     *,
     parser: PdfParser | None = None,
     api_key: SecretStr | None = None,
-    max_in_flight: int = 100,
-    slot_lease_seconds: float = 120.0,
+    max_in_flight: int = DEFAULTS.max_concurrency,
+    slot_lease_seconds: float = DEFAULTS.lease_seconds,
     expected_calls: int | None = None,
 ) -> AsyncIterator[Extractor]:
     """`auto` uses the LLM when one is configured (an API key or OPENAI_BASE_URL), else offline.
@@ -68,8 +66,7 @@ async def build_extractor(
     async with LLMSlots(capacity, lease_seconds=slot_lease_seconds,
                         flow_run_id=flow_run.id) as slots:
         # Built in a worker thread, while the slots are taken: the client's TLS context loads
-        # the CA bundle, 0.03-0.1 s that would otherwise hold the event loop (loading it
-        # releases the GIL; measured) and that came after the slots in every run's set-up.
+        # the CA bundle, which would otherwise hold the event loop (bench/README.md).
         building = asyncio.create_task(
             asyncio.to_thread(OpenAIExtractor, settings, call_guard=slots.call)
         )

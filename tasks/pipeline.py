@@ -27,12 +27,13 @@ from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
+from tasks.checks import check_invoice
 from tasks.errors import InvoiceFailure
 from tasks.extract.base import Extraction, Extractor
-from tasks.invoice import Invoice, check_invoice
+from tasks.invoice import Invoice
 from tasks.logs import run_logger
 from tasks.manifest.model import InvoiceOutcome, Manifest, lease_is_live, utcnow
-from tasks.pdf.parse import PdfParser
+from tasks.pdf.pool import PdfParser
 from tasks.stopping import StopRequest
 from tasks.storage import ObjectInfo, StorageError, Store
 
@@ -479,10 +480,9 @@ async def process_all(
         for chunk in chunked(jobs, chunk_size):
             group.create_task(run_chunk(chunk))
             # A chunk's start (a task run's set-up in Prefect's engine, its invoices' first
-            # requests) costs the event loop 20-50 ms: twenty started in one turn held it for
-            # ~0.2 s, and even one per turn piled two or three into one 100+ ms stall. Spaced
-            # out, they don't. Invoices start at most a second later (20 chunks), and those
-            # past the first `max_concurrency` wait for a slot far longer anyway.
+            # requests) is CPU on the event loop; started together, chunks stall every
+            # invoice in flight (bench/README.md). Spaced out, they don't, and invoices past
+            # the first `max_concurrency` wait for a slot far longer anyway.
             await asyncio.sleep(CHUNK_START_SPACING_S)
     return processed
 

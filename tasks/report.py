@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections import Counter
@@ -70,50 +69,6 @@ class RunRefused(BaseModel):
     """The result of a run that could not go ahead as configured (nothing was processed)."""
 
     reason: str
-
-
-class LoopStallProbe:
-    """Measures how late the event loop wakes a short sleeper while the run works: CPU work
-    done on the loop (parsing, JSON of a large manifest) shows up here as a stall that
-    delays every other invoice."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        self.interval = interval
-        self.max_stall = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> LoopStallProbe:
-        self._task = asyncio.create_task(self._watch(), name="loop-stall-probe")
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            asleep = loop.time()
-            await asyncio.sleep(self.interval)
-            self.max_stall = max(self.max_stall, loop.time() - asleep - self.interval)
-
-
-@contextmanager
-def gc_frozen() -> Iterator[Callable[[], None]]:
-    """Keep every object alive now (imported modules, botocore's service models, Prefect's
-    clients and settings: several hundred thousand) out of the garbage collector's full
-    collections until the block ends. Each full collection walked them all and held the
-    event loop for 180-220 ms, a few times per 1000-invoice run (bench/end_to_end.py
-    --stall-log); objects made inside the block are collected as before, except those
-    alive when the function it yields is called (it freezes them too: call it once the
-    run's long-lived objects exist). Unfrozen at the end, so a long-lived process (a served
-    deployment) still frees what the run left."""
-    gc.freeze()
-    try:
-        yield gc.freeze
-    finally:
-        gc.unfreeze()
 
 
 def summarize(

@@ -9,7 +9,7 @@ cover Latin-1: umlauts, accents, the pound sign and "N°" render and extract bac
 euro sign and typographic dashes do not (they come back as "·"), so euro amounts are printed
 with the ISO code "EUR" and every string is checked to be Latin-1 before it is drawn.
 
-Every invoice without a `defect` passes `tasks.invoice.check_invoice`: issue dates lie in
+Every invoice without a `defect` passes `tasks.checks.check_invoice`: issue dates lie in
 2024-2025 (in the past whenever this runs), VAT ids follow their country's format and IBANs
 carry correct check digits with the matching bank's BIC. Only the german and dutch layouts
 print IBAN and BIC, so only their truth has `iban` (no spaces) and `bic`; elsewhere both are None.

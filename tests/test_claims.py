@@ -10,7 +10,7 @@ import pytest
 
 from tasks.manifest.claims import Claims
 from tasks.extract.rules import OfflineExtractor
-from tasks.manifest.model import (
+from tasks.manifest import (
     InvoiceOutcome,
     Manifest,
     ManifestTarget,

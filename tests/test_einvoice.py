@@ -20,10 +20,11 @@ from lxml import etree
 
 from tasks.extract import einvoice
 from tasks.pdf import embedded_xml
-from tasks.extract.einvoice import attach_einvoice, build_cii_xml, cross_check, parse_einvoice
+from tasks.extract.einvoice import cross_check, parse_einvoice
 from tasks.pdf.embedded_xml import EmbeddedXml, find_embedded_einvoice
 from tasks.errors import InvoiceFailure
 from tasks.invoice import Invoice, LineItem
+from testing.einvoice_xml import attach_einvoice, build_cii_xml
 
 # --------------------------------------------------------------------------------------------
 # Helpers

@@ -9,6 +9,7 @@ from pathlib import Path
 import pymupdf
 import pytest
 
+from tasks.checks import check_invoice
 from tasks.extract.rules import (
     Extraction,
     OfflineExtractor,
@@ -32,7 +33,7 @@ from tasks.extract.rules import (
     rows_from_words,
     table_items_by_position,
 )
-from tasks.invoice import Invoice, LineItem, check_invoice
+from tasks.invoice import Invoice, LineItem
 from tasks.pdf.parse import ParsedDocument, parse_pdf_bytes
 from testing.samples import LAYOUTS, make_invoice
 

@@ -13,7 +13,7 @@ from tasks.errors import ConfigurationError
 from tasks.extract.rules import OfflineExtractor
 from tasks.orchestration.limits import LLMSlots, ensure_llm_limits
 from tasks.extract.llm import OpenAIExtractor
-from tasks.pdf.parse import PdfParser
+from tasks.pdf.pool import PdfParser
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -129,7 +129,7 @@ async def test_invoices_run_in_chunks_one_task_run_each_and_all_are_recorded(tmp
 
 
 async def test_an_embedded_e_invoice_is_the_result_and_the_page_cross_checks_it(tmp_path: Path):
-    from tasks.extract.einvoice import attach_einvoice, build_cii_xml
+    from testing.einvoice_xml import attach_einvoice, build_cii_xml
     from testing.samples import make_invoice
 
     source, output = tmp_path / "in", tmp_path / "out"

@@ -88,7 +88,7 @@ async def test_llm_limits_are_created_and_cap_calls_in_flight(llm, tmp_path: Pat
 
 
 async def test_an_embedded_e_invoice_costs_no_llm_call(llm, tmp_path: Path):
-    from tasks.extract.einvoice import attach_einvoice, build_cii_xml
+    from testing.einvoice_xml import attach_einvoice, build_cii_xml
     from testing.samples import make_invoice
 
     source, output = tmp_path / "in", tmp_path / "out"

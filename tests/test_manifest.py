@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from tasks.errors import ConfigurationError
-from tasks.manifest.model import (
+from tasks.manifest import (
     InvoiceOutcome,
     Manifest,
     ManifestTarget,
@@ -20,12 +20,12 @@ from tasks.manifest.model import (
     ManifestWriter,
     SourceMismatch,
     apply_outcomes,
-    manifest_lock_tag,
     commit_outcomes,
     merge_entry,
     read_manifest,
     utcnow,
 )
+from tasks.orchestration.manifest_lock import manifest_lock_tag
 from tasks.storage import LocalStore
 
 

@@ -17,7 +17,8 @@ from prefect.exceptions import ObjectNotFound
 from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
 from tasks.orchestration.limits import LockUnavailableError, ensure_manifest_lock, tag_limit_name
-from tasks.manifest.model import InvoiceOutcome, Manifest, commit_outcomes, manifest_lock_tag
+from tasks.manifest import InvoiceOutcome, Manifest, commit_outcomes
+from tasks.orchestration.manifest_lock import manifest_lock_tag
 from testing.samples import make_invoice
 from tasks.storage import S3Store
 

@@ -18,17 +18,14 @@ import pymupdf
 import pytest
 
 from flows.extractors import build_extractor
-from tasks.extract.einvoice import (
-    EmbeddedFirstExtractor,
-    attach_einvoice,
-    build_cii_xml,
-    parse_einvoice,
-)
+from tasks.extract.einvoice import EmbeddedFirstExtractor, parse_einvoice
 from tasks.errors import InvoiceFailure
 from tasks.extract.base import Extraction, Extractor
 from tasks.extract.rules import OfflineExtractor
-from tasks.pdf.parse import ParsedDocument, PdfParser, parse_pdf_bytes
+from tasks.pdf.parse import ParsedDocument, parse_pdf_bytes
+from tasks.pdf.pool import PdfParser
 from tasks.pipeline import InvoiceContext, InvoiceJob, process_invoice
+from testing.einvoice_xml import attach_einvoice, build_cii_xml
 from testing.samples import make_invoice
 from tasks.storage import LocalStore
 
@@ -252,7 +249,7 @@ async def test_a_text_heavy_invoice_times_out_in_extraction_without_stalling_the
 
 PRELOAD_PROBE = """
 import asyncio, sys
-from tasks.pdf.parse import PdfParser
+from tasks.pdf.pool import PdfParser
 
 async def main():
     async with PdfParser("process", max_workers=1) as parser:

@@ -22,7 +22,8 @@ import pymupdf
 import pytest
 
 from tasks.errors import InvoiceFailure
-from tasks.pdf.parse import ParsedDocument, PdfParser, Word, parse_pdf_bytes
+from tasks.pdf.parse import ParsedDocument, Word, parse_pdf_bytes
+from tasks.pdf.pool import PdfParser
 from tasks.pdf.priority import lowered
 
 KINDS = ["process", "thread"]
@@ -345,8 +346,8 @@ async def test_workers_that_cannot_start_fail_each_parse_with_the_reason(monkeyp
     # Workers that take 2 s to answer their start-up ping, against a 0.05 s start timeout.
     # (A bare 1e-9 s timeout was not enough: with the forkserver warm, the pings could be
     # answered before the wait began, and the start then succeeded.)
-    monkeypatch.setattr("tasks.pdf.parse._ping", functools.partial(time.sleep, 2.0))
-    monkeypatch.setattr("tasks.pdf.parse._START_TIMEOUT", 0.05)
+    monkeypatch.setattr("tasks.pdf.pool._ping", functools.partial(time.sleep, 2.0))
+    monkeypatch.setattr("tasks.pdf.pool._START_TIMEOUT", 0.05)
     async with PdfParser("process", max_workers=1, timeout=30) as parser:
         for _ in range(2):  # the start is tried once; each parse reports its failure
             with pytest.raises(InvoiceFailure) as info:
@@ -421,7 +422,7 @@ def test_parsing_needs_neither_the_invoice_models_nor_the_extractors(tmp_path):
     """What the parser's forkserver preloads (tasks.pdf.parse, tasks.pdf.embedded_xml) is all a parse
     imports, also of a PDF with an e-invoice: importing the extractors there doubled the
     forkserver's start, which every run's first parse waits for."""
-    from tasks.extract.einvoice import attach_einvoice, build_cii_xml
+    from testing.einvoice_xml import attach_einvoice, build_cii_xml
     from testing.samples import make_invoice
 
     pdf, truth = make_invoice(5)
@@ -439,7 +440,7 @@ def test_parsing_needs_neither_the_invoice_models_nor_the_extractors(tmp_path):
 
 
 def test_an_embedded_e_invoice_travels_with_the_parsed_document():
-    from tasks.extract.einvoice import attach_einvoice, build_cii_xml
+    from testing.einvoice_xml import attach_einvoice, build_cii_xml
     from testing.samples import make_invoice
 
     pdf, truth = make_invoice(5)

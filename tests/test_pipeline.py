@@ -11,7 +11,7 @@ import pytest
 
 from tasks.extract.rules import OfflineExtractor
 from tasks.manifest.model import InvoiceOutcome, Manifest, apply_outcomes, utcnow
-from tasks.pdf.parse import PdfParser
+from tasks.pdf.pool import PdfParser
 from tasks.pipeline import InvoiceContext, InvoiceJob, plan_batch, process_invoice, result_key_for
 from testing.samples import make_invoice
 from tasks.storage import ObjectInfo, etag_of

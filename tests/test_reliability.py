@@ -29,7 +29,7 @@ from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
 from tasks.errors import InvoiceFailure
 from tasks.extract.rules import extract_fields
-from tasks.manifest.model import Manifest, ManifestWriter, ManifestWriteError
+from tasks.manifest import Manifest, ManifestWriter, ManifestWriteError
 from tasks.pdf.parse import parse_pdf_bytes
 from tasks.pipeline import result_key_for
 from testing.samples import make_invoice

@@ -9,9 +9,9 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from tasks.invoice import Invoice, check_invoice
+from tasks.invoice import Invoice
 from testing.samples import COUNTRIES, DEFECTS, LAYOUTS, _bank_account, main, make_invoice, write_samples
-from tasks.checks import bic_is_valid, format_iban, iban_is_valid, tax_id_problem
+from tasks.checks import bic_is_valid, check_invoice, format_iban, iban_is_valid, tax_id_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "samples" / "invoices"

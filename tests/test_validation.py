@@ -7,12 +7,14 @@ from decimal import Decimal
 
 import pytest
 
-from tasks.invoice import TOLERANCE, Invoice, LineItem, check_invoice
+from tasks.invoice import Invoice, LineItem
 from testing.samples import LAYOUTS, make_invoice
 from tasks.checks import (
     ISO4217_CODES,
+    TOLERANCE,
     VAT_FORMATS,
     bic_is_valid,
+    check_invoice,
     due_date_problem,
     format_iban,
     iban_from_bban,

@@ -285,15 +285,6 @@ class FakeLLMServer:
         with self._lock:
             self._faults.extend([k] * n)
 
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    def reseed(self, seed: int | None) -> None:
-        self.config.seed = seed
-        self._fault_rng.seed(seed)
-        self._latency_rng.seed(None if seed is None else seed + 1)
-
     def reset_stats(self) -> None:
         with self._lock:
             self._total = 0
