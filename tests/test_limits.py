@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
-
 import pytest
 from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.concurrency.services import (
-    ConcurrencySlotAcquisitionService,
-    ConcurrencySlotAcquisitionWithLeaseService,
-)
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, concurrency
 from prefect.states import Completed, Running
 
 from tasks.orchestration.limits import (
@@ -138,6 +134,39 @@ async def active_slots(client) -> int:
     return (await client.read_global_concurrency_limit_by_name(LLM_IN_FLIGHT_LIMIT)).active_slots
 
 
+@dataclass
+class HeldCalls:
+    """Calls through an `LLMSlots`, each in flight (holding its token) until `end()`."""
+
+    release: asyncio.Event
+    tasks: list[asyncio.Task[None]]
+
+    async def end(self) -> None:
+        self.release.set()
+        await asyncio.gather(*self.tasks)
+
+
+async def hold_calls(slots: LLMSlots, count: int, what: str, timeout: float = 20) -> HeldCalls:
+    """`count` calls through `slots`, returned once all of them are in flight."""
+    release = asyncio.Event()
+    running = 0
+
+    async def call() -> None:
+        nonlocal running
+        async with slots.call():
+            running += 1
+            await release.wait()
+
+    tasks = [asyncio.create_task(call()) for _ in range(count)]
+    try:
+        await until(lambda: running == count, timeout, what)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    return HeldCalls(release, tasks)
+
+
 async def test_two_runs_together_stay_within_the_shared_in_flight_limit():
     """Two runs (two LLMSlots of capacity 3) with 6 calls each on a limit of 4: both go
     ahead, and calls in flight across both never exceed the limit."""
@@ -190,17 +219,13 @@ async def calls_on_a_small_rate_limit(monkeypatch, calls: int, **client_methods)
     """`calls` LLM calls through one run's `LLMSlots(4)`, on a rate limit of 4 slots refilled
     at 20/s (0.2 s per block). `client_methods` replace methods of Prefect's concurrency-limit
     client once the first block is taken (that one may wait for slots earlier tests left)."""
-    from prefect.client.orchestration._concurrency_limits.client import (
-        ConcurrencyLimitAsyncClient,
-    )
-
     await ensure_llm_limits(max_in_flight=4, requests_per_minute=20 * 60)
     try:
         async with LLMSlots(4, timeout=60) as slots:
             await slots.open()
             with monkeypatch.context() as patched:
                 for name, method in client_methods.items():
-                    patched.setattr(ConcurrencyLimitAsyncClient, name, method)
+                    patched.setattr(PrefectClient, name, method)
 
                 async def call() -> None:
                     async with slots.call():
@@ -212,15 +237,11 @@ async def calls_on_a_small_rate_limit(monkeypatch, calls: int, **client_methods)
 
 
 async def test_a_run_alone_on_the_rate_limit_is_never_refused_a_block(monkeypatch):
-    """On Prefect 3.8.8 a refused slot request resets the rate limit's decay clock, so each
+    """A refused slot request resets the rate limit's decay clock on the server, so each
     block after the first is asked for only once its slots have decayed: a run alone on the
     limit then gets every later block at the first request (no 423)."""
-    from prefect.client.orchestration._concurrency_limits.client import (
-        ConcurrencyLimitAsyncClient,
-    )
-
     refused: list[int] = []
-    real_increment = ConcurrencyLimitAsyncClient.increment_concurrency_slots
+    real_increment = PrefectClient.increment_concurrency_slots
 
     async def increment(self, *args, **kwargs):
         try:
@@ -244,34 +265,29 @@ async def test_refills_go_on_unpaced_when_the_rate_limit_cannot_be_read(monkeypa
     assert "this refill is not paced" in caplog.text
 
 
-async def test_open_starts_prefects_slot_services_off_the_event_loop(monkeypatch):
-    """Prefect starts a slot service by blocking the calling thread until its own loop has
-    started it; `open()` must do that from a worker thread, never from the event loop."""
-    from prefect._internal.concurrency.services import _QueueServiceBase
+async def test_a_refused_block_request_is_told_from_a_failure():
+    """`LLMSlots` asks for a block with `concurrency(..., max_retries=0)`: a refusal (no room
+    now: poll again) and a failure (no such limit: fail the waiting calls) both raise
+    Prefect's `ConcurrencySlotAcquisitionError`, told apart by `_is_refusal`. If Prefect stops
+    chaining the server's 423 to it, this fails, rather than every wait failing its calls."""
+    from tasks.orchestration.llm_slots import _is_refusal
 
-    started_on: list[tuple[str, bool]] = []
-    new_instance = _QueueServiceBase._new_instance.__func__
-
-    def recording(cls, *args):
-        started_on.append((cls.__name__, threading.get_ident() == loop_thread))
-        return new_instance(cls, *args)
-
-    loop_thread = threading.get_ident()
-    monkeypatch.setattr(_QueueServiceBase, "_new_instance", classmethod(recording))
-    # Services left running by earlier tests would hide the start: begin with none.
-    for service in (ConcurrencySlotAcquisitionService, ConcurrencySlotAcquisitionWithLeaseService):
-        for instance in list(service._instances.values()):
-            instance._remove_instance()
-    await ensure_llm_limits(max_in_flight=4, requests_per_minute=60_000)
+    await ensure_llm_limits(max_in_flight=2, requests_per_minute=60_000)
     try:
-        async with LLMSlots(2, timeout=60) as slots:
-            await slots.open()
-            async with slots.call():
-                pass
-        slot_services = [(name, on_loop) for name, on_loop in started_on
-                         if name.startswith("ConcurrencySlotAcquisition")]
-        assert sorted(slot_services) == [("ConcurrencySlotAcquisitionService", False),
-                                         ("ConcurrencySlotAcquisitionWithLeaseService", False)]
+        async with concurrency(LLM_IN_FLIGHT_LIMIT, occupy=2, timeout_seconds=30,
+                               strict=True, lease_duration=60):
+            with pytest.raises(ConcurrencySlotAcquisitionError) as refused:
+                async with concurrency(LLM_IN_FLIGHT_LIMIT, occupy=1, timeout_seconds=30,
+                                       max_retries=0, strict=True, lease_duration=60):
+                    pytest.fail("granted a slot of a full limit")
+        assert _is_refusal(refused.value), repr(refused.value.__cause__)
+
+        with pytest.raises(ConcurrencySlotAcquisitionError) as failed:
+            async with concurrency(f"llm-no-such-limit-{uuid.uuid4().hex[:8]}", occupy=1,
+                                   timeout_seconds=30, max_retries=0, strict=True,
+                                   lease_duration=60):
+                pytest.fail("granted a slot of a limit that does not exist")
+        assert not _is_refusal(failed.value)
     finally:
         await ensure_llm_limits()
 
@@ -284,24 +300,13 @@ async def test_a_run_holds_slots_for_the_calls_it_has_and_gives_them_back_when_i
         async with get_client() as client, LLMSlots(10, timeout=60) as slots:
             await slots.open()
             assert await active_slots(client) == 0, "open() without expected work takes none"
-            release = asyncio.Event()
-            running = 0
-
-            async def call() -> None:
-                nonlocal running
-                async with slots.call():
-                    running += 1
-                    await release.wait()
-
-            calls = [asyncio.create_task(call()) for _ in range(2)]
-            await until(lambda: running == 2, 20, "both calls got a slot")
+            calls = await hold_calls(slots, 2, "both calls got a slot")
             seen = []
             for _ in range(6):  # over 1.2 s: no growth past the demand
                 seen.append(await active_slots(client))
                 await asyncio.sleep(0.2)
             assert seen == [2] * 6 and slots.held == 2
-            release.set()
-            await asyncio.gather(*calls)
+            await calls.end()
             loop = asyncio.get_running_loop()
             ended = loop.time()
             while await active_slots(client) and loop.time() - ended < 10:
@@ -394,19 +399,9 @@ async def test_a_run_killed_without_a_word_does_not_keep_its_share():
         live = await running_flow_run(client, "llm-live")
         await client.update_flow_run_labels(
             ghost.id, {HELD_LABEL: 0, WANTED_LABEL: 4, AT_LABEL: int(time.time()) - 600})
-        running = 0
-        release = asyncio.Event()
         try:
             async with LLMSlots(4, timeout=60, flow_run_id=live.id, share_every=0.5) as slots:
-
-                async def call() -> None:
-                    nonlocal running
-                    async with slots.call():
-                        running += 1
-                        await release.wait()
-
-                calls = [asyncio.create_task(call()) for _ in range(4)]
-                await until(lambda: running == 4, 20, "the live run got all 4 slots")
+                calls = await hold_calls(slots, 4, "the live run got all 4 slots")
                 await asyncio.sleep(1.5)  # several share refreshes: it keeps them
                 assert slots.held == 4 and slots._cap == 4
                 # Said again now, the same labels count: the live run is capped at half.
@@ -414,8 +409,7 @@ async def test_a_run_killed_without_a_word_does_not_keep_its_share():
                 await until(lambda: slots._cap == 2 and slots._kept() == 2, 10,
                             "the live run gives back down to its share")
                 assert slots.held == 4  # once the calls on those slots have ended
-                release.set()
-                await asyncio.gather(*calls)
+                await calls.end()
                 await until(lambda: slots.held <= 2, 10, "the live run gave back 2 slots")
         finally:
             for run in (ghost, live):
@@ -429,18 +423,12 @@ async def test_a_run_waiting_for_slots_says_who_holds_them(caplog):
     flow run name and id."""
     caplog.set_level(logging.WARNING, logger="tasks.orchestration.llm_slots")
     await ensure_llm_limits(max_in_flight=4, requests_per_minute=60_000)
-    release = asyncio.Event()
     async with get_client() as client:
         holder_run = await running_flow_run(client, "llm-holder")
         try:
             async with LLMSlots(4, timeout=60, flow_run_id=holder_run.id) as holder:
-
-                async def hold() -> None:
-                    async with holder.call():
-                        await release.wait()
-
-                holding = [asyncio.create_task(hold()) for _ in range(4)]
-                await until(lambda: holder.held == 4, 20, "the holder holds the limit")
+                holding = await hold_calls(holder, 4, "the holder holds the limit")
+                assert holder.held == 4
                 for _ in range(100):  # its labels say so within ~2 s
                     labels = (await client.read_flow_run(holder_run.id)).labels
                     if labels.get(HELD_LABEL) == 4:
@@ -469,8 +457,7 @@ async def test_a_run_waiting_for_slots_says_who_holds_them(caplog):
                     assert "'llm-in-flight' 4 of 4 in use" in first
                     waits = [int(text.split()[1]) for text in (first, second)]
                     assert 2 <= waits[0] <= 3 and 1 <= waits[1] - waits[0] <= 3, waits
-                    release.set()
-                    await asyncio.gather(*holding)
+                    await holding.end()
                     await waiting  # the holder gives its slots back once idle
         finally:
             await client.set_flow_run_state(holder_run.id, Completed(), force=True)
@@ -478,16 +465,12 @@ async def test_a_run_waiting_for_slots_says_who_holds_them(caplog):
 
 
 async def test_the_wait_report_never_breaks_the_wait(monkeypatch, caplog):
-    from prefect.client.orchestration._concurrency_limits.client import (
-        ConcurrencyLimitAsyncClient,
-    )
-
     from tasks.orchestration.limits import report_llm_slot_wait
 
     async def unreadable(self, name):
         raise httpx.ConnectError("the server is gone")
 
-    monkeypatch.setattr(ConcurrencyLimitAsyncClient, "read_global_concurrency_limit_by_name",
+    monkeypatch.setattr(PrefectClient, "read_global_concurrency_limit_by_name",
                         unreadable)
     caplog.set_level(logging.WARNING, logger="tasks.orchestration.llm_slots")
     await report_llm_slot_wait(10.2)

@@ -19,6 +19,9 @@ from prefect.client.schemas.actions import (
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
+from tasks.logs import run_logger
+
+# The LLM limits' slots live in tasks/orchestration/llm_slots.py; re-exported here.
 from tasks.orchestration.llm_slots import (  # noqa: F401
     AT_LABEL,
     HELD_LABEL,
@@ -27,7 +30,6 @@ from tasks.orchestration.llm_slots import (  # noqa: F401
     WANTED_LABEL,
     LLMRunUse,
     LLMSlots,
-    _start_slot_services,
     describe_llm_holders,
     fair_shares,
     live_runs,
@@ -36,9 +38,6 @@ from tasks.orchestration.llm_slots import (  # noqa: F401
     report_llm_slot_wait,
     share_cap,
 )
-
-# The LLM limits' slots live in tasks/llm_slots.py; re-exported here.
-from tasks.logs import run_logger
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ async def ensure_manifest_lock(tag: str) -> None:
     await ensure_concurrency_limit(tag_limit_name(tag), 1, purpose="the manifest lock")
 
 
-# Prefect 3.8.8 gives a tag-limit slot a 60 s lease (task_engine.py, not configurable); the
+# Prefect's task engine gives a tag-limit slot a fixed 60 s lease (not configurable); the
 # server's repossessor frees expired ones every 15 s (PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS).
 TAG_SLOT_LEASE_NOTE = "a holder that died keeps it until its 60 s slot lease runs out (+ up to 15 s)"
 

@@ -35,10 +35,6 @@ from prefect.concurrency.asyncio import (
     concurrency,
     rate_limit,
 )
-from prefect.concurrency.services import (
-    ConcurrencySlotAcquisitionService,
-    ConcurrencySlotAcquisitionWithLeaseService,
-)
 from prefect.exceptions import ObjectNotFound
 
 from tasks.errors import InvoiceFailure
@@ -205,18 +201,14 @@ async def report_llm_slot_wait(waited: float, *, own_flow_run_id: str | None = N
         logger.exception("cannot report the wait for LLM slots")
 
 
-def _start_slot_services() -> None:
-    """Start the Prefect services that acquire the LLM limits' slots, from a worker thread.
-    Prefect starts one on its first use by blocking the calling thread until its own event
-    loop thread has started it (`QueueService._new_instance`); from the flow's event loop
-    that held the loop for 30-120 ms while a run started (bench/end_to_end.py --stall-log).
-    Started here, the calls on the loop find them running."""
-    ConcurrencySlotAcquisitionWithLeaseService.instance(frozenset([LLM_IN_FLIGHT_LIMIT]))
-    ConcurrencySlotAcquisitionService.instance(frozenset([LLM_RATE_LIMIT]))
-
-
 def _is_refusal(exc: BaseException) -> bool:
-    """A 423: the limit has no room for the block now (not an error)."""
+    """A 423: the limit has no room for the block now (not an error).
+
+    Prefect's public API has no exception of its own for this: `concurrency(...,
+    max_retries=0)` raises `ConcurrencySlotAcquisitionError` for a refusal as for a failure,
+    chained to the server's response. Told apart, a refusal is polled again while a failure
+    (the limit does not exist) fails the waiting calls at once; the chaining is pinned by
+    tests/test_limits.py::test_a_refused_block_request_is_told_from_a_failure."""
     cause = exc.__cause__
     return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423
 
@@ -235,8 +227,9 @@ class LLMSlots:
     """Caps LLM calls in flight and their rate through Prefect limits, without a server
     round trip per call.
 
-    Prefect 3.8.8 serializes slot acquisitions per limit (one at a time, ~0.1-0.7 s each
-    here), so a slot per call would make 100 concurrent calls wait tens of seconds. Instead
+    Prefect serializes slot acquisitions per limit within a process (one server round trip
+    at a time), so a slot per call would make 100 concurrent calls queue behind each other
+    for tens of seconds. Instead
     a run holds *blocks* of `llm-in-flight` slots, each under a renewed lease, and each call
     takes a local token of them. Blocks follow demand (calls waiting + in flight): when it
     exceeds what the run holds, one block sized to the shortfall is asked for (at most the
@@ -251,9 +244,8 @@ class LLMSlots:
     share (`fair_shares`); over it while another run wants more, it gives blocks back. A run
     alone gets all it wants. Without a flow run id: no labels, no sharing.
 
-    A refused slot request gets HTTP 423 with a Retry-After of up to 30 s (the limit's
-    average slot occupancy; server/api/concurrency_limits_v2.py
-    `_generate_concurrency_locked_response`), and Prefect's client sleeps it out, holding
+    A refused slot request gets HTTP 423 with a Retry-After of up to 30 s (the server's
+    estimate from the limit's average slot occupancy), and Prefect's client sleeps it out, holding
     its per-limit acquisition queue (every other request for the limit in this process
     waits behind it) while slots given back meanwhile go unused. So a block is asked for
     only when a read of the limit shows room (a read takes no write lock on the server's
@@ -265,16 +257,13 @@ class LLMSlots:
 
     The price: block requests are made while the run works, not once at its start. On
     SQLite one that collides with the run's other writes gets a 503 and Prefect's client
-    backs off ~2 s, and the calls waiting for that block wait with it (bench/llm_latency.py,
-    100 invoices at 1 s latency: the flow took 3.6-4.4 s instead of 2.9-3.5 s).
+    backs off ~2 s, and the calls waiting for that block wait with it.
 
     `llm-rate` slots are taken `capacity` at a time. Rate blocks after the first are paced:
-    one is asked for only once its slots have decayed since the last grant. On Prefect
-    3.8.8 a refused request resets the limit's decay clock (the refusal updates the row,
-    whose `updated` stamp the decay counts from, without applying the decay), so asking
-    early, and retrying after the 423 as Prefect does, cost up to twice the wait: 100-slot
-    blocks at 50/s took 2.4-4.1 s instead of 2 s, and 1000 calls under the default limits
-    25.9 s instead of 19.8 s (measured).
+    one is asked for only once its slots have decayed since the last grant. The server
+    resets a limit's decay clock on a refused request (the refusal updates the row, whose
+    `updated` stamp the decay counts from, without applying the decay), so asking early,
+    and retrying after the 423 as Prefect's client does, costs up to twice the wait.
     """
 
     def __init__(
@@ -370,7 +359,6 @@ class LLMSlots:
         (min(capacity, expected), at most a quarter of the limit; they count as demand
         until the first call, or for 60 s); without, take none: calls ask for what they
         need. The first `llm-rate` block is taken either way."""
-        await asyncio.to_thread(_start_slot_services)
         loop = asyncio.get_running_loop()
         self._ensure_manager()
         try:
@@ -387,7 +375,7 @@ class LLMSlots:
                     self._opening_since = None
             # One after the other: on SQLite two slot increments at once collide ("database
             # is locked" at once, not after the busy timeout: both transactions read before
-            # writing), and the loser's client backs off 2 s (bench/manifest_lock.py).
+            # writing), and the loser's client backs off 2 s.
             await self._take_rate_block()
         except TimeoutError:
             pass  # nothing free yet; calls wait for it (bounded) and fail with a reason
@@ -480,7 +468,6 @@ class LLMSlots:
             self._manager = asyncio.create_task(self._manage(), name="llm-slots")
 
     async def _manage(self) -> None:
-        await asyncio.to_thread(_start_slot_services)
         loop = asyncio.get_running_loop()
         while not self._closing:
             self._wake.clear()
@@ -551,8 +538,8 @@ class LLMSlots:
         async with self._writes:
             started = loop.time()
             size = min(shortfall, room)
-            # A refused request costs a write on the server, and Prefect's slot service logs
-            # it as an ERROR: read first (a read takes no write lock).
+            # A refused request costs a write on the server, and Prefect logs it as an
+            # ERROR: read first (a read takes no write lock).
             limit = await self._read_limit()
             read = loop.time() - started
             if limit is not None:
@@ -615,8 +602,8 @@ class LLMSlots:
                 future.set_exception(exc)
 
     async def _hold(self, block: _Block, granted: asyncio.Future[None]) -> None:
-        # One task enters and exits Prefect's concurrency context (it holds a cancel scope
-        # for lease renewal, which must be exited by the task that entered it).
+        # One task enters and exits Prefect's `concurrency()` context: an async context
+        # manager (its lease renewal included) must be exited by the task that entered it.
         holder = (ConcurrencyLeaseHolder(type="flow_run", id=UUID(self.flow_run_id))
                   if self.flow_run_id is not None else None)
         try:
@@ -750,7 +737,7 @@ class LLMSlots:
             "llm-slots-report",
         )
 
-    # -- llm-rate, as measured and tuned ----------------------------------------------------
+    # -- llm-rate: local tokens of paced blocks ------------------------------------------
 
     async def _take_rate_token(self) -> None:
         async with self._rate_lock:
