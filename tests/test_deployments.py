@@ -85,7 +85,7 @@ def deployed(prefect_server, moto_endpoint, client_env) -> dict[str, str]:
     deploy = run_cli([PREFECT, "--no-prompt", "deploy", "--all"], client_env)
     hint = ""
     if "workers/filter" in deploy.stdout + deploy.stderr:
-        hint = ("\n(fastapi>=0.151 validates the explicit nulls Prefect 3.8.8's client sends; "
+        hint = ("\n(fastapi>=0.151 validates the explicit nulls Prefect's client sends; "
                 "its server needs fastapi<0.151)")
     assert deploy.returncode == 0, output_of(deploy) + hint
     return client_env

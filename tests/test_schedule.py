@@ -5,8 +5,8 @@ to 2 s), the server is prepared and prefect.yaml's `nightly` deployment deployed
 operator does it; then the server's scheduler service must create Scheduled flow runs for it
 at 02:00 Europe/Berlin (the next nights, per the server's defaults: 3 runs), within a bounded
 wait, and its log must be free of `Can't evaluate bulk DML statement` (Prefect 3.8.8's
-scheduler under SQLAlchemy 2.1 fails every loop with it and never creates a run: the reason
-for the sqlalchemy<2.1 bound in pyproject.toml).
+scheduler under SQLAlchemy 2.1 failed every loop with it and never created a run; 3.9's does
+not, which is why pyproject.toml no longer bounds SQLAlchemy).
 
 Why the runs can only come from the scheduler service: `prefect deploy` creates no flow runs
 (the server's deployment upsert deletes the deployment's future auto-scheduled runs and
