@@ -129,16 +129,43 @@ I2D_FIELDS: dict[str, tuple[str, str]] = {
     "iban": ("iban", "id"),
     "bic": ("bic", "id"),
 }
-SAMPLE_FIELDS = ("vendor_name", "vendor_tax_id", "iban", "bic", "customer_name", "invoice_number",
-                 "issue_date", "due_date", "currency", "subtotal", "tax", "total")
+SAMPLE_FIELDS = (
+    "vendor_name",
+    "vendor_tax_id",
+    "iban",
+    "bic",
+    "customer_name",
+    "invoice_number",
+    "issue_date",
+    "due_date",
+    "currency",
+    "subtotal",
+    "tax",
+    "total",
+)
 
 # (case, invoice2data key) -> why the expected value is not on the page.
 QUIRKS: dict[tuple[str, str], str] = {
-    ("compare/Orlen", "invoice_number"): 'expected "F": the template captured one letter of "F 1234K20/1234/12"',
-    ("compare/AzureInterior", "bic"): 'expected "bic": a template placeholder; the page prints no BIC',
-    ("compare/AzureInterior", "iban"): 'expected "US1234567890": printed as "Bank Account", not an IBAN (fails mod 97)',
-    ("compare/saeco", "iban"): "not in the text layer: the vendor's bank details are an image (template static value)",
-    ("compare/saeco", "bic"): "not in the text layer: the vendor's bank details are an image (template static value)",
+    (
+        "compare/Orlen",
+        "invoice_number",
+    ): 'expected "F": the template captured one letter of "F 1234K20/1234/12"',
+    (
+        "compare/AzureInterior",
+        "bic",
+    ): 'expected "bic": a template placeholder; the page prints no BIC',
+    (
+        "compare/AzureInterior",
+        "iban",
+    ): 'expected "US1234567890": printed as "Bank Account", not an IBAN (fails mod 97)',
+    (
+        "compare/saeco",
+        "iban",
+    ): "not in the text layer: the vendor's bank details are an image (template static value)",
+    (
+        "compare/saeco",
+        "bic",
+    ): "not in the text layer: the vendor's bank details are an image (template static value)",
 }
 
 TARGETS = {"invoice2data": 0.70, "samples": 0.98}
@@ -192,12 +219,37 @@ def norm_code(value: Any) -> str | None:
 
 _NORMALISE = {"number": norm_number, "date": norm_date, "id": norm_id, "code": norm_code}
 
-_LEGAL = {"bv", "nv", "ag", "gmbh", "inc", "ltd", "llc", "sa", "sas", "sarl", "pvt", "private", "limited",
-          "spolka", "akcyjna", "the", "and", "company", "corp", "services", "service", "invoice", "from"}
+_LEGAL = {
+    "bv",
+    "nv",
+    "ag",
+    "gmbh",
+    "inc",
+    "ltd",
+    "llc",
+    "sa",
+    "sas",
+    "sarl",
+    "pvt",
+    "private",
+    "limited",
+    "spolka",
+    "akcyjna",
+    "the",
+    "and",
+    "company",
+    "corp",
+    "services",
+    "service",
+    "invoice",
+    "from",
+}
 
 
 def _words(name: str) -> set[str]:
-    folded = "".join(ch for ch in unicodedata.normalize("NFKD", name.casefold()) if not unicodedata.combining(ch))
+    folded = "".join(
+        ch for ch in unicodedata.normalize("NFKD", name.casefold()) if not unicodedata.combining(ch)
+    )
     return {w for w in re.findall(r"[a-z0-9]+", folded) if len(w) >= 3 and w not in _LEGAL}
 
 
@@ -303,7 +355,9 @@ def score_invoice2data(case: Case, got: Invoice) -> Score:
             score.wrong[attr] = (getattr(got, attr), record[key])
     expected_lines = _expected_lines(record)
     if expected_lines:
-        got_amounts = [line.amount if line.amount is not None else line.unit_price for line in got.line_items]
+        got_amounts = [
+            line.amount if line.amount is not None else line.unit_price for line in got.line_items
+        ]
         remaining = list(got_amounts)
         matched = 0
         for amount, _ in expected_lines:
@@ -314,7 +368,10 @@ def score_invoice2data(case: Case, got: Invoice) -> Score:
         score.fields["lines"] = right
         score.lines_matched = (matched, len(expected_lines))
         if not right:
-            score.wrong["lines"] = ([str(a) for a in got_amounts], [str(a) for a, _ in expected_lines])
+            score.wrong["lines"] = (
+                [str(a) for a in got_amounts],
+                [str(a) for a, _ in expected_lines],
+            )
     if record.get("issuer"):
         score.vendor = vendor_matches(str(record["issuer"]), got.vendor_name)
     want_total = norm_number(record.get("amount"))
@@ -333,10 +390,13 @@ def score_sample(case: Case, got: Invoice) -> Score:
             score.wrong[attr] = (getattr(got, attr), getattr(truth, attr))
     right = got.line_items == truth.line_items
     score.fields["lines"] = right
-    matched = sum(1 for a, b in zip(got.line_items, truth.line_items) if a == b)
+    matched = sum(1 for a, b in zip(got.line_items, truth.line_items, strict=False) if a == b)
     score.lines_matched = (matched, len(truth.line_items))
     if not right:
-        score.wrong["lines"] = (f"{len(got.line_items)} lines", f"{len(truth.line_items)} lines, {matched} equal")
+        score.wrong["lines"] = (
+            f"{len(got.line_items)} lines",
+            f"{len(truth.line_items)} lines, {matched} equal",
+        )
     _validation(score, got, truth.total)
     return score
 
@@ -388,30 +448,44 @@ def report(set_name: str, scores: list[Score], verbose: bool) -> dict[str, bool]
     if quirks:
         q_right = right + sum(ok for *_, ok in quirks)
         q_scored = scored + len(quirks)
-        print(f"{'with quirks':<16} {q_right:>6} {q_scored:>6} {_pct(q_right, q_scored):>9}"
-              f"   (the {len(quirks)} QUIRKS values scored literally)")
+        print(
+            f"{'with quirks':<16} {q_right:>6} {q_scored:>6} {_pct(q_right, q_scored):>9}"
+            f"   (the {len(quirks)} QUIRKS values scored literally)"
+        )
     vendors = [s.vendor for s in scores if s.vendor is not None]
     if vendors and set_name == "invoice2data":
-        print(f"{'vendor (loose)':<16} {sum(vendors):>6} {len(vendors):>6} {_pct(sum(vendors), len(vendors)):>9}"
-              "   (information, not in OVERALL)")
+        print(
+            f"{'vendor (loose)':<16} {sum(vendors):>6} {len(vendors):>6} {_pct(sum(vendors), len(vendors)):>9}"
+            "   (information, not in OVERALL)"
+        )
     lines_m = sum(s.lines_matched[0] for s in scores)
     lines_n = sum(s.lines_matched[1] for s in scores)
     if lines_n:
-        print(f"{'lines matched':<16} {lines_m:>6} {lines_n:>6} {_pct(lines_m, lines_n):>9}"
-              "   (expected lines found, information)")
+        print(
+            f"{'lines matched':<16} {lines_m:>6} {lines_n:>6} {_pct(lines_m, lines_n):>9}"
+            "   (expected lines found, information)"
+        )
     passed = [s for s in scores if s.checks_passed]
     known = [s for s in passed if s.total_right is not None]
     good = sum(1 for s in known if s.total_right)
-    print(f"check_invoice passed: {len(passed)}/{len(scores)} ({_pct(len(passed), len(scores)).strip()}); "
-          f"right total among them: {good}/{len(known)} ({_pct(good, len(known)).strip()})"
-          + (f"; {len(passed) - len(known)} passed with no expected total" if len(passed) != len(known) else ""))
+    print(
+        f"check_invoice passed: {len(passed)}/{len(scores)} ({_pct(len(passed), len(scores)).strip()}); "
+        f"right total among them: {good}/{len(known)} ({_pct(good, len(known)).strip()})"
+        + (
+            f"; {len(passed) - len(known)} passed with no expected total"
+            if len(passed) != len(known)
+            else ""
+        )
+    )
     wrong_total_flagged = sum(1 for s in scores if s.total_right is False and not s.checks_passed)
     wrong_total = sum(1 for s in scores if s.total_right is False)
     print(f"wrong or missing totals: {wrong_total}, caught by check_invoice: {wrong_total_flagged}")
     pages = max(1, sum(s.pages for s in scores))
-    print(f"extraction time per page (mean): {1000 * sum(s.seconds for s in scores) / pages:.1f} ms wall, "
-          f"{1000 * sum(s.cpu_seconds for s in scores) / pages:.1f} ms CPU in this process "
-          "(first calls included; the machine is shared, wall time is noisy)")
+    print(
+        f"extraction time per page (mean): {1000 * sum(s.seconds for s in scores) / pages:.1f} ms wall, "
+        f"{1000 * sum(s.cpu_seconds for s in scores) / pages:.1f} ms CPU in this process "
+        "(first calls included; the machine is shared, wall time is noisy)"
+    )
     if quirks:
         print("quirks (not in OVERALL):")
         for name, f, ok in quirks:
@@ -423,14 +497,19 @@ def report(set_name: str, scores: list[Score], verbose: bool) -> dict[str, bool]
             total = {None: "-", True: "ok", False: "WRONG"}[s.total_right]
             checks = "pass" if s.checks_passed else "FAIL"
             wrong = "; ".join(f"{k}: {g!r} vs {e!r}" for k, (g, e) in s.wrong.items())
-            print(f"{s.name:<36} {sum(s.fields.values()):>3}/{len(s.fields):<3} {checks:>7} {total:>6}  {wrong}")
+            print(
+                f"{s.name:<36} {sum(s.fields.values()):>3}/{len(s.fields):<3} {checks:>7} {total:>6}  {wrong}"
+            )
             if s.problems and verbose:
-                print(f"{'':<36} {'':>7} problems: {'; '.join(p.split(':')[0] for p in s.problems)}")
+                print(
+                    f"{'':<36} {'':>7} problems: {'; '.join(p.split(':')[0] for p in s.problems)}"
+                )
     accuracy = right / scored if scored else 0.0
     total_share = good / len(known) if known else 1.0
     return {
         f"{set_name} overall >= {TARGETS[set_name]:.0%}": accuracy >= TARGETS[set_name],
-        f"{set_name} right totals among checked >= {TOTAL_RIGHT_TARGET:.0%}": total_share >= TOTAL_RIGHT_TARGET,
+        f"{set_name} right totals among checked >= {TOTAL_RIGHT_TARGET:.0%}": total_share
+        >= TOTAL_RIGHT_TARGET,
     }
 
 

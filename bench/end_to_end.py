@@ -107,11 +107,12 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import manifest_lock as ml  # bench/ is on sys.path when run as a script
+
 from testing.harness import (
     LLMProcess,
     PrefectAPI,
@@ -156,8 +157,12 @@ async def upload(endpoint: str, bucket: str, prefix: str, n: int, pdfs: list[byt
 
         async def put(i: int, key: str) -> None:
             async with gate:
-                await client.put_object(Bucket=bucket, Key=f"{prefix}/{key}",
-                                        Body=pdfs[i % len(pdfs)], ContentType="application/pdf")
+                await client.put_object(
+                    Bucket=bucket,
+                    Key=f"{prefix}/{key}",
+                    Body=pdfs[i % len(pdfs)],
+                    ContentType="application/pdf",
+                )
 
         await asyncio.gather(*(put(i, k) for i, k in enumerate(ml.invoice_keys(n))))
 
@@ -179,7 +184,7 @@ async def manifest_of(endpoint: str, bucket: str, key: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> Optional[tuple[int, float]]:
+def _stat(pid: int) -> tuple[int, float] | None:
     """(ppid, own user+system CPU seconds) of pid, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -307,14 +312,16 @@ class Measured:
     stderr: str
 
 
-def run_measured(cmd: list[str], env: dict[str, str], timeout: float, logdir: str,
-                 label: str) -> Measured:
+def run_measured(
+    cmd: list[str], env: dict[str, str], timeout: float, logdir: str, label: str
+) -> Measured:
     out_path = os.path.join(logdir, f"{label}.stdout")
     err_path = os.path.join(logdir, f"{label}.stderr")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+        )
     monitor = TreeMonitor(proc.pid, time.monotonic() + timeout)
     monitor.start()
     try:
@@ -345,13 +352,20 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float, logdir: st
     with open(err_path, encoding="utf-8", errors="replace") as f:
         stderr = f.read()
     return Measured(
-        returncode=proc.returncode, wall_s=wall, timed_out=monitor.timed_out,
-        own_cpu_s=own_cpu, desc_cpu=dict(monitor.cpu), desc_names=dict(monitor.names),
+        returncode=proc.returncode,
+        wall_s=wall,
+        timed_out=monitor.timed_out,
+        own_cpu_s=own_cpu,
+        desc_cpu=dict(monitor.cpu),
+        desc_names=dict(monitor.names),
         workers=workers,
         peak_kb=monitor.root_hwm_kb,
         worker_peak_kb=max((monitor.hwm.get(p, 0) for p in workers), default=0),
-        tree_rss_peak_kb=monitor.tree_rss_peak_kb, wait4_maxrss_kb=ru.ru_maxrss,
-        wait4_cpu_s=ru.ru_utime + ru.ru_stime, stdout=stdout, stderr=stderr,
+        tree_rss_peak_kb=monitor.tree_rss_peak_kb,
+        wait4_maxrss_kb=ru.ru_maxrss,
+        wait4_cpu_s=ru.ru_utime + ru.ru_stime,
+        stdout=stdout,
+        stderr=stderr,
     )
 
 
@@ -360,8 +374,9 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float, logdir: st
 # --------------------------------------------------------------------------
 
 
-def invoice_context(cls: Any, src: Any, out: Any, parser: Any, extractor: Any,
-                    concurrency: int) -> Any:
+def invoice_context(
+    cls: Any, src: Any, out: Any, parser: Any, extractor: Any, concurrency: int
+) -> Any:
     """`tasks.pipeline.InvoiceContext` with its defaults (as the flow's, but no flow run id);
     its in-flight cap is given whichever way the class takes it (the class keeps changing)."""
     init = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -426,7 +441,6 @@ async def reference_async(source: str, output: str, concurrency: int) -> dict[st
 
 def reference_main(source: str, output: str, concurrency: int) -> int:
     install_stall_log()
-    import tasks.extract.llm, tasks.manifest, tasks.pdf.pool, tasks.pipeline, tasks.report, tasks.storage  # noqa: E401,F401
 
     result = asyncio.run(reference_async(source, output, concurrency))
     print(json.dumps(result), flush=True)
@@ -453,9 +467,9 @@ class _StallLog:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.t0: Optional[float] = None  # the first probe's start
+        self.t0: float | None = None  # the first probe's start
         self.events: list[dict[str, Any]] = []
-        self.loop_thread: Optional[int] = None  # the probe's; other threads' loops are not timed
+        self.loop_thread: int | None = None  # the probe's; other threads' loops are not timed
         self.window: list[tuple[float, float, str]] = []  # (seconds, CPU s, name) of slow ones
         self.window_n = 0
         self.window_s = 0.0
@@ -507,16 +521,27 @@ class _StallLog:
         for spent, cpu_spent, name in self.window:
             by_name[name].append((spent, cpu_spent))
         slowest = sorted(by_name.items(), key=lambda kv: -sum(t for t, _ in kv[1]))[:3]
-        self.events.append({
-            "at_s": round(due - (self.t0 or due), 3), "stall_s": round(stall, 4),
-            "callbacks": self.window_n, "callbacks_s": round(self.window_s, 4),
-            "callbacks_cpu_s": round(self.window_cpu, 4),
-            "runq_s": round(_runqueue_wait_s() - self._runq_at_reset, 4),
-            "gc": [[gen, round(secs, 4)] for gen, secs in self.window_gc if secs >= 0.001],
-            "slowest": [[name, len(times), round(sum(t for t, _ in times), 4),
-                         round(max(t for t, _ in times), 4), round(sum(c for _, c in times), 4)]
-                        for name, times in slowest],
-        })
+        self.events.append(
+            {
+                "at_s": round(due - (self.t0 or due), 3),
+                "stall_s": round(stall, 4),
+                "callbacks": self.window_n,
+                "callbacks_s": round(self.window_s, 4),
+                "callbacks_cpu_s": round(self.window_cpu, 4),
+                "runq_s": round(_runqueue_wait_s() - self._runq_at_reset, 4),
+                "gc": [[gen, round(secs, 4)] for gen, secs in self.window_gc if secs >= 0.001],
+                "slowest": [
+                    [
+                        name,
+                        len(times),
+                        round(sum(t for t, _ in times), 4),
+                        round(max(t for t, _ in times), 4),
+                        round(sum(c for _, c in times), 4),
+                    ]
+                    for name, times in slowest
+                ],
+            }
+        )
 
     def dump(self) -> None:
         with open(self.path, "w") as f:
@@ -532,7 +557,7 @@ def _runqueue_wait_s() -> float:
         return 0.0
 
 
-def _task_chain(handle: Any) -> Optional[list[str]]:
+def _task_chain(handle: Any) -> list[str] | None:
     """For a task step, its coroutine chain ("qualname:line" each, "end" once finished)."""
     task = getattr(handle._callback, "__self__", None)
     if not isinstance(task, asyncio.Task):
@@ -550,7 +575,7 @@ def _task_chain(handle: Any) -> Optional[list[str]]:
     return parts
 
 
-def _handle_name(handle: Any, before: Optional[list[str]]) -> str:
+def _handle_name(handle: Any, before: list[str] | None) -> str:
     """A callback's name; a task step is named by its coroutine chain where the step began
     and where it stopped."""
     if before is None:
@@ -558,7 +583,7 @@ def _handle_name(handle: Any, before: Optional[list[str]]) -> str:
         return getattr(callback, "__qualname__", None) or type(callback).__name__
 
     def shown(parts: list[str]) -> str:
-        return " > ".join(parts if len(parts) <= 5 else parts[:2] + ["..."] + parts[-3:])
+        return " > ".join(parts if len(parts) <= 5 else [*parts[:2], "...", *parts[-3:]])
 
     return f"task step from {shown(before)} until {shown(_task_chain(handle) or [])}"
 
@@ -622,20 +647,28 @@ def stall_summary(path: str, top: int = 4) -> str:
     total = sum(e["stall_s"] for e in events)
     parts = []
     for e in sorted(events, key=lambda e: -e["stall_s"])[:top]:
-        slowest = "; ".join(f"{n}x {spent * 1000:.0f} ms (max {most * 1000:.0f}, CPU "
-                            f"{cpu * 1000:.0f}) {name}"
-                            for name, n, spent, most, cpu in e["slowest"]) or "none >= 5 ms"
+        slowest = (
+            "; ".join(
+                f"{n}x {spent * 1000:.0f} ms (max {most * 1000:.0f}, CPU {cpu * 1000:.0f}) {name}"
+                for name, n, spent, most, cpu in e["slowest"]
+            )
+            or "none >= 5 ms"
+        )
         gc_note = "".join(f", gc gen{gen} {secs * 1000:.0f} ms" for gen, secs in e.get("gc", []))
-        parts.append(f"{e['stall_s'] * 1000:.0f} ms at +{e['at_s']:.1f} s: {e['callbacks']} "
-                     f"callbacks, {e['callbacks_s'] * 1000:.0f} ms in them (CPU "
-                     f"{e['callbacks_cpu_s'] * 1000:.0f}), waiting for a core "
-                     f"{e.get('runq_s', 0) * 1000:.0f} ms{gc_note}; slowest: "
-                     f"{slowest}")
+        parts.append(
+            f"{e['stall_s'] * 1000:.0f} ms at +{e['at_s']:.1f} s: {e['callbacks']} "
+            f"callbacks, {e['callbacks_s'] * 1000:.0f} ms in them (CPU "
+            f"{e['callbacks_cpu_s'] * 1000:.0f}), waiting for a core "
+            f"{e.get('runq_s', 0) * 1000:.0f} ms{gc_note}; slowest: "
+            f"{slowest}"
+        )
     late = [e for e in events if e["at_s"] > 5.0]
-    return (f"stall log: {len(events)} stalls >= {STALL_THRESHOLD_S * 1000:.0f} ms "
-            f"({total:.2f} s in all; {len(late)} after +5 s, longest of those "
-            f"{max((e['stall_s'] for e in late), default=0) * 1000:.0f} ms); longest: "
-            + " || ".join(parts))
+    return (
+        f"stall log: {len(events)} stalls >= {STALL_THRESHOLD_S * 1000:.0f} ms "
+        f"({total:.2f} s in all; {len(late)} after +5 s, longest of those "
+        f"{max((e['stall_s'] for e in late), default=0) * 1000:.0f} ms); longest: "
+        + " || ".join(parts)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -684,28 +717,34 @@ async def stable_task_runs(flow_run_id: str, timeout: float = 30.0) -> dict[str,
 class Row:
     run: str
     n: int
-    wall_s: Optional[float] = None
-    inside_s: Optional[float] = None
-    peak_mb: Optional[float] = None
-    worker_mb: Optional[float] = None
-    cpu_s: Optional[float] = None
-    task_runs: Optional[int] = None
-    writes: Optional[int] = None
-    stall_s: Optional[float] = None
-    lost: Optional[int] = None
-    x_ref: Optional[float] = None
+    wall_s: float | None = None
+    inside_s: float | None = None
+    peak_mb: float | None = None
+    worker_mb: float | None = None
+    cpu_s: float | None = None
+    task_runs: int | None = None
+    writes: int | None = None
+    stall_s: float | None = None
+    lost: int | None = None
+    x_ref: float | None = None
     note: str = ""
 
 
 STALL_LOG = {"on": False}  # --stall-log
 
 
-def child_env(endpoint: str, llm_url: str, api_url: str, stall_log: Optional[str] = None
-              ) -> dict[str, str]:
-    return with_env(os.environ, {
-        **service_env(endpoint, llm_url), STALL_LOG_ENV: stall_log or None,
-        "PREFECT_API_URL": api_url, "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
-    })
+def child_env(
+    endpoint: str, llm_url: str, api_url: str, stall_log: str | None = None
+) -> dict[str, str]:
+    return with_env(
+        os.environ,
+        {
+            **service_env(endpoint, llm_url),
+            STALL_LOG_ENV: stall_log or None,
+            "PREFECT_API_URL": api_url,
+            "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+        },
+    )
 
 
 @dataclasses.dataclass
@@ -749,12 +788,28 @@ def failure_note(m: Measured) -> str:
     return f"exit {m.returncode}{' (timed out)' if m.timed_out else ''}: {tail[:300]}"
 
 
-def run_flow_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, api_url: str,
-                 counter: Any, others: Others, timeout: float, logdir: str) -> Row:
+def run_flow_row(
+    n: int,
+    bucket: str,
+    endpoint: str,
+    llm: LLMProcess,
+    api_url: str,
+    counter: Any,
+    others: Others,
+    timeout: float,
+    logdir: str,
+) -> Row:
     row = Row("flow", n)
     out_prefix = f"out-{n}"
-    cli_args = ["run", f"s3://{bucket}/in-{n}", "-o", f"s3://{bucket}/{out_prefix}",
-                "--extractor", "openai", "--json"]
+    cli_args = [
+        "run",
+        f"s3://{bucket}/in-{n}",
+        "-o",
+        f"s3://{bucket}/{out_prefix}",
+        "--extractor",
+        "openai",
+        "--json",
+    ]
     cmd = [os.path.join(VENV_BIN, "invoices"), *cli_args]
     stall_log = None
     if STALL_LOG["on"]:
@@ -762,8 +817,9 @@ def run_flow_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, api_url: s
         stall_log = os.path.join(logdir, f"flow-{n}.stalls.json")
     llm.reset_stats()
     puts0, cpu0 = counter.get(bucket), others.snapshot()
-    m = run_measured(cmd, child_env(endpoint, llm.base_url, api_url, stall_log), timeout,
-                     logdir, f"flow-{n}")
+    m = run_measured(
+        cmd, child_env(endpoint, llm.base_url, api_url, stall_log), timeout, logdir, f"flow-{n}"
+    )
     puts1, cpu1, stats = counter.get(bucket), others.snapshot(), llm.stats()
     notes = [measured_columns(row, m)]
     row.writes = puts1["ok"] - puts0["ok"]
@@ -777,7 +833,9 @@ def run_flow_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, api_url: s
     else:
         row.inside_s = summary["seconds"]
         row.stall_s = summary["max_loop_stall_s"]
-        notes.insert(0, f"exit {m.returncode}; summary.manifest_writes {summary['manifest_writes']}")
+        notes.insert(
+            0, f"exit {m.returncode}; summary.manifest_writes {summary['manifest_writes']}"
+        )
         if summary.get("flow_run_id"):
             runs = asyncio.run(stable_task_runs(summary["flow_run_id"]))
             row.task_runs = sum(runs.values())
@@ -785,7 +843,9 @@ def run_flow_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, api_url: s
     manifest = asyncio.run(manifest_of(endpoint, bucket, f"{out_prefix}/{ml.MANIFEST_KEY}"))
     row.lost = n - ml.count_entries(manifest, ml.invoice_keys(n))
     outcomes = ", ".join(f"{v} {k}" for k, v in ml.manifest_outcomes(manifest).items())
-    notes.append(f"manifest: {outcomes or 'no entries'}" + (f"; {refused} PUTs refused" if refused else ""))
+    notes.append(
+        f"manifest: {outcomes or 'no entries'}" + (f"; {refused} PUTs refused" if refused else "")
+    )
     notes.append(f"LLM {stats['total_requests']} requests, max {stats['max_in_flight']} in flight")
     notes.append("other processes' CPU: " + Others.delta(cpu0, cpu1))
     if stall_log:
@@ -794,17 +854,38 @@ def run_flow_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, api_url: s
     return row
 
 
-def run_reference_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, counter: Any,
-                      others: Others, timeout: float, logdir: str, concurrency: int) -> Row:
+def run_reference_row(
+    n: int,
+    bucket: str,
+    endpoint: str,
+    llm: LLMProcess,
+    counter: Any,
+    others: Others,
+    timeout: float,
+    logdir: str,
+    concurrency: int,
+) -> Row:
     row = Row("asyncio", n, task_runs=0)
     out_prefix = f"ref-{n}"
-    cmd = [sys.executable, HERE, "--reference", f"s3://{bucket}/in-{n}",
-           f"s3://{bucket}/{out_prefix}", "--concurrency", str(concurrency)]
+    cmd = [
+        sys.executable,
+        HERE,
+        "--reference",
+        f"s3://{bucket}/in-{n}",
+        f"s3://{bucket}/{out_prefix}",
+        "--concurrency",
+        str(concurrency),
+    ]
     stall_log = os.path.join(logdir, f"reference-{n}.stalls.json") if STALL_LOG["on"] else None
     llm.reset_stats()
     puts0, cpu0 = counter.get(bucket), others.snapshot()
-    m = run_measured(cmd, child_env(endpoint, llm.base_url, DEAD_API_URL, stall_log), timeout,
-                     logdir, f"reference-{n}")
+    m = run_measured(
+        cmd,
+        child_env(endpoint, llm.base_url, DEAD_API_URL, stall_log),
+        timeout,
+        logdir,
+        f"reference-{n}",
+    )
     puts1, cpu1, stats = counter.get(bucket), others.snapshot(), llm.stats()
     notes = [measured_columns(row, m)]
     row.writes = puts1["ok"] - puts0["ok"]
@@ -817,9 +898,12 @@ def run_reference_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, count
     else:
         row.inside_s = result["seconds"]
         row.stall_s = result["max_loop_stall_s"]
-        notes.insert(0, f"exit {m.returncode}; its own count of manifest writes "
-                        f"{result['manifest_writes']}; set-up {result['set_up_s']:.2f} s, max "
-                        f"stall after it {result['max_loop_stall_after_set_up_s'] * 1000:.0f} ms")
+        notes.insert(
+            0,
+            f"exit {m.returncode}; its own count of manifest writes "
+            f"{result['manifest_writes']}; set-up {result['set_up_s']:.2f} s, max "
+            f"stall after it {result['max_loop_stall_after_set_up_s'] * 1000:.0f} ms",
+        )
     manifest = asyncio.run(manifest_of(endpoint, bucket, f"{out_prefix}/{ml.MANIFEST_KEY}"))
     row.lost = n - ml.count_entries(manifest, ml.invoice_keys(n))
     outcomes = ", ".join(f"{v} {k}" for k, v in ml.manifest_outcomes(manifest).items())
@@ -836,25 +920,36 @@ def run_reference_row(n: int, bucket: str, endpoint: str, llm: LLMProcess, count
 # Table
 # --------------------------------------------------------------------------
 
-HEADER = (f"{'run':<8} {'N':>5} {'wall s':>7} {'inside s':>8} {'inv/s':>6} {'x ref':>6} "
-          f"{'peak MB':>7} {'wkr MB':>6} {'cpu s':>6} {'tasks/inv':>9} {'w/inv':>6} "
-          f"{'stall ms':>8} {'lost':>5}")
+HEADER = (
+    f"{'run':<8} {'N':>5} {'wall s':>7} {'inside s':>8} {'inv/s':>6} {'x ref':>6} "
+    f"{'peak MB':>7} {'wkr MB':>6} {'cpu s':>6} {'tasks/inv':>9} {'w/inv':>6} "
+    f"{'stall ms':>8} {'lost':>5}"
+)
 
 
-def _f(value: Optional[float], width: int, fmt: str) -> str:
+def _f(value: float | None, width: int, fmt: str) -> str:
     return f"{value:{width}{fmt}}" if value is not None else f"{'-':>{width}}"
 
 
 def fmt_row(r: Row) -> str:
     per = lambda v: v / r.n if v is not None and r.n else None  # noqa: E731
-    return " ".join([
-        f"{r.run:<8}", f"{r.n:>5}", _f(r.wall_s, 7, ".2f"), _f(r.inside_s, 8, ".2f"),
-        _f(r.n / r.wall_s if r.wall_s else None, 6, ".1f"), _f(r.x_ref, 6, ".2f"),
-        _f(r.peak_mb, 7, ".0f"), _f(r.worker_mb, 6, ".0f"), _f(r.cpu_s, 6, ".1f"),
-        _f(per(r.task_runs), 9, ".3f"), _f(per(r.writes), 6, ".3f"),
-        _f(r.stall_s * 1000 if r.stall_s is not None else None, 8, ".0f"),
-        f"{r.lost:>5}" if r.lost is not None else f"{'-':>5}",
-    ])
+    return " ".join(
+        [
+            f"{r.run:<8}",
+            f"{r.n:>5}",
+            _f(r.wall_s, 7, ".2f"),
+            _f(r.inside_s, 8, ".2f"),
+            _f(r.n / r.wall_s if r.wall_s else None, 6, ".1f"),
+            _f(r.x_ref, 6, ".2f"),
+            _f(r.peak_mb, 7, ".0f"),
+            _f(r.worker_mb, 6, ".0f"),
+            _f(r.cpu_s, 6, ".1f"),
+            _f(per(r.task_runs), 9, ".3f"),
+            _f(per(r.writes), 6, ".3f"),
+            _f(r.stall_s * 1000 if r.stall_s is not None else None, 8, ".0f"),
+            f"{r.lost:>5}" if r.lost is not None else f"{'-':>5}",
+        ]
+    )
 
 
 def targets(rows: list[Row], n: int) -> list[str]:
@@ -862,7 +957,7 @@ def targets(rows: list[Row], n: int) -> list[str]:
     if flow is None:
         return []
 
-    def verdict(ok: Optional[bool]) -> str:
+    def verdict(ok: bool | None) -> str:
         return "n/a" if ok is None else ("met" if ok else "NOT met")
 
     ratio_ok = flow.x_ref <= 1.3 if flow.x_ref is not None else None
@@ -904,7 +999,7 @@ def bench(args: argparse.Namespace) -> int:
     )
 
     moto = llm = None
-    server: Optional[PrefectAPI] = None
+    server: PrefectAPI | None = None
     rows: list[Row] = []
     try:
         moto, endpoint, counter = start_moto(count_puts_of="/" + ml.MANIFEST_KEY)
@@ -913,33 +1008,49 @@ def bench(args: argparse.Namespace) -> int:
         for n in args.n:
             t0 = time.perf_counter()
             asyncio.run(upload(endpoint, bucket, f"in-{n}", n, pdfs))
-            print(f"# uploaded {n} PDFs to s3://{bucket}/in-{n}/ in {time.perf_counter() - t0:.1f} s",
-                  flush=True)
+            print(
+                f"# uploaded {n} PDFs to s3://{bucket}/in-{n}/ in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
 
         server = PrefectAPI("start", [], args.keep_home).__enter__()
         api_url = os.environ["PREFECT_API_URL"]
         import prefect
+
         from tasks.orchestration.limits import ensure_llm_limits
 
         in_flight, burst = asyncio.run(ensure_llm_limits(update_existing=True))
-        print(f"# prefect {prefect.__version__}: {server.description}, ready in "
-              f"{server.startup_s:.1f} s; LLM limits: {in_flight} in flight, rate burst {burst} "
-              f"(3000/min)" + (f"; home {server.home}, logs {logdir}" if args.keep_home else ""),
-              flush=True)
-        others = Others({"prefect server": server.proc.pid, "moto": moto.proc.pid,
-                         "fake LLM": llm.proc.pid})
+        print(
+            f"# prefect {prefect.__version__}: {server.description}, ready in "
+            f"{server.startup_s:.1f} s; LLM limits: {in_flight} in flight, rate burst {burst} "
+            f"(3000/min)" + (f"; home {server.home}, logs {logdir}" if args.keep_home else ""),
+            flush=True,
+        )
+        others = Others(
+            {"prefect server": server.proc.pid, "moto": moto.proc.pid, "fake LLM": llm.proc.pid}
+        )
 
         print(HEADER, flush=True)
         for n in args.n:
             flow = ref = None
             if "flow" in args.runs:
-                flow = run_flow_row(n, bucket, endpoint, llm, api_url, counter, others,
-                                    args.timeout, logdir)
+                flow = run_flow_row(
+                    n, bucket, endpoint, llm, api_url, counter, others, args.timeout, logdir
+                )
                 rows.append(flow)
                 print(fmt_row(flow), flush=True)
             if "reference" in args.runs:
-                ref = run_reference_row(n, bucket, endpoint, llm, counter, others, args.timeout,
-                                        logdir, args.concurrency)
+                ref = run_reference_row(
+                    n,
+                    bucket,
+                    endpoint,
+                    llm,
+                    counter,
+                    others,
+                    args.timeout,
+                    logdir,
+                    args.concurrency,
+                )
                 rows.append(ref)
                 print(fmt_row(ref), flush=True)
             if flow and ref and flow.wall_s and ref.wall_s:
@@ -971,22 +1082,39 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, action="append", help="invoices (repeatable); default 100 and 1000")
+    p.add_argument(
+        "--n", type=int, action="append", help="invoices (repeatable); default 100 and 1000"
+    )
     p.add_argument("--latency", type=float, default=1.0, help="fake LLM latency in s (default 1.0)")
-    p.add_argument("--long-share", type=float, default=0.1,
-                   help="share of invoices with 20-25 pages (default 0.1)")
-    p.add_argument("--pool", type=int, default=60, help="distinct PDFs generated and reused (default 60)")
+    p.add_argument(
+        "--long-share",
+        type=float,
+        default=0.1,
+        help="share of invoices with 20-25 pages (default 0.1)",
+    )
+    p.add_argument(
+        "--pool", type=int, default=60, help="distinct PDFs generated and reused (default 60)"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="limit per child process in s")
-    p.add_argument("--stall-log", action="store_true",
-                   help="diagnosis: log each event-loop stall >= 50 ms of both runs with the "
-                   "callbacks the loop ran meanwhile (the flow then runs through this script, "
-                   "not bin/invoices)")
-    p.add_argument("--runs", default="flow,reference",
-                   help="diagnosis: which rows to run (default flow,reference)")
-    p.add_argument("--keep-home", action="store_true",
-                   help="keep the Prefect server's temporary home and the children's stdout/stderr")
+    p.add_argument(
+        "--stall-log",
+        action="store_true",
+        help="diagnosis: log each event-loop stall >= 50 ms of both runs with the "
+        "callbacks the loop ran meanwhile (the flow then runs through this script, "
+        "not bin/invoices)",
+    )
+    p.add_argument(
+        "--runs",
+        default="flow,reference",
+        help="diagnosis: which rows to run (default flow,reference)",
+    )
+    p.add_argument(
+        "--keep-home",
+        action="store_true",
+        help="keep the Prefect server's temporary home and the children's stdout/stderr",
+    )
     # Sub-modes run by the bench itself.
     p.add_argument("--concurrency", type=int, default=100, help=argparse.SUPPRESS)
     p.add_argument("--reference", nargs=2, metavar=("SOURCE", "OUTPUT"), help=argparse.SUPPRESS)
@@ -1000,7 +1128,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--cli-with-stall-log"]:
         return cli_with_stall_log(argv[1:])

@@ -75,11 +75,12 @@ import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import uuid  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import manifest_lock as ml  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from testing.harness import (  # noqa: E402
     LLMProcess,
     PrefectAPI,
@@ -101,13 +102,13 @@ FAULT_RETRY_AFTER = 1.0
 @dataclasses.dataclass
 class Row:
     name: str
-    n: Optional[int]
-    seconds: Optional[float]
-    recorded: Optional[int] = None
+    n: int | None
+    seconds: float | None
+    recorded: int | None = None
     note: str = ""
 
 
-def interpreter_age_at_script_start() -> Optional[float]:
+def interpreter_age_at_script_start() -> float | None:
     """Seconds from this process's exec to the script's first line (Linux /proc; else None)."""
     try:
         with open("/proc/self/stat") as f:
@@ -150,7 +151,7 @@ def server_note(llm: Any) -> str:
     return f"LLM {s['total_requests']} requests, max {s['max_in_flight']} in flight"
 
 
-def machine_cpu_seconds() -> Optional[tuple[float, float]]:
+def machine_cpu_seconds() -> tuple[float, float] | None:
     """(busy, total) CPU seconds of the whole machine since boot, all cores (Linux /proc/stat;
     else None). Busy is all but idle and iowait."""
     try:
@@ -162,12 +163,14 @@ def machine_cpu_seconds() -> Optional[tuple[float, float]]:
     return (sum(ticks) - ticks[3] - ticks[4]) / per_s, sum(ticks) / per_s
 
 
-def cpu_note(before: Optional[tuple[float, float]], after: Optional[tuple[float, float]]) -> str:
+def cpu_note(before: tuple[float, float] | None, after: tuple[float, float] | None) -> str:
     if before is None or after is None or after[1] <= before[1]:
         return ""
     busy, total = after[0] - before[0], after[1] - before[1]
-    return (f"; machine CPU busy {busy / total:.0%} during the call ({busy:.2f} of "
-            f"{total:.2f} core-s, every process: flow, parser workers, servers)")
+    return (
+        f"; machine CPU busy {busy / total:.0%} during the call ({busy:.2f} of "
+        f"{total:.2f} core-s, every process: flow, parser workers, servers)"
+    )
 
 
 def local_folder_invoices(n: int) -> tuple[str, str, Any]:
@@ -183,8 +186,9 @@ def local_folder_invoices(n: int) -> tuple[str, str, Any]:
     return os.path.join(tmp.name, ml.INPUT_PREFIX), os.path.join(tmp.name, ml.OUTPUT_PREFIX), tmp
 
 
-async def run_flow_row(name: str, endpoint: str, bucket: str, llm: Any, n: int,
-                       output_prefix: str, local: bool = False) -> tuple[Row, Row]:
+async def run_flow_row(
+    name: str, endpoint: str, bucket: str, llm: Any, n: int, output_prefix: str, local: bool = False
+) -> tuple[Row, Row]:
     """The flow once: a row for the time inside it and one for the wall time around the call.
     `local`: invoices, results and manifest in a local folder instead of moto S3."""
     llm.reset_stats()
@@ -199,7 +203,10 @@ async def run_flow_row(name: str, endpoint: str, bucket: str, llm: Any, n: int,
         if output is not None:
             with open(os.path.join(output, ml.MANIFEST_KEY)) as f:
                 manifest = json.load(f)
-            recorded, outcomes = ml.count_entries(manifest, ml.invoice_keys(n)), ml.manifest_outcomes(manifest)
+            recorded, outcomes = (
+                ml.count_entries(manifest, ml.invoice_keys(n)),
+                ml.manifest_outcomes(manifest),
+            )
         else:
             recorded, outcomes = await recorded_in(
                 endpoint, bucket, f"{output_prefix}/{ml.MANIFEST_KEY}", n
@@ -209,15 +216,25 @@ async def run_flow_row(name: str, endpoint: str, bucket: str, llm: Any, n: int,
             tmp.cleanup()
     counts = ", ".join(f"{v} {k}" for k, v in outcomes.items()) or "no entries"
     stats = llm.stats()
-    requests = f"LLM {stats['total_requests']} requests ({stats['outcomes'].get('rate_limit', 0)} x 429)"
+    requests = (
+        f"LLM {stats['total_requests']} requests ({stats['outcomes'].get('rate_limit', 0)} x 429)"
+    )
     inside = Row(
-        f"{name}: inside (summary.seconds)", n, run.inside_s, recorded,
+        f"{name}: inside (summary.seconds)",
+        n,
+        run.inside_s,
+        recorded,
         f"flow {run.state}; {counts}; {requests}, max {stats['max_in_flight']} in flight; "
         f"{run.manifest_writes} manifest writes; Prefect client 503 retries {run.retries_503}"
         + (f"; {run.message}" if run.state != "COMPLETED" else ""),
     )
-    wall = Row(f"{name}: wall (around the call)", n, run.wall_s, None,
-               "includes flow-run creation and result retrieval" + cpu_note(cpu_before, cpu_after))
+    wall = Row(
+        f"{name}: wall (around the call)",
+        n,
+        run.wall_s,
+        None,
+        "includes flow-run creation and result retrieval" + cpu_note(cpu_before, cpu_after),
+    )
     return inside, wall
 
 
@@ -225,6 +242,7 @@ async def rate_refill_seconds() -> float:
     """How long the `llm-rate` limit takes to refill from empty (burst / decay per second):
     a run started sooner waits for its first block, which a first run did not."""
     from prefect.client.orchestration import get_client
+
     from tasks.orchestration.limits import LLM_RATE_LIMIT
 
     async with get_client() as client:
@@ -250,8 +268,13 @@ async def asyncio_baseline(n: int, endpoint: str, llm: Any, texts: list[Any]) ->
         await asyncio.gather(*(one(i, k) for i, k in enumerate(ml.invoice_keys(n))))
         wall = time.perf_counter() - t0
     recorded, _ = await recorded_in(endpoint, bucket, ml.MANIFEST_KEY, n)
-    return Row("asyncio.gather + asyncio.Lock", n, wall, recorded,
-               f"one AsyncOpenAI client; {server_note(llm)}; {n} manifest writes")
+    return Row(
+        "asyncio.gather + asyncio.Lock",
+        n,
+        wall,
+        recorded,
+        f"one AsyncOpenAI client; {server_note(llm)}; {n} manifest writes",
+    )
 
 
 async def sequential_sample(k: int, n: int, llm: Any, texts: list[Any]) -> Row:
@@ -262,8 +285,13 @@ async def sequential_sample(k: int, n: int, llm: Any, texts: list[Any]) -> Row:
         for i in range(k):
             await extractor.extract(texts[i % len(texts)])
         took = time.perf_counter() - t0
-    return Row(f"sequential, measured (k={k})", n, took * n / k, None,
-               f"{k} call{'s' if k != 1 else ''} one after another in {took:.2f} s, scaled to N")
+    return Row(
+        f"sequential, measured (k={k})",
+        n,
+        took * n / k,
+        None,
+        f"{k} call{'s' if k != 1 else ''} one after another in {took:.2f} s, scaled to N",
+    )
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -274,11 +302,17 @@ async def main_async(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     moto, endpoint, _ = start_moto()
     fixed = LLMProcess(FakeLLMConfig(latency=latency))
-    faulty = LLMProcess(FakeLLMConfig(
-        latency_median=latency, latency_sigma=FAULT_SIGMA, latency_max=FAULT_LATENCY_CAP,
-        error_rate_429=FAULT_429_RATE, retry_after=FAULT_RETRY_AFTER, seed=args.seed,
-    ))
-    server: Optional[PrefectAPI] = None
+    faulty = LLMProcess(
+        FakeLLMConfig(
+            latency_median=latency,
+            latency_sigma=FAULT_SIGMA,
+            latency_max=FAULT_LATENCY_CAP,
+            error_rate_429=FAULT_429_RATE,
+            retry_after=FAULT_RETRY_AFTER,
+            seed=args.seed,
+        )
+    )
+    server: PrefectAPI | None = None
     try:
         bucket = await create_bucket(endpoint, "llm-latency")
         await ml.upload_invoices(endpoint, bucket, ml.INPUT_PREFIX, ml.invoice_keys(n))
@@ -286,8 +320,9 @@ async def main_async(args: argparse.Namespace) -> int:
 
         server = PrefectAPI(args.prefect, args.server_env, args.keep_home).__enter__()
         t_server = time.perf_counter()
-        import flows.process_invoices  # noqa: F401  (timed here: the flow's imports)
         import prefect
+
+        import flows.process_invoices  # noqa: F401  (timed here: the flow's imports)
 
         t_imports = time.perf_counter()
         print(f"# prefect {prefect.__version__}: {server.description}", flush=True)
@@ -305,9 +340,16 @@ async def main_async(args: argparse.Namespace) -> int:
             rows += [cold_inside, cold_wall]
             await asyncio.sleep(refill)
         inside, wall = await run_flow_row("flow", endpoint, bucket, fixed, n, ml.OUTPUT_PREFIX)
-        interp = f"; the interpreter was {age:.2f} s old at the script's start" if age is not None else ""
+        interp = (
+            f"; the interpreter was {age:.2f} s old at the script's start"
+            if age is not None
+            else ""
+        )
         start = Row(
-            "process start (to 1st flow call)", None, t_first_call - T_SCRIPT, None,
+            "process start (to 1st flow call)",
+            None,
+            t_first_call - T_SCRIPT,
+            None,
             f"bench setup (moto, fake LLM, {n} PDFs uploaded) {t_setup - T_SCRIPT:.2f} s, "
             f"Prefect server {t_server - t_setup:.2f} s, flow imports {t_imports - t_server:.2f} s, "
             f"LLM limits {t_first_call - t_imports:.2f} s{interp}",
@@ -321,8 +363,9 @@ async def main_async(args: argparse.Namespace) -> int:
         rows.append(await asyncio_baseline(n, endpoint, fixed, texts))
         rows += [inside, wall, start]
         if args.local_store:
-            rows += await run_flow_row("flow, local folder", endpoint, bucket, fixed, n,
-                                       ml.OUTPUT_PREFIX, local=True)
+            rows += await run_flow_row(
+                "flow, local folder", endpoint, bucket, fixed, n, ml.OUTPUT_PREFIX, local=True
+            )
 
         if not args.no_faults:
             f_inside, f_wall = await run_flow_row(
@@ -350,38 +393,68 @@ async def main_async(args: argparse.Namespace) -> int:
     flow_inside = next(r for r in rows if r.name == "flow: inside (summary.seconds)")
     if flow_inside.seconds is not None:
         ratio = flow_inside.seconds / latency
-        print(f"flow inside / latency = {ratio:.2f} (target <= 1.5 at N=100): "
-              f"{'met' if ratio <= 1.5 else 'NOT met'}")
+        print(
+            f"flow inside / latency = {ratio:.2f} (target <= 1.5 at N=100): "
+            f"{'met' if ratio <= 1.5 else 'NOT met'}"
+        )
     for r in rows:
         if r.name.startswith("flow, faults: inside"):
-            print(f"faults run: {r.recorded} of {n} invoices recorded: "
-                  f"{'met' if r.recorded == n else 'NOT met'}")
+            print(
+                f"faults run: {r.recorded} of {n} invoices recorded: "
+                f"{'met' if r.recorded == n else 'NOT met'}"
+            )
     return 0
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=100, help="number of invoices (default 100)")
     p.add_argument("--latency", type=float, default=1.0, help="fake LLM latency in s (default 1.0)")
     p.add_argument("--prefect", default="start", help="'start' (default), 'harness', or an API URL")
-    p.add_argument("--server-env", action="append", default=[], metavar="K=V", help="setting for a started server")
-    p.add_argument("--llm-limits", choices=["keep", "fit"], default="keep",
-                   help="Prefect LLM limits: as the flow leaves them ('keep', default) or sized to N ('fit')")
-    p.add_argument("--sequential-sample", type=int, default=3, metavar="K",
-                   help="measure K sequential calls and scale to N (0: computed bound only)")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="setting for a started server",
+    )
+    p.add_argument(
+        "--llm-limits",
+        choices=["keep", "fit"],
+        default="keep",
+        help="Prefect LLM limits: as the flow leaves them ('keep', default) or sized to N ('fit')",
+    )
+    p.add_argument(
+        "--sequential-sample",
+        type=int,
+        default=3,
+        metavar="K",
+        help="measure K sequential calls and scale to N (0: computed bound only)",
+    )
     # Seed 0 happens to draw only 5 faults in its first 100 draws; seed 1 draws 11.
-    p.add_argument("--seed", type=int, default=1, help="fault and latency seed of the faults run (default 1)")
+    p.add_argument(
+        "--seed", type=int, default=1, help="fault and latency seed of the faults run (default 1)"
+    )
     p.add_argument("--no-faults", action="store_true", help="skip the log-normal + 429 flow run")
-    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
-                   help="time the flow's first call in this process (no warm-up run before it)")
-    p.add_argument("--local-store", action="store_true",
-                   help="also run the flow with invoices, results and manifest in a local folder "
-                        "(the quick start's store) instead of moto S3")
-    p.add_argument("--keep-home", action="store_true", help="keep the temporary PREFECT_HOME (server log)")
+    p.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="time the flow's first call in this process (no warm-up run before it)",
+    )
+    p.add_argument(
+        "--local-store",
+        action="store_true",
+        help="also run the flow with invoices, results and manifest in a local folder "
+        "(the quick start's store) instead of moto S3",
+    )
+    p.add_argument(
+        "--keep-home", action="store_true", help="keep the temporary PREFECT_HOME (server log)"
+    )
     return p.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Quiet Prefect's console (task-run INFO lines); logs still go to the API as usual.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")

@@ -33,9 +33,13 @@ def outcomes(n: int, start: int = 0, status: str = "done"):
     now = utcnow()
     return [
         InvoiceOutcome(
-            key=f"invoices/2026/11/vendor-{i % 97:02d}/inv-{i:07d}.pdf", etag=f'"{i:032x}"',
-            status=status, sha256=f"{i:064x}", result_key=f"results/invoices/inv-{i:07d}.json",
-            flow_run_id="9af117c2-6a1e-4f7b-9d1e-2b7a3c4d5e6f", extractor="openai",
+            key=f"invoices/2026/11/vendor-{i % 97:02d}/inv-{i:07d}.pdf",
+            etag=f'"{i:032x}"',
+            status=status,
+            sha256=f"{i:064x}",
+            result_key=f"results/invoices/inv-{i:07d}.json",
+            flow_run_id="9af117c2-6a1e-4f7b-9d1e-2b7a3c4d5e6f",
+            extractor="openai",
             finished_at=now - timedelta(seconds=n - i),
         )
         for i in range(start, start + n)
@@ -52,7 +56,9 @@ async def measure(endpoint: str, bucket: str, entries: int, batch: int, repeat: 
 
     async with open_store(f"s3://{bucket}/cost-{entries}", endpoint_url=endpoint) as store:
         await commit_outcomes(store, outcomes(entries))  # the manifest as it stands
-        t: dict[str, list[float]] = {k: [] for k in ("get", "parse", "merge", "dump", "put", "commit")}
+        t: dict[str, list[float]] = {
+            k: [] for k in ("get", "parse", "merge", "dump", "put", "commit")
+        }
         size = 0
         for r in range(repeat):
             fresh = outcomes(batch, start=entries + r * batch, status="failed")
@@ -70,7 +76,9 @@ async def measure(endpoint: str, bucket: str, entries: int, batch: int, repeat: 
             await commit_outcomes(store, fresh)
             t6 = time.perf_counter()
             size = len(data)
-            for name, value in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+            for name, value in zip(
+                t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=False
+            ):
                 t[name].append(value)
         (final, _) = await read_manifest(store)
         assert len(final.entries) == entries + repeat * batch
@@ -81,14 +89,18 @@ async def main_async(args: argparse.Namespace) -> None:
     moto, endpoint, _ = start_moto()
     try:
         bucket = await ml_bucket(endpoint)
-        print(f"{'entries':>8} {'MB':>6} {'get s':>7} {'parse s':>8} {'merge s':>8} "
-              f"{'dump s':>7} {'put s':>7} {'commit s':>9} {'share of 1 s':>12}")
+        print(
+            f"{'entries':>8} {'MB':>6} {'get s':>7} {'parse s':>8} {'merge s':>8} "
+            f"{'dump s':>7} {'put s':>7} {'commit s':>9} {'share of 1 s':>12}"
+        )
         for n in args.entries:
             row = await measure(endpoint, bucket, n, args.batch, args.repeat)
-            print(f"{row['entries']:>8} {row['bytes'] / 1e6:>6.1f} {row['get']:>7.3f} "
-                  f"{row['parse']:>8.3f} {row['merge']:>8.3f} {row['dump']:>7.3f} "
-                  f"{row['put']:>7.3f} {row['commit']:>9.3f} {row['commit'] / 1.0:>11.0%}",
-                  flush=True)
+            print(
+                f"{row['entries']:>8} {row['bytes'] / 1e6:>6.1f} {row['get']:>7.3f} "
+                f"{row['parse']:>8.3f} {row['merge']:>8.3f} {row['dump']:>7.3f} "
+                f"{row['put']:>7.3f} {row['commit']:>9.3f} {row['commit'] / 1.0:>11.0%}",
+                flush=True,
+            )
     finally:
         moto.stop()
 

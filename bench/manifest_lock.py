@@ -99,8 +99,9 @@ import platform
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Optional
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -130,12 +131,11 @@ TAG = "manifest"
 class Result:
     variant: str
     n: int
-    wall_s: Optional[float]
-    lost: Optional[int] = None
-    writes: Optional[int] = None
+    wall_s: float | None
+    lost: int | None = None
+    writes: int | None = None
     note: str = ""
-    writes_total: Optional[int] = None  # filled by the harness (incl. refused PUTs)
-
+    writes_total: int | None = None  # filled by the harness (incl. refused PUTs)
 
 
 def invoice_keys(n: int) -> list[str]:
@@ -284,7 +284,10 @@ class _RetryLogCounter(logging.Handler):
 @contextlib.contextmanager
 def count_prefect_retries():
     counter = _RetryLogCounter()
-    loggers = [logging.getLogger("prefect._internal.concurrency"), logging.getLogger("prefect.client")]
+    loggers = [
+        logging.getLogger("prefect._internal.concurrency"),
+        logging.getLogger("prefect.client"),
+    ]
     saved = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(counter)
@@ -292,7 +295,7 @@ def count_prefect_retries():
     try:
         yield counter
     finally:
-        for lg, level in zip(loggers, saved):
+        for lg, level in zip(loggers, saved, strict=False):
             lg.removeHandler(counter)
             lg.setLevel(level)
 
@@ -347,7 +350,9 @@ async def upload_invoices(endpoint: str, bucket: str, prefix: str, keys: list[st
         async def put(i: int, key: str) -> None:
             async with gate:
                 await client.put_object(
-                    Bucket=bucket, Key=f"{prefix}/{key}", Body=pdfs[i % len(pdfs)],
+                    Bucket=bucket,
+                    Key=f"{prefix}/{key}",
+                    Body=pdfs[i % len(pdfs)],
                     ContentType="application/pdf",
                 )
 
@@ -374,16 +379,20 @@ async def set_llm_limits(mode: str, n: int) -> str:
 @dataclasses.dataclass
 class FlowRun:
     wall_s: float  # around the flow call
-    inside_s: Optional[float]  # summary.seconds: time inside the flow
-    manifest_writes: Optional[int]  # summary.manifest_writes (the flow's own count)
+    inside_s: float | None  # summary.seconds: time inside the flow
+    manifest_writes: int | None  # summary.manifest_writes (the flow's own count)
     state: str
     message: str
     retries_503: int = 0  # the Prefect client's retries after a 503 (about 2 s each)
 
 
 async def run_flow(
-    bucket: str, n: int, output_prefix: str = OUTPUT_PREFIX, *,
-    source: Optional[str] = None, output: Optional[str] = None,
+    bucket: str,
+    n: int,
+    output_prefix: str = OUTPUT_PREFIX,
+    *,
+    source: str | None = None,
+    output: str | None = None,
 ) -> FlowRun:
     """One process-invoices run over s3://bucket/in -> s3://bucket/<output_prefix> (or
     `source` -> `output`: folders, say), all N in flight."""
@@ -402,10 +411,22 @@ async def run_flow(
         wall = time.perf_counter() - t0
     summary = await state.aresult(raise_on_failure=False)
     if not isinstance(summary, RunSummary):
-        return FlowRun(wall, None, None, state.type.value, f"{state.message}: {summary!r}"[:200],
-                       retries.retries_503)
-    return FlowRun(wall, summary.seconds, summary.manifest_writes, state.type.value,
-                   state.message or "", retries.retries_503)
+        return FlowRun(
+            wall,
+            None,
+            None,
+            state.type.value,
+            f"{state.message}: {summary!r}"[:200],
+            retries.retries_503,
+        )
+    return FlowRun(
+        wall,
+        summary.seconds,
+        summary.manifest_writes,
+        state.type.value,
+        state.message or "",
+        retries.retries_503,
+    )
 
 
 def manifest_outcomes(manifest: dict[str, Any]) -> dict[str, int]:
@@ -468,8 +489,10 @@ async def run_c(name: str, n: int, endpoint: str, bucket: str, *, llm: bool) -> 
             with patched_environ(service_env(endpoint, server.base_url)):
                 run = await run_flow(bucket, n)
             stats = server.stats()
-        note_llm = (f"; LLM {stats['total_requests']} requests, max {stats['max_in_flight']} "
-                    f"in flight; {limits}")
+        note_llm = (
+            f"; LLM {stats['total_requests']} requests, max {stats['max_in_flight']} "
+            f"in flight; {limits}"
+        )
     else:
         with patched_environ(service_env(endpoint, None)), simulated_extraction():
             run = await run_flow(bucket, n)
@@ -479,7 +502,8 @@ async def run_c(name: str, n: int, endpoint: str, bucket: str, *, llm: bool) -> 
     note = (
         f"flow {run.state}, inside {inside}, summary.manifest_writes {run.manifest_writes}; "
         + ", ".join(f"{v} {k}" for k, v in outcomes.items())
-        + f"; 503 retries {run.retries_503}" + note_llm
+        + f"; 503 retries {run.retries_503}"
+        + note_llm
     )
     if run.state != "COMPLETED":
         note += f"; {run.message}"
@@ -521,8 +545,7 @@ VARIANTS: list[Variant] = [
     Variant("a0", variant_a0),
     Variant("b", variant_b, needs_prefect=True),
     Variant("c", variant_c, needs_prefect=True, manifest_key=C_MANIFEST_KEY, warm_up=True),
-    Variant("c-llm", variant_c_llm, needs_prefect=True, manifest_key=C_MANIFEST_KEY,
-            warm_up=True),
+    Variant("c-llm", variant_c_llm, needs_prefect=True, manifest_key=C_MANIFEST_KEY, warm_up=True),
 ]
 
 
@@ -546,15 +569,13 @@ def fmt_row(r: Result) -> str:
     return f"{r.variant:<11} {r.n:>6} {wall} {lost} {writes:>9} {per_invoice}  {r.note}"
 
 
-async def run_one(
-    v: Variant, n: int, endpoint: str, counter: PutCounter, timeout: float
-) -> Result:
+async def run_one(v: Variant, n: int, endpoint: str, counter: PutCounter, timeout: float) -> Result:
     bucket = f"bench-{v.name.lower()}-{n}-{uuid.uuid4().hex[:8]}"
     async with s3_client(endpoint) as admin:
         await admin.create_bucket(Bucket=bucket)
     try:
         result = await asyncio.wait_for(v.fn(n, endpoint, bucket), timeout=timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         result = Result(v.name, n, None, note=f"timed out after {timeout:.0f} s")
     except Exception as exc:  # a failing variant is a row, not a crash of the table
         result = Result(v.name, n, None, note=f"failed: {type(exc).__name__}: {exc}"[:200])
@@ -575,7 +596,7 @@ async def main_async(args: argparse.Namespace, chosen: list[Variant]) -> int:
     # Entered and left inside this task: prefect_test_harness() sets context variables.
     stack = contextlib.ExitStack()
     moto, endpoint, counter = start_moto(args.moto, count_puts_of="/" + MANIFEST_KEY)
-    server: Optional[PrefectAPI] = None
+    server: PrefectAPI | None = None
     results: list[Result] = []
     last: dict[str, tuple[int, float]] = {}
     warmed: set[str] = set()
@@ -587,7 +608,12 @@ async def main_async(args: argparse.Namespace, chosen: list[Variant]) -> int:
                 if prev is not None and prev[0] < n:
                     est = prev[1] * n / prev[0]
                     if est > args.budget:
-                        r = Result(v.name, n, None, note=f"skipped (est. {est:.0f} s, linear from N={prev[0]})")
+                        r = Result(
+                            v.name,
+                            n,
+                            None,
+                            note=f"skipped (est. {est:.0f} s, linear from N={prev[0]})",
+                        )
                         results.append(r)
                         print(fmt_row(r), flush=True)
                         continue
@@ -601,14 +627,18 @@ async def main_async(args: argparse.Namespace, chosen: list[Variant]) -> int:
 
                     print(
                         f"# prefect {prefect.__version__}: {server.description}, ready in "
-                        f"{server.startup_s:.1f} s" + (f", home {server.home}" if args.keep_home else ""),
+                        f"{server.startup_s:.1f} s"
+                        + (f", home {server.home}" if args.keep_home else ""),
                         flush=True,
                     )
                 if v.warm_up and args.warm_up and v.name not in warmed:
                     warmed.add(v.name)
                     cold = await run_one(v, n, endpoint, counter, args.timeout)
                     cold.variant = f"{v.name}-cold"
-                    cold.note = "first call in this process (the warm-up; next row: timed warm); " + cold.note
+                    cold.note = (
+                        "first call in this process (the warm-up; next row: timed warm); "
+                        + cold.note
+                    )
                     results.append(cold)
                     print(fmt_row(cold), flush=True)
                 r = await run_one(v, n, endpoint, counter, args.timeout)
@@ -630,20 +660,38 @@ async def main_async(args: argparse.Namespace, chosen: list[Variant]) -> int:
     return 0
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, action="append", help="number of invoices (repeatable); default 100")
-    p.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated variant names")
+    p.add_argument(
+        "--n", type=int, action="append", help="number of invoices (repeatable); default 100"
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(v.name for v in VARIANTS),
+        help="comma-separated variant names",
+    )
     p.add_argument("--prefect", default="start", help="'start' (default), 'harness', or an API URL")
-    p.add_argument("--server-env", action="append", default=[], metavar="K=V", help="setting for a started server")
-    p.add_argument("--budget", type=float, default=300.0, help="skip a variant whose estimate exceeds this (s)")
-    p.add_argument("--timeout", type=float, default=900.0, help="hard limit for one variant run (s)")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="setting for a started server",
+    )
+    p.add_argument(
+        "--budget", type=float, default=300.0, help="skip a variant whose estimate exceeds this (s)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=900.0, help="hard limit for one variant run (s)"
+    )
     p.add_argument(
         "--diagnose",
         action="store_true",
         help="count the client's 423 waits (turns on Prefect's internal debug logging: slightly perturbs timings)",
     )
-    p.add_argument("--keep-home", action="store_true", help="keep the temporary PREFECT_HOME (server log)")
+    p.add_argument(
+        "--keep-home", action="store_true", help="keep the temporary PREFECT_HOME (server log)"
+    )
     p.add_argument(
         "--no-warm-up",
         dest="warm_up",
@@ -667,7 +715,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     by_name = {v.name: v for v in VARIANTS}
     names = [s.strip() for s in args.variants.split(",") if s.strip()]

@@ -100,9 +100,9 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional
 
 # Heavy imports (tasks.pdf.parse: pydantic via tasks.errors; testing.samples: pymupdf) are made
 # inside functions: the plain process pool's forkserver workers import this script as
@@ -195,7 +195,7 @@ def descendants_cpu_s() -> dict[int, float]:
                 raw = f.read()
         except OSError:
             continue
-        rest = raw[raw.rfind(")") + 2:].split()  # the command name may contain spaces
+        rest = raw[raw.rfind(")") + 2 :].split()  # the command name may contain spaces
         stats[int(name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK)
     me = os.getpid()
     tree: dict[int, float] = {}
@@ -220,8 +220,8 @@ class StallProbe:
     def __init__(self, interval: float = PROBE_INTERVAL) -> None:
         self.interval = interval
         self.lates: list[float] = []
-        self._due: Optional[float] = None
-        self._task: Optional[asyncio.Task[None]] = None
+        self._due: float | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
@@ -263,7 +263,7 @@ class StallProbe:
 @dataclass
 class Run:
     wall_s: float
-    start_s: Optional[float]
+    start_s: float | None
     stall_max_ms: float
     stall_p99_ms: float
     cpu_s: float
@@ -386,8 +386,9 @@ def all_modes(args: argparse.Namespace) -> list[Mode]:
         Mode("threads", f"threads ({w}), run_in_executor, locked", setup_threads),
         Mode("parser-thread", 'PdfParser("thread")', _parser_setup("thread")),
         Mode("parser-process", f'PdfParser("process"), {w} workers', _parser_setup("process")),
-        Mode("plain-process", f"process pool ({w}), plain, {args.plain_context}",
-             setup_plain_process),
+        Mode(
+            "plain-process", f"process pool ({w}), plain, {args.plain_context}", setup_plain_process
+        ),
     ]
 
 
@@ -437,7 +438,7 @@ def median_run(runs: list[Run]) -> Run:
     return sorted(runs, key=lambda r: r.wall_s)[(len(runs) - 1) // 2]
 
 
-def fmt_row(mode: Mode, n: int, total_pages: int, base: Optional[float]) -> str:
+def fmt_row(mode: Mode, n: int, total_pages: int, base: float | None) -> str:
     if not mode.runs:
         why = mode.failures[0] if mode.failures else "not run"
         return f"{mode.label:<38} {'-':>7}  failed: {why}"
@@ -460,7 +461,7 @@ async def main_async(args: argparse.Namespace, modes: list[Mode], work: Workload
         f"p99 {baseline.p99_ms():.1f} ms",
         flush=True,
     )
-    reference: Optional[str] = None
+    reference: str | None = None
     for round_no in range(1, args.repeat + 1):
         # Each round starts one row later, so no row is always the one that runs first.
         shift = (round_no - 1) % len(modes)
@@ -469,8 +470,10 @@ async def main_async(args: argparse.Namespace, modes: list[Mode], work: Workload
                 run = await run_mode(mode, args, work.pdfs)
             except Exception as exc:  # a failing row is a note in the table, not a crash
                 mode.failures.append(f"{type(exc).__name__}: {exc}"[:120])
-                print(f"# round {round_no}/{args.repeat} {mode.label}: failed: {mode.failures[-1]}",
-                      flush=True)
+                print(
+                    f"# round {round_no}/{args.repeat} {mode.label}: failed: {mode.failures[-1]}",
+                    flush=True,
+                )
                 continue
             # Every row must return the same documents: the generated page counts, and the
             # text of the first run made (sequential's, unless --modes leaves it out).
@@ -526,7 +529,7 @@ async def main_async(args: argparse.Namespace, modes: list[Mode], work: Workload
     speedup = paired[(len(paired) - 1) // 2] if paired else base / target_run.wall_s
     seq_cpu = [r.cpu_s for r in seq.runs]
     print(
-        f"paired speedup (sequential / PdfParser(\"process\"), same round): "
+        'paired speedup (sequential / PdfParser("process"), same round): '
         + " ".join(f"{x:.2f}" for x in paired)
         + f"; median {speedup:.2f}x; ratio of the medians {base / target_run.wall_s:.2f}x"
     )
@@ -546,30 +549,45 @@ async def main_async(args: argparse.Namespace, modes: list[Mode], work: Workload
         else f"; other processes kept up to {busy:.2f} cores busy"
     )
     print(
-        f"target: PdfParser(\"process\") >= {TARGET_SPEEDUP}x faster than sequential on 2 cores "
+        f'target: PdfParser("process") >= {TARGET_SPEEDUP}x faster than sequential on 2 cores '
         f"(median paired speedup): {'MET' if met else 'NOT MET'} ({speedup:.2f}x with "
         f"{args.workers} workers on {cores} cores{caveat})"
     )
     return 0
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=200, help="number of PDFs (default 200)")
-    p.add_argument("--pages-max", type=int, default=5,
-                   help="pages of a normal PDF: 1..this (default 5)")
-    p.add_argument("--long-share", type=float, default=0.10,
-                   help=f"share of PDFs with {LONG_PAGES[0]}-{LONG_PAGES[1]} pages (default 0.10)")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="rounds; the table shows each row's median run (default 3)")
+    p.add_argument(
+        "--pages-max", type=int, default=5, help="pages of a normal PDF: 1..this (default 5)"
+    )
+    p.add_argument(
+        "--long-share",
+        type=float,
+        default=0.10,
+        help=f"share of PDFs with {LONG_PAGES[0]}-{LONG_PAGES[1]} pages (default 0.10)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds; the table shows each row's median run (default 3)",
+    )
     p.add_argument("--workers", type=int, default=2, help="workers of every pool (default 2)")
     p.add_argument("--seed", type=int, default=0, help="first make_invoice seed (default 0)")
-    p.add_argument("--modes", default=None,
-                   help="comma-separated rows, default all: sequential,threads,parser-thread,"
-                        "parser-process,plain-process")
-    p.add_argument("--plain-context", choices=["forkserver", "fork", "spawn"],
-                   default="forkserver",
-                   help="start method of the plain process pool (default forkserver)")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated rows, default all: sequential,threads,parser-thread,"
+        "parser-process,plain-process",
+    )
+    p.add_argument(
+        "--plain-context",
+        choices=["forkserver", "fork", "spawn"],
+        default="forkserver",
+        help="start method of the plain process pool (default forkserver)",
+    )
     args = p.parse_args(argv)
     if args.n < 1 or args.pages_max < 1 or args.repeat < 1 or args.workers < 1:
         p.error("--n, --pages-max, --repeat and --workers must be >= 1")
@@ -578,7 +596,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     modes = all_modes(args)
     if args.modes:

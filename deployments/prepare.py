@@ -93,7 +93,9 @@ async def ensure_work_pool(name: str, say: Callable[[str], None]) -> None:
                 queue = await client.read_work_queue_by_name(queue_name, work_pool_name=name)
             except ObjectNotFound:
                 await client.create_work_queue(
-                    name=queue_name, description=description, priority=priority,
+                    name=queue_name,
+                    description=description,
+                    priority=priority,
                     work_pool_name=name,
                 )
                 say(f"  work queue {queue_name!r} (priority {priority}): created")
@@ -106,7 +108,8 @@ async def ensure_work_pool(name: str, say: Callable[[str], None]) -> None:
 
 
 async def ensure_limits(
-    llm_max_in_flight: int | None, llm_requests_per_minute: int | None,
+    llm_max_in_flight: int | None,
+    llm_requests_per_minute: int | None,
     say: Callable[[str], None],
 ) -> None:
     from tasks.orchestration.limits import (
@@ -130,11 +133,18 @@ async def ensure_limits(
         await ensure_llm_limits(**llm_options, update_existing=bool(llm_options))
     except LockUnavailableError as exc:
         raise PrepareError(str(exc)) from exc
-    say(f"concurrency limits {LLM_IN_FLIGHT_LIMIT!r} and {LLM_RATE_LIMIT!r}: "
-        + (f"set ({', '.join(f'{k}={v}' for k, v in llm_options.items())})" if llm_options
-           else "ok (existing ones left unchanged)"))
-    say("manifest locks: one per output (limit 'tag:manifest:<output>', 1 slot), made by the "
-        "first run writing to that output")
+    say(
+        f"concurrency limits {LLM_IN_FLIGHT_LIMIT!r} and {LLM_RATE_LIMIT!r}: "
+        + (
+            f"set ({', '.join(f'{k}={v}' for k, v in llm_options.items())})"
+            if llm_options
+            else "ok (existing ones left unchanged)"
+        )
+    )
+    say(
+        "manifest locks: one per output (limit 'tag:manifest:<output>', 1 slot), made by the "
+        "first run writing to that output"
+    )
 
 
 async def ensure_aws_block(options: AwsBlockOptions, say: Callable[[str], None]) -> None:
@@ -160,14 +170,20 @@ async def ensure_aws_block(options: AwsBlockOptions, say: Callable[[str], None])
         aws_client_parameters=AwsClientParameters(endpoint_url=endpoint),
     )
     await block.asave(options.name, overwrite=True)
-    keys = "access keys from the environment" if access_key else "no keys (the worker's default AWS chain)"
+    keys = (
+        "access keys from the environment"
+        if access_key
+        else "no keys (the worker's default AWS chain)"
+    )
     details = ", ".join(
-        part for part in (
+        part
+        for part in (
             keys,
             f"profile {profile}" if profile else "",
             f"region {region}" if region else "",
             f"endpoint {endpoint}" if endpoint else "",
-        ) if part
+        )
+        if part
     )
     say(f"AwsCredentials block {options.name!r}: saved ({details})")
 
@@ -223,14 +239,21 @@ async def check_deployment_blocks(say: Callable[[str], None]) -> list[str]:
             block_type, name = slug.split("/", 1)
             try:
                 await client.read_block_document_by_name(name, block_type_slug=block_type)
-                say(f"deployment {deployment!r} uses the {block_type} block {name!r} "
-                    f"({parameter}): exists")
+                say(
+                    f"deployment {deployment!r} uses the {block_type} block {name!r} "
+                    f"({parameter}): exists"
+                )
             except ObjectNotFound:
                 missing.append(slug)
-                how = (f"create it with `{CREATED_BY[block_type]} {name}`" if block_type in
-                       CREATED_BY else "create it in the UI (Blocks)")
-                say(f"deployment {deployment!r} uses the {block_type} block {name!r} "
-                    f"({parameter}), which does not exist: {how}; its runs fail until it does")
+                how = (
+                    f"create it with `{CREATED_BY[block_type]} {name}`"
+                    if block_type in CREATED_BY
+                    else "create it in the UI (Blocks)"
+                )
+                say(
+                    f"deployment {deployment!r} uses the {block_type} block {name!r} "
+                    f"({parameter}), which does not exist: {how}; its runs fail until it does"
+                )
     return missing
 
 
@@ -258,27 +281,51 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--work-pool", default=DEFAULT_WORK_POOL,
-                        help=f"name of the process work pool (default {DEFAULT_WORK_POOL!r}; "
-                        "prefect.yaml uses this name)")
-    parser.add_argument("--llm-max-in-flight", type=int, default=None,
-                        help="LLM calls in flight across all runs; given: set, even on an existing "
-                        "limit; omitted: created with the pipeline's default, an existing one kept")
-    parser.add_argument("--llm-requests-per-minute", type=int, default=None,
-                        help="LLM requests per minute across all runs (same rule)")
+    parser.add_argument(
+        "--work-pool",
+        default=DEFAULT_WORK_POOL,
+        help=f"name of the process work pool (default {DEFAULT_WORK_POOL!r}; "
+        "prefect.yaml uses this name)",
+    )
+    parser.add_argument(
+        "--llm-max-in-flight",
+        type=int,
+        default=None,
+        help="LLM calls in flight across all runs; given: set, even on an existing "
+        "limit; omitted: created with the pipeline's default, an existing one kept",
+    )
+    parser.add_argument(
+        "--llm-requests-per-minute",
+        type=int,
+        default=None,
+        help="LLM requests per minute across all runs (same rule)",
+    )
     aws = parser.add_argument_group("AWS credentials block")
-    aws.add_argument("--aws-credentials-block", metavar="NAME",
-                     help="save an AwsCredentials block NAME from the environment and these flags "
-                     "(prefect.yaml's nightly deployment uses 'invoices-aws')")
+    aws.add_argument(
+        "--aws-credentials-block",
+        metavar="NAME",
+        help="save an AwsCredentials block NAME from the environment and these flags "
+        "(prefect.yaml's nightly deployment uses 'invoices-aws')",
+    )
     aws.add_argument("--aws-region", help="region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    aws.add_argument("--aws-endpoint-url",
-                     help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    aws.add_argument("--aws-profile", help="profile name (default: AWS_PROFILE when no keys are set)")
-    aws.add_argument("--aws-no-keys", action="store_true",
-                     help="do not store access keys even if set: the worker's default chain provides them")
-    parser.add_argument("--openai-secret-block", metavar="NAME",
-                        help="save OPENAI_API_KEY as a Secret block NAME "
-                        "(prefect.yaml's nightly deployment uses 'openai-api-key')")
+    aws.add_argument(
+        "--aws-endpoint-url",
+        help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)",
+    )
+    aws.add_argument(
+        "--aws-profile", help="profile name (default: AWS_PROFILE when no keys are set)"
+    )
+    aws.add_argument(
+        "--aws-no-keys",
+        action="store_true",
+        help="do not store access keys even if set: the worker's default chain provides them",
+    )
+    parser.add_argument(
+        "--openai-secret-block",
+        metavar="NAME",
+        help="save OPENAI_API_KEY as a Secret block NAME "
+        "(prefect.yaml's nightly deployment uses 'openai-api-key')",
+    )
     return parser
 
 
@@ -288,34 +335,45 @@ def main(argv: list[str] | None = None) -> int:
 
     api_url = PREFECT_API_URL.value()
     if not api_url:
-        print("PREFECT_API_URL is not set: point it at the server to prepare "
-              "(e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
+        print(
+            "PREFECT_API_URL is not set: point it at the server to prepare "
+            "(e.g. http://127.0.0.1:4200/api)",
+            file=sys.stderr,
+        )
         return 2
     print(f"preparing the Prefect server at {api_url}")
     aws = None
     if args.aws_credentials_block:
         aws = AwsBlockOptions(
-            name=args.aws_credentials_block, region=args.aws_region,
-            endpoint_url=args.aws_endpoint_url, profile=args.aws_profile,
+            name=args.aws_credentials_block,
+            region=args.aws_region,
+            endpoint_url=args.aws_endpoint_url,
+            profile=args.aws_profile,
             store_keys=not args.aws_no_keys,
         )
     try:
-        asyncio.run(prepare(
-            work_pool=args.work_pool,
-            llm_max_in_flight=args.llm_max_in_flight,
-            llm_requests_per_minute=args.llm_requests_per_minute,
-            aws=aws,
-            openai_secret_block=args.openai_secret_block,
-        ))
+        asyncio.run(
+            prepare(
+                work_pool=args.work_pool,
+                llm_max_in_flight=args.llm_max_in_flight,
+                llm_requests_per_minute=args.llm_requests_per_minute,
+                aws=aws,
+                openai_secret_block=args.openai_secret_block,
+            )
+        )
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # e.g. the server is unreachable: say so, no traceback wall
-        print(f"error: could not prepare the server at {api_url}: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        print(
+            f"error: could not prepare the server at {api_url}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return 2
-    print("ready: now `prefect --no-prompt deploy --all` from the project root, "
-          f"then `prefect worker start --pool {args.work_pool}`")
+    print(
+        "ready: now `prefect --no-prompt deploy --all` from the project root, "
+        f"then `prefect worker start --pool {args.work_pool}`"
+    )
     return 0
 
 

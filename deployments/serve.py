@@ -32,7 +32,9 @@ ENTRYPOINT = "flows/process_invoices.py:process_invoices"
 def load_deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
     """The `deployments` of prefect.yaml whose entrypoint is the invoice flow."""
     config = yaml.safe_load(path.read_text())
-    specs = [spec for spec in config.get("deployments") or [] if spec.get("entrypoint") == ENTRYPOINT]
+    specs = [
+        spec for spec in config.get("deployments") or [] if spec.get("entrypoint") == ENTRYPOINT
+    ]
     if not specs:
         raise ValueError(f"{path} defines no deployment of {ENTRYPOINT}")
     return specs
@@ -44,10 +46,15 @@ def schedules_of(spec: dict[str, Any]) -> list[Any]:
     schedules = []
     for schedule in spec.get("schedules") or []:
         if "cron" not in schedule:
-            raise ValueError(f"deployment {spec['name']!r}: only cron schedules are served, got {schedule}")
+            raise ValueError(
+                f"deployment {spec['name']!r}: only cron schedules are served, got {schedule}"
+            )
         schedules.append(
-            Cron(schedule["cron"], timezone=schedule.get("timezone"),
-                 active=schedule.get("active", True))
+            Cron(
+                schedule["cron"],
+                timezone=schedule.get("timezone"),
+                active=schedule.get("active", True),
+            )
         )
     return schedules
 
@@ -75,24 +82,39 @@ def build_deployments(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deployments.serve", description=__doc__,
+        prog="python -m deployments.serve",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help="serve only this deployment of prefect.yaml (repeatable)")
-    parser.add_argument("--suffix", default="",
-                        help="append to the deployment names, e.g. --suffix=-dev, to keep the worker-based "
-                        "deployments of the same server untouched")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="flow runs at once in this process (default: no limit)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="serve only this deployment of prefect.yaml (repeatable)",
+    )
+    parser.add_argument(
+        "--suffix",
+        default="",
+        help="append to the deployment names, e.g. --suffix=-dev, to keep the worker-based "
+        "deployments of the same server untouched",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="flow runs at once in this process (default: no limit)",
+    )
     args = parser.parse_args(argv)
 
     from prefect import serve
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        print("PREFECT_API_URL is not set: point it at a running server "
-              "(served deployments need one to be triggered)", file=sys.stderr)
+        print(
+            "PREFECT_API_URL is not set: point it at a running server "
+            "(served deployments need one to be triggered)",
+            file=sys.stderr,
+        )
         return 2
     # Relative parameters (samples/invoices, out) and the entrypoint resolve from the root,
     # in this process and in the flow-run subprocesses it starts.

@@ -23,12 +23,22 @@ from pydantic import ValidationError
 from flows.local_server import ServerDidNotStart, temporary_server
 from tasks.report import RunRefused, RunSummary
 
-
 # The flow parameters `invoices run` offers as options (the others keep their defaults).
 RUN_OPTIONS = (
-    "source", "output", "extractor", "max_concurrency", "invoice_timeout", "max_attempts",
-    "reprocess_needs_review", "parse_executor", "max_pages", "max_bytes", "chunk_size", "shard",
-    "lease_seconds", "stop_grace_seconds",
+    "source",
+    "output",
+    "extractor",
+    "max_concurrency",
+    "invoice_timeout",
+    "max_attempts",
+    "reprocess_needs_review",
+    "parse_executor",
+    "max_pages",
+    "max_bytes",
+    "chunk_size",
+    "shard",
+    "lease_seconds",
+    "stop_grace_seconds",
 )
 
 
@@ -63,10 +73,15 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
             run.add_argument("source", nargs="?", **options)
         else:
             run.add_argument(*(["-o"] if name == "output" else []), _option(name), **options)
-    run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
-    run.add_argument("--no-progress", action="store_true",
-                     help="no progress on stderr (default: a live bar on a terminal, else a line "
-                     f"at most every {PLAIN_EVERY_SECONDS:g} s and one at the end)")
+    run.add_argument(
+        "--json", action="store_true", help="print the summary as JSON instead of a table"
+    )
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress on stderr (default: a live bar on a terminal, else a line "
+        f"at most every {PLAIN_EVERY_SECONDS:g} s and one at the end)",
+    )
 
 
 def check_parameters(parameters: dict[str, Any]) -> list[str]:
@@ -78,8 +93,10 @@ def check_parameters(parameters: dict[str, Any]) -> list[str]:
     try:
         RunSettings.model_validate(parameters)
     except ValidationError as exc:
-        return [f"{_option(str(error['loc'][0]))} {parameters[error['loc'][0]]!r}: {error['msg']}"
-                for error in exc.errors()]
+        return [
+            f"{_option(str(error['loc'][0]))} {parameters[error['loc'][0]]!r}: {error['msg']}"
+            for error in exc.errors()
+        ]
     return []
 
 
@@ -94,11 +111,15 @@ def run_on_a_server(flow: Any, parameters: dict[str, Any]) -> Any:
 
     if PREFECT_API_URL.value():
         return asyncio.run(flow(**parameters, return_state=True))
-    print("starting a temporary Prefect server for this run (set PREFECT_API_URL to use "
-          "yours)...", file=sys.stderr)
+    print(
+        "starting a temporary Prefect server for this run (set PREFECT_API_URL to use yours)...",
+        file=sys.stderr,
+    )
     # No UI on it, and it is gone when the run ends: no "View at" link to a page that is not there.
-    with temporary_server() as url, temporary_settings(updates={PREFECT_API_URL: url,
-                                                                PREFECT_UI_URL: ""}):
+    with (
+        temporary_server() as url,
+        temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""}),
+    ):
         try:
             return asyncio.run(flow(**parameters, return_state=True))
         finally:
@@ -141,9 +162,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("terminated before any invoice was processed", file=sys.stderr)
         return 128 + exc.signal
     except Exception as exc:  # the run could not even start (e.g. no Prefect API): say so
-        print(f"run failed before processing any invoice: {type(exc).__name__}: {exc}\n"
-              "nothing was processed: the manifest is only written under Prefect's lock",
-              file=sys.stderr)
+        print(
+            f"run failed before processing any invoice: {type(exc).__name__}: {exc}\n"
+            "nothing was processed: the manifest is only written under Prefect's lock",
+            file=sys.stderr,
+        )
         return 2
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, RunRefused):
@@ -172,9 +195,11 @@ def _demo_module(name: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name is None or not exc.name.startswith("testing"):
             raise
-        raise SystemExit(f"invoices: {name} is part of the repository's testing/ package, "
-                         "not of the installed one: run this from a checkout "
-                         "(pip install -e .)") from None
+        raise SystemExit(
+            f"invoices: {name} is part of the repository's testing/ package, "
+            "not of the installed one: run this from a checkout "
+            "(pip install -e .)"
+        ) from None
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -189,14 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["fake-llm"]:  # its own argparse; forward everything after the name
         return _demo_module("testing.fake_llm.server").main(argv[1:]) or 0
-    parser = argparse.ArgumentParser(prog="invoices", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="invoices", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     samples = sub.add_parser("samples", help="generate sample invoice PDFs")
     samples.add_argument("folder", help="where to write them")
     samples.add_argument("--count", type=int, default=12)
     samples.add_argument("--seed", type=int, default=0)
-    sub.add_parser("fake-llm", help="serve a local OpenAI-compatible fake LLM (see: invoices fake-llm --help)")
+    sub.add_parser(
+        "fake-llm", help="serve a local OpenAI-compatible fake LLM (see: invoices fake-llm --help)"
+    )
     args = parser.parse_args(argv)
     return {"run": cmd_run, "samples": cmd_samples}[args.command](args)

@@ -11,12 +11,15 @@ from prefect.runtime import flow_run
 from pydantic import SecretStr
 
 from flows.settings import DEFAULTS, ExtractorChoice
-from tasks.extract.einvoice import EmbeddedFirstExtractor
 from tasks.errors import ConfigurationError
 from tasks.extract.base import Extractor
+from tasks.extract.einvoice import EmbeddedFirstExtractor
+from tasks.extract.llm import (  # at import: importing openai takes ~0.3 s
+    LLMSettings,
+    OpenAIExtractor,
+)
 from tasks.extract.rules import OfflineExtractor
 from tasks.orchestration.limits import LLMSlots, ensure_llm_limits
-from tasks.extract.llm import LLMSettings, OpenAIExtractor  # at import: importing openai takes ~0.3 s
 from tasks.pdf.pool import PdfParser
 
 
@@ -63,8 +66,9 @@ async def build_extractor(
     # LLM calls are capped by Prefect limits, so all runs together stay within the account's.
     in_flight, rate_burst = await ensure_llm_limits(update_existing=False)
     capacity = min(max_in_flight, in_flight, rate_burst)
-    async with LLMSlots(capacity, lease_seconds=slot_lease_seconds,
-                        flow_run_id=flow_run.id) as slots:
+    async with LLMSlots(
+        capacity, lease_seconds=slot_lease_seconds, flow_run_id=flow_run.id
+    ) as slots:
         # Built in a worker thread, while the slots are taken: the client's TLS context loads
         # the CA bundle, which would otherwise hold the event loop (bench/README.md).
         building = asyncio.create_task(

@@ -27,8 +27,14 @@ from pathlib import Path
 
 STARTUP_TIMEOUT_S = 120.0
 # Services for deployments and schedules, which a run of its own does not use.
-_SERVICES_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS",
-                 "DB_VACUUM")
+_SERVICES_OFF = (
+    "SCHEDULER",
+    "LATE_RUNS",
+    "FOREMAN",
+    "CANCELLATION_CLEANUP",
+    "PAUSE_EXPIRATIONS",
+    "DB_VACUUM",
+)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -75,14 +81,28 @@ def temporary_server() -> Iterator[str]:
         # its server; in memory they were lost and the slots held for ever.
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": os.environ.get(
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
-            "prefect.server.concurrency.lease_storage.filesystem"),
+            "prefect.server.concurrency.lease_storage.filesystem",
+        ),
     }
     env.pop("PREFECT_API_URL", None)
-    log = tempfile.NamedTemporaryFile(prefix="invoices-prefect-server-", suffix=".log", delete=False)
+    # Kept open for the server process to write to; closed when the server is stopped.
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+        prefix="invoices-prefect-server-", suffix=".log", delete=False
+    )
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )

@@ -13,8 +13,16 @@ from prefect.utilities.annotations import quote
 from flows.blocks import AwsCredentialsBlock, secret_value
 from flows.run import InvoiceRun
 from flows.settings import (
-    DEFAULTS, Concurrency, Count, ExtractorChoice, GraceSeconds, Location, ParseExecutor,
-    RunSettings, Seconds, Shard,
+    DEFAULTS,
+    Concurrency,
+    Count,
+    ExtractorChoice,
+    GraceSeconds,
+    Location,
+    ParseExecutor,
+    RunSettings,
+    Seconds,
+    Shard,
 )
 from tasks.errors import ConfigurationError
 from tasks.manifest import ManifestWriteError
@@ -78,8 +86,10 @@ async def process_invoices(
     parameters = locals()
     settings = RunSettings(**{name: parameters[name] for name in RunSettings.model_fields})
     try:
-        async with InvoiceRun.open(settings, aws_credentials,
-                                   secret_value(openai_api_key)) as (run, plan):
+        async with InvoiceRun.open(settings, aws_credentials, secret_value(openai_api_key)) as (
+            run,
+            plan,
+        ):
             report_plan(plan, run.source.url, run.holders)
             async with run.recording(plan):
                 await run.claim(plan)
@@ -95,8 +105,11 @@ async def process_invoices(
         return refused(str(exc))
     await publish_summary(quote(summary))  # quote: no futures in it for Prefect to look for
     # The last line of the run's log, so `--watch` (which streams the logs) ends with it.
-    get_run_logger().log(logging.WARNING if summary.failed or summary.counts.get("needs_review")
-                         else logging.INFO, "%s", summary.headline)
+    get_run_logger().log(
+        logging.WARNING if summary.failed or summary.counts.get("needs_review") else logging.INFO,
+        "%s",
+        summary.headline,
+    )
     return outcome_state(summary, fail_on_invoice_errors)
 
 
@@ -107,18 +120,30 @@ def refused(reason: str) -> State:
 
 def report_plan(plan: BatchPlan, source: str, holders: dict[str, ClaimHolder]) -> None:
     logger = get_run_logger()
-    logger.info("%d invoices to process under %s; skipped: %d done, %d needs_review, %d out of "
-                "attempts, %d claimed by another run", len(plan.todo), source,
-                len(plan.skipped_done), len(plan.skipped_review), len(plan.skipped_exhausted),
-                len(plan.in_flight_elsewhere))
+    logger.info(
+        "%d invoices to process under %s; skipped: %d done, %d needs_review, %d out of "
+        "attempts, %d claimed by another run",
+        len(plan.todo),
+        source,
+        len(plan.skipped_done),
+        len(plan.skipped_review),
+        len(plan.skipped_exhausted),
+        len(plan.in_flight_elsewhere),
+    )
     if plan.taken_over:
-        logger.warning("taking over %d invoices claimed by a run that ended or stopped "
-                       "renewing its claims: %s",
-                       len(plan.taken_over), ", ".join(plan.taken_over[:10]))
+        logger.warning(
+            "taking over %d invoices claimed by a run that ended or stopped "
+            "renewing its claims: %s",
+            len(plan.taken_over),
+            ", ".join(plan.taken_over[:10]),
+        )
     for run_id, count in Counter(plan.holders.values()).items():
         holder = holders.get(run_id or "") or run_id
-        logger.warning("leaving %d invoices to the run that claimed them and is still running: "
-                       "%s", count, holder)
+        logger.warning(
+            "leaving %d invoices to the run that claimed them and is still running: %s",
+            count,
+            holder,
+        )
 
 
 def outcome_state(summary: RunSummary, fail_on_invoice_errors: bool) -> State:
@@ -129,7 +154,8 @@ def outcome_state(summary: RunSummary, fail_on_invoice_errors: bool) -> State:
     if summary.stopped_by:
         return Cancelled(
             message=f"stopped by {summary.stopped_by}: {summary.processed} invoices recorded, "
-            f"{summary.unfinished} given back unfinished", data=summary,
+            f"{summary.unfinished} given back unfinished",
+            data=summary,
         )
     if summary.failed and fail_on_invoice_errors:
         return Failed(message=summary.headline, data=summary)

@@ -49,9 +49,11 @@ def timing(snapshot: ProgressSnapshot, *, final: bool = False) -> str:
 
 def describe(snapshot: ProgressSnapshot, *, final: bool = False) -> str:
     """`40/120 processed (35 done, 3 needs_review, 2 failed), 2.1/s, ETA 38 s`."""
-    return (f"{snapshot.processed}/{snapshot.total} processed ({snapshot.done} done, "
-            f"{snapshot.needs_review} needs_review, {snapshot.failed} failed), "
-            f"{snapshot.rate:.1f}/s, {timing(snapshot, final=final)}")
+    return (
+        f"{snapshot.processed}/{snapshot.total} processed ({snapshot.done} done, "
+        f"{snapshot.needs_review} needs_review, {snapshot.failed} failed), "
+        f"{snapshot.rate:.1f}/s, {timing(snapshot, final=final)}"
+    )
 
 
 def _worth_showing(snapshot: ProgressSnapshot) -> bool:
@@ -66,8 +68,13 @@ class PlainProgress:
     loop, so the rate limit is here, by the clock, and an update that writes nothing costs a
     comparison."""
 
-    def __init__(self, stream: TextIO, *, every: float = PLAIN_EVERY_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        every: float = PLAIN_EVERY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stream, self.every, self._clock = stream, every, clock
         self._latest: ProgressSnapshot | None = None
         self._shown: tuple[int, ...] | None = None  # the counts on the last line written
@@ -78,8 +85,13 @@ class PlainProgress:
         if not _worth_showing(snapshot):
             return
         self._latest = snapshot
-        counts = (snapshot.total, snapshot.processed, snapshot.done, snapshot.needs_review,
-                  snapshot.failed)
+        counts = (
+            snapshot.total,
+            snapshot.processed,
+            snapshot.done,
+            snapshot.needs_review,
+            snapshot.failed,
+        )
         now = self._clock()
         if counts != self._shown and now - self._shown_at >= self.every:
             self._write(describe(snapshot))
@@ -119,9 +131,13 @@ class LiveProgress:
             return
         self._snapshot = snapshot
         if self._live is None:
-            self._live = Live(self, console=self.console, refresh_per_second=self.refresh_per_second,
-                              redirect_stdout=False,  # stdout is the summary's, maybe JSON
-                              redirect_stderr=self.console.file is sys.stderr)
+            self._live = Live(
+                self,
+                console=self.console,
+                refresh_per_second=self.refresh_per_second,
+                redirect_stdout=False,  # stdout is the summary's, maybe JSON
+                redirect_stderr=self.console.file is sys.stderr,
+            )
             self._live.start(refresh=True)
             self._undo.enter_context(_logs_above(self.console))
 
@@ -142,12 +158,19 @@ class LiveProgress:
         grid.add_column(ratio=1)  # the bar takes what the text leaves (15 of 80 columns)
         for _ in range(4):
             grid.add_column(no_wrap=True)
-        counts = Text.assemble((f"{snapshot.done} done", "green"), ", ",
-                               (f"{snapshot.needs_review} needs_review", "yellow"), ", ",
-                               (f"{snapshot.failed} failed", "red" if snapshot.failed else ""))
+        counts = Text.assemble(
+            (f"{snapshot.done} done", "green"),
+            ", ",
+            (f"{snapshot.needs_review} needs_review", "yellow"),
+            ", ",
+            (f"{snapshot.failed} failed", "red" if snapshot.failed else ""),
+        )
         grid.add_row(
-            ProgressBar(total=max(snapshot.total, snapshot.processed), completed=snapshot.processed,
-                        finished_style="green"),
+            ProgressBar(
+                total=max(snapshot.total, snapshot.processed),
+                completed=snapshot.processed,
+                finished_style="green",
+            ),
             Text(f"{snapshot.processed}/{snapshot.total}"),
             counts,
             Text(f"{snapshot.rate:.1f}/s"),
@@ -183,8 +206,9 @@ class _LinesAbove(io.TextIOBase):
 
     def _print(self, lines: list[str]) -> None:
         # The handler's colours arrive as ANSI codes: decoded, so the console redraws them.
-        self._console.print(Text("\n").join(self._decoder.decode_line(line) for line in lines),
-                            soft_wrap=True)
+        self._console.print(
+            Text("\n").join(self._decoder.decode_line(line) for line in lines), soft_wrap=True
+        )
 
     def writable(self) -> bool:
         return True
@@ -203,7 +227,10 @@ def _logs_above(console: Console) -> Iterator[None]:
     stream = cast(TextIO, console.file)
     above = cast(TextIO, _LinesAbove(console, stream))
     known = list(logging.Logger.manager.loggerDict.values())  # a copy: other threads add loggers
-    loggers = [logging.getLogger(), *(logger for logger in known if isinstance(logger, logging.Logger))]
+    loggers = [
+        logging.getLogger(),
+        *(logger for logger in known if isinstance(logger, logging.Logger)),
+    ]
     handlers = {id(handler): handler for logger in loggers for handler in logger.handlers}
     moved: list[logging.StreamHandler[TextIO]] = []
     consoles: list[Console] = []
@@ -232,8 +259,9 @@ def _isatty(stream: TextIO) -> bool:
 
 
 @contextmanager
-def show_progress(stream: TextIO | None = None, *, live: bool | None = None,
-                  every: float = PLAIN_EVERY_SECONDS) -> Iterator[None]:
+def show_progress(
+    stream: TextIO | None = None, *, live: bool | None = None, every: float = PLAIN_EVERY_SECONDS
+) -> Iterator[None]:
     """Show the progress of a run in this process on `stream` while the block runs: redrawn
     live when it is a terminal (or `live` is true), else as plain lines at most every
     `every` seconds and a last one at the end. Nothing when no run reports progress.
@@ -244,7 +272,8 @@ def show_progress(stream: TextIO | None = None, *, live: bool | None = None,
     if live is None:
         live = _isatty(stream)
     display: LiveProgress | PlainProgress = (
-        LiveProgress(Console(file=stream, force_terminal=True)) if live
+        LiveProgress(Console(file=stream, force_terminal=True))
+        if live
         else PlainProgress(stream, every=every)
     )
     try:

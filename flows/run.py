@@ -24,8 +24,15 @@ from tasks.manifest.claims import ClaimHolder, Claims, claim_holders
 from tasks.orchestration.limits import ensure_manifest_lock, report_manifest_lock_wait
 from tasks.orchestration.manifest_lock import manifest_lock_tag, run_locked_session
 from tasks.pdf.pool import PdfParser
-from tasks.pipeline import BatchPlan, InvoiceContext, ProcessedInvoice, in_shard, parse_shard
-from tasks.pipeline import plan_batch, process_all
+from tasks.pipeline import (
+    BatchPlan,
+    InvoiceContext,
+    ProcessedInvoice,
+    in_shard,
+    parse_shard,
+    plan_batch,
+    process_all,
+)
 from tasks.report import RunProgress, RunSummary, summarize
 from tasks.runtime import LoopStallProbe, gc_frozen
 from tasks.stopping import StopRequest
@@ -51,56 +58,86 @@ class InvoiceRun:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, settings: RunSettings, credentials: AwsCredentialsBlock | None,
-                   api_key: SecretStr | None) -> AsyncIterator[tuple[InvoiceRun, BatchPlan]]:
+    async def open(
+        cls,
+        settings: RunSettings,
+        credentials: AwsCredentialsBlock | None,
+        api_key: SecretStr | None,
+    ) -> AsyncIterator[tuple[InvoiceRun, BatchPlan]]:
         """Set the run up and make its first plan; everything is closed on the way out."""
         started = time.perf_counter()
         async with AsyncExitStack() as stack:
             loop_probe = await stack.enter_async_context(LoopStallProbe())
             freeze_setup = stack.enter_context(gc_frozen())
             source, output = await all_or_nothing(
-                stack.enter_async_context(open_store(settings.source, credentials=credentials,
-                                                     create=False, role="source")),
-                stack.enter_async_context(open_store(settings.output, credentials=credentials,
-                                                     role="output")),
+                stack.enter_async_context(
+                    open_store(
+                        settings.source, credentials=credentials, create=False, role="source"
+                    )
+                ),
+                stack.enter_async_context(
+                    open_store(settings.output, credentials=credentials, role="output")
+                ),
             )
             target = ManifestTarget(output, source=source.url)
             # The PDF pool also runs the CPU-bound extraction.
             parser = PdfParser(settings.parse_executor, max_pages=settings.max_pages)
-            run = cls(settings, source, output, target, StopRequest(settings.stop_grace_seconds),
-                      loop_probe, started)
+            run = cls(
+                settings,
+                source,
+                output,
+                target,
+                StopRequest(settings.stop_grace_seconds),
+                loop_probe,
+                started,
+            )
             # These steps are independent and mostly wait (on the Prefect server, S3,
             # starting processes), so they overlap; the first failure stops them all.
             # (Reading the manifest needs no lock: writes are compare-and-swap.)
             _, extractor, _, plan = await all_or_nothing(
                 ensure_manifest_lock(manifest_lock_tag(target.location)),
-                stack.enter_async_context(build_extractor(
-                    settings.extractor, parser=parser, api_key=api_key,
-                    max_in_flight=settings.max_concurrency,
-                    slot_lease_seconds=settings.lease_seconds)),
+                stack.enter_async_context(
+                    build_extractor(
+                        settings.extractor,
+                        parser=parser,
+                        api_key=api_key,
+                        max_in_flight=settings.max_concurrency,
+                        slot_lease_seconds=settings.lease_seconds,
+                    )
+                ),
                 stack.enter_async_context(parser),
                 run.plan(),
             )
             run.ctx = InvoiceContext(
-                source, output, parser, extractor, flow_run.id,
-                invoice_timeout=settings.invoice_timeout, max_bytes=settings.max_bytes,
-                max_concurrency=settings.max_concurrency, stop=run.stop)
+                source,
+                output,
+                parser,
+                extractor,
+                flow_run.id,
+                invoice_timeout=settings.invoice_timeout,
+                max_bytes=settings.max_bytes,
+                max_concurrency=settings.max_concurrency,
+                stop=run.stop,
+            )
             freeze_setup()  # the set-up's objects live as long as the run
             yield run, plan
 
     async def plan(self, only: Collection[str] | None = None) -> BatchPlan:
         """What to process: the listing (of this shard; of `only`, if given) against the
         manifest. A source with nothing under it is refused, not an empty success."""
-        manifest, listing = await all_or_nothing(self.target.read(),
-                                                 self.source.list(suffix=".pdf"))
+        manifest, listing = await all_or_nothing(
+            self.target.read(), self.source.list(suffix=".pdf")
+        )
         if not listing and only is None and not await self.source.exists():
             raise ConfigurationError(
-                f"nothing is stored under the source {self.source.url}: check it (a typo?)")
+                f"nothing is stored under the source {self.source.url}: check it (a typo?)"
+            )
         self.holders.update(await claim_holders(manifest, own_run=flow_run.id))
         shard = parse_shard(self.settings.shard)
         return plan_batch(
             [o for o in listing if in_shard(o.key, shard) and (only is None or o.key in only)],
-            manifest, max_attempts=self.settings.max_attempts,
+            manifest,
+            max_attempts=self.settings.max_attempts,
             reprocess_needs_review=self.settings.reprocess_needs_review,
             flow_run_id=flow_run.id,
             ended_runs={run for run, holder in self.holders.items() if holder.ended},
@@ -112,13 +149,21 @@ class InvoiceRun:
         run's claims, open while invoices are processed; leaving flushes every outcome."""
         self.progress = await RunProgress.start(len(plan.todo))
         self.writer = ManifestWriter(
-            partial(run_locked_session, self.target), on_commit=self.progress.advance,
-            on_lock_wait=partial(report_manifest_lock_wait, manifest_lock_tag(self.target.location)))
+            partial(run_locked_session, self.target),
+            on_commit=self.progress.advance,
+            on_lock_wait=partial(
+                report_manifest_lock_wait, manifest_lock_tag(self.target.location)
+            ),
+        )
         with self.stop.on_signals():
             if plan.todo:  # ask for the lock now, before this run's task runs load the server
                 await self.writer.open()
-            async with self.writer, Claims(self.writer, self.ctx, self.target,
-                                           lease_seconds=self.settings.lease_seconds) as claims:
+            async with (
+                self.writer,
+                Claims(
+                    self.writer, self.ctx, self.target, lease_seconds=self.settings.lease_seconds
+                ) as claims,
+            ):
                 self.claims = claims
                 yield claims
                 if self.stop.requested:  # record what finished, but do not wait forever
@@ -132,8 +177,9 @@ class InvoiceRun:
         plan.taken_over = [key for key in plan.taken_over if key not in claimed_first]
 
     async def process(self, plan: BatchPlan) -> None:
-        self.processed += await process_all(self.ctx, plan.todo, self.record,
-                                            chunk_size=self.settings.chunk_size)
+        self.processed += await process_all(
+            self.ctx, plan.todo, self.record, chunk_size=self.settings.chunk_size
+        )
 
     def record(self, done: ProcessedInvoice) -> None:
         """An invoice's final outcome: its claim needs no renewal, the manifest gets it."""
@@ -151,16 +197,23 @@ class InvoiceRun:
         late.in_flight_elsewhere += claimed_first
         plan.fold_in(late)
         self.progress.total = len(plan.todo)
-        self.processed += await process_all(self.ctx, late.todo, self.record,
-                                            chunk_size=self.settings.chunk_size)
+        self.processed += await process_all(
+            self.ctx, late.todo, self.record, chunk_size=self.settings.chunk_size
+        )
 
     def summary(self, plan: BatchPlan) -> RunSummary:
         return summarize(
-            source=self.source.url, output=self.output.url, plan=plan, processed=self.processed,
-            manifest_writes=len(self.writer.batches), seconds=time.perf_counter() - self.started,
-            max_loop_stall_s=self.loop_probe.max_stall, flow_run_id=str(flow_run.id),
-            claim_holders=sorted({str(self.holders[run]) for run in plan.holders.values()
-                                  if run in self.holders}),
+            source=self.source.url,
+            output=self.output.url,
+            plan=plan,
+            processed=self.processed,
+            manifest_writes=len(self.writer.batches),
+            seconds=time.perf_counter() - self.started,
+            max_loop_stall_s=self.loop_probe.max_stall,
+            flow_run_id=str(flow_run.id),
+            claim_holders=sorted(
+                {str(self.holders[run]) for run in plan.holders.values() if run in self.holders}
+            ),
             stopped_by=self.stop.signal.name if self.stop.signal else None,
         )
 

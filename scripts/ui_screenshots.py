@@ -88,6 +88,7 @@ class Page:
 
 # --- Chromium -------------------------------------------------------------------------------
 
+
 def find_browser() -> str | None:
     for name in BROWSERS:
         if path := shutil.which(name):
@@ -101,18 +102,26 @@ def ensure_browser() -> str:
         return found
     apt = shutil.which("apt-get")
     if apt is None:
-        raise SetupError("no chromium/chromium-browser/google-chrome on PATH and no apt-get "
-                         "to install one: install Chromium and run again")
+        raise SetupError(
+            "no chromium/chromium-browser/google-chrome on PATH and no apt-get "
+            "to install one: install Chromium and run again"
+        )
     prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]  # sudo only when not root
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     print("installing Debian's chromium with apt-get (no browser on PATH)...", file=sys.stderr)
-    for command in ([*prefix, apt, "update", "-qq"], [*prefix, apt, "install", "-y", "-qq", "chromium"]):
-        done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True)
+    for command in (
+        [*prefix, apt, "update", "-qq"],
+        [*prefix, apt, "install", "-y", "-qq", "chromium"],
+    ):
+        done = subprocess.run(
+            command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+        )
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise SetupError(f"could not install chromium ({' '.join(command)} exited "
-                             f"{done.returncode}: {tail[0]}): install it and run again")
+            raise SetupError(
+                f"could not install chromium ({' '.join(command)} exited "
+                f"{done.returncode}: {tail[0]}): install it and run again"
+            )
     if found := find_browser():
         return found
     raise SetupError("apt-get installed chromium but no browser is on PATH")
@@ -120,9 +129,16 @@ def ensure_browser() -> str:
 
 def browser_command(browser: str, profile: Path, height: int, *extra: str) -> list[str]:
     return [
-        browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-        "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-        f"--window-size={WIDTH},{height}", *extra,
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        f"--window-size={WIDTH},{height}",
+        *extra,
     ]
 
 
@@ -130,15 +146,22 @@ def capture(browser: str, page: Page, profile: Path) -> str:
     """Screenshot of `page` into page.png, its rendered DOM into page.dom; the DOM's text."""
     budget = f"--virtual-time-budget={VIRTUAL_TIME_MS}"
     subprocess.run(
-        browser_command(browser, profile, page.height, budget, f"--screenshot={page.png}",
-                        page.url),
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=BROWSER_TIMEOUT_S, check=False,
+        browser_command(
+            browser, profile, page.height, budget, f"--screenshot={page.png}", page.url
+        ),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=BROWSER_TIMEOUT_S,
+        check=False,
     )
     if not page.png.exists():
         raise SetupError(f"chromium wrote no screenshot of {page.url}")
     dumped = subprocess.run(
         browser_command(browser, profile, page.height, budget, "--dump-dom", page.url),
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=BROWSER_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=BROWSER_TIMEOUT_S,
         check=False,
     )
     page.dom.write_text(dumped.stdout)
@@ -166,9 +189,13 @@ def capture_with_tabs_chosen(browser: str, page: Page, tabs: list[str], profile:
 
     port = _free_port()
     process = subprocess.Popen(
-        browser_command(browser, profile, page.height, f"--remote-debugging-port={port}",
-                        "about:blank"),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        browser_command(
+            browser, profile, page.height, f"--remote-debugging-port={port}", "about:blank"
+        ),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         targets: list[dict[str, Any]] = []
@@ -223,6 +250,7 @@ def visible_text(dom: str) -> str:
 
 # --- the Prefect side -----------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -252,9 +280,13 @@ def ui_server(api_url: str, static_dir: Path) -> Iterator[str]:
     }
     log = static_dir.parent / "ui-server.log"
     with log.open("wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-c", UI_APP, str(port)], env=env,
-                                   stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-c", UI_APP, str(port)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + UI_START_TIMEOUT_S
         # /ui-settings answers once the app is up; index.html once the files are copied.
@@ -273,7 +305,9 @@ def write_source(folder: Path) -> None:
 
     good = write_samples(folder, GOOD_INVOICES, seed=0)
     (folder / "empty.pdf").write_bytes(b"")
-    (folder / "not-a-pdf.pdf").write_text("Invoice 42\nTotal: 100.00 EUR\n(this is text, not a PDF)\n")
+    (folder / "not-a-pdf.pdf").write_text(
+        "Invoice 42\nTotal: 100.00 EUR\n(this is text, not a PDF)\n"
+    )
     whole = good[0].read_bytes()
     (folder / "truncated.pdf").write_bytes(whole[: len(whole) // 2])
 
@@ -289,9 +323,13 @@ async def ensure_pool_and_queue(pool: str, queue: str) -> None:
         try:
             await client.read_work_pool(pool)
         except ObjectNotFound:
-            await client.create_work_pool(WorkPoolCreate(
-                name=pool, type=ProcessWorker.type,
-                base_job_template=ProcessWorker.get_default_base_job_template()))
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name=pool,
+                    type=ProcessWorker.type,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                )
+            )
         try:
             await client.read_work_queue_by_name(queue, work_pool_name=pool)
         except ObjectNotFound:
@@ -316,11 +354,17 @@ async def create_deployment(name: str) -> UUID:
     # flow no longer has.
     unknown = sorted(set(parameters) - set(flow_parameters()))
     if unknown:
-        print(f"note: prefect.yaml's {name} sets parameters the flow does not have: "
-              f"{', '.join(unknown)}")
+        print(
+            f"note: prefect.yaml's {name} sets parameters the flow does not have: "
+            f"{', '.join(unknown)}"
+        )
     deployment = await process_invoices.ato_deployment(
-        name=name, description=spec.get("description"), tags=spec.get("tags"),
-        parameters=parameters, work_pool_name=pool, work_queue_name=queue,
+        name=name,
+        description=spec.get("description"),
+        tags=spec.get("tags"),
+        parameters=parameters,
+        work_pool_name=pool,
+        work_queue_name=queue,
     )
     try:
         return await deployment.aapply()
@@ -343,8 +387,11 @@ async def create_placeholder_blocks() -> list[str]:
 def failed_invoices(output: Path) -> dict[str, str]:
     """Failed invoice key -> error code, from the run's manifest (the documented format)."""
     manifest = json.loads((output / "manifest.json").read_text())
-    return {key: entry.get("error_code") or "?" for key, entry in manifest["entries"].items()
-            if entry.get("status") == "failed"}
+    return {
+        key: entry.get("error_code") or "?"
+        for key, entry in manifest["entries"].items()
+        if entry.get("status") == "failed"
+    }
 
 
 def flow_parameters() -> dict[str, dict[str, Any]]:
@@ -368,8 +415,12 @@ def shown_on_a_log_line(text: str, key: str, code: str) -> str | None:
     """The level of the first log line naming `key` with `code` after it, "?" when the
     level is not just before it, None when no such line is on the page."""
     # The v1 UI writes the level as "Warning" (upper case by its style sheet).
-    for found in re.finditer(rf"(?:\b({'|'.join(LEVELS)})\s+)?{re.escape(key)}\b.{{0,300}}?"
-                             rf"\b{re.escape(code)}\b", text, flags=re.IGNORECASE):
+    for found in re.finditer(
+        rf"(?:\b({'|'.join(LEVELS)})\s+)?{re.escape(key)}\b.{{0,300}}?"
+        rf"\b{re.escape(code)}\b",
+        text,
+        flags=re.IGNORECASE,
+    ):
         return (found.group(1) or "?").upper()
     return None
 
@@ -377,17 +428,21 @@ def shown_on_a_log_line(text: str, key: str, code: str) -> str | None:
 def form_bounds(dom: str, parameters: dict[str, dict[str, Any]]) -> list[str]:
     """`name: min..max` of each number input of the form beside the schema's bounds; the
     form renders the numeric parameters' inputs in signature order."""
-    numeric = [name for name, schema in parameters.items()
-               if schema.get("type") in ("integer", "number")]
+    numeric = [
+        name for name, schema in parameters.items() if schema.get("type") in ("integer", "number")
+    ]
     inputs = re.findall(r'<input\b[^>]*\btype="number"[^>]*>', dom)
     if len(inputs) != len(numeric):
         return [f"{len(inputs)} number inputs for {len(numeric)} numeric parameters: not matched"]
     lines = []
-    for name, tag in zip(numeric, inputs):
+    for name, tag in zip(numeric, inputs, strict=False):
         attrs = dict(re.findall(r'\b(min|max)="([^"]*)"', tag))
         schema = parameters[name]
-        wanted = {k: schema[k] for k in ("minimum", "exclusiveMinimum", "maximum",
-                                          "exclusiveMaximum") if k in schema}
+        wanted = {
+            k: schema[k]
+            for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+            if k in schema
+        }
         form = f"{attrs.get('min', '')}..{attrs.get('max', '')}" if attrs else "no bounds"
         lines.append(f"{name}: form {form}; schema {wanted or 'none'}")
     return lines
@@ -395,12 +450,21 @@ def form_bounds(dom: str, parameters: dict[str, dict[str, Any]]) -> list[str]:
 
 # --- the script -----------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/ui-screenshots"),
-                        help="folder for the PNGs and DOM dumps (default /tmp/ui-screenshots)")
-    parser.add_argument("--ui", choices=["v2", "v1"], default="v2",
-                        help="which Prefect UI: v2 (what the server opens by default) or v1")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("/tmp/ui-screenshots"),
+        help="folder for the PNGs and DOM dumps (default /tmp/ui-screenshots)",
+    )
+    parser.add_argument(
+        "--ui",
+        choices=["v2", "v1"],
+        default="v2",
+        help="which Prefect UI: v2 (what the server opens by default) or v1",
+    )
     return parser.parse_args(argv)
 
 
@@ -416,27 +480,44 @@ def run(args: argparse.Namespace, browser: str, work: Path) -> int:
     with temporary_server() as api_url, temporary_settings(updates={PREFECT_API_URL: api_url}):
         deployment_id = asyncio.run(create_deployment("on-demand"))
         try:
-            state: Any = asyncio.run(process_invoices(
-                source=str(source), output=str(output), extractor="offline", return_state=True))
+            state: Any = asyncio.run(
+                process_invoices(
+                    source=str(source), output=str(output), extractor="offline", return_state=True
+                )
+            )
         finally:
             flush_to_server()  # the run's logs reach the server before the pages are read
         flow_run_id = state.state_details.flow_run_id
         print(f"flow run {flow_run_id}: {state.type.value} {state.name}: {state.message}")
         failed = failed_invoices(output)
-        print("failed invoices (manifest): "
-              + (", ".join(f"{key} ({code})" for key, code in failed.items()) or "none"))
+        print(
+            "failed invoices (manifest): "
+            + (", ".join(f"{key} ({code})" for key, code in failed.items()) or "none")
+        )
 
         with ui_server(api_url, work / "ui-static") as ui:
             root = ui if args.ui == "v1" else f"{ui}/v2"
             pages = [
-                Page("flow-run-logs", f"{root}/runs/flow-run/{flow_run_id}?tab=Logs",
-                     args.out / "flow-run-logs.png", args.out / "flow-run-logs.html",
-                     height=LOGS_HEIGHT),
-                Page("flow-run-details", f"{root}/runs/flow-run/{flow_run_id}?tab=Details",
-                     args.out / "flow-run-details.png", args.out / "flow-run-details.html"),
-                Page("run-form-on-demand", f"{root}/deployments/deployment/{deployment_id}/run",
-                     args.out / "run-form-on-demand.png", args.out / "run-form-on-demand.html",
-                     height=FORM_HEIGHT),
+                Page(
+                    "flow-run-logs",
+                    f"{root}/runs/flow-run/{flow_run_id}?tab=Logs",
+                    args.out / "flow-run-logs.png",
+                    args.out / "flow-run-logs.html",
+                    height=LOGS_HEIGHT,
+                ),
+                Page(
+                    "flow-run-details",
+                    f"{root}/runs/flow-run/{flow_run_id}?tab=Details",
+                    args.out / "flow-run-details.png",
+                    args.out / "flow-run-details.html",
+                ),
+                Page(
+                    "run-form-on-demand",
+                    f"{root}/deployments/deployment/{deployment_id}/run",
+                    args.out / "run-form-on-demand.png",
+                    args.out / "run-form-on-demand.html",
+                    height=FORM_HEIGHT,
+                ),
             ]
             texts = {page.name: capture(browser, page, work / "chromium-profile") for page in pages}
             # The credential parameters default to None: their block pickers show only once
@@ -444,11 +525,16 @@ def run(args: argparse.Namespace, browser: str, work: Path) -> int:
             # blocks on the server to pick from).
             if blocks := block_type_titles():
                 print("blocks to pick from: " + ", ".join(asyncio.run(create_placeholder_blocks())))
-                chosen = Page("run-form-on-demand-blocks", pages[2].url,
-                              args.out / "run-form-on-demand-blocks.png",
-                              args.out / "run-form-on-demand-blocks.html", height=FORM_HEIGHT)
+                chosen = Page(
+                    "run-form-on-demand-blocks",
+                    pages[2].url,
+                    args.out / "run-form-on-demand-blocks.png",
+                    args.out / "run-form-on-demand-blocks.html",
+                    height=FORM_HEIGHT,
+                )
                 texts[chosen.name] = capture_with_tabs_chosen(
-                    browser, chosen, blocks, work / "chromium-profile")
+                    browser, chosen, blocks, work / "chromium-profile"
+                )
                 pages.append(chosen)
 
     for page in pages:
@@ -458,26 +544,38 @@ def run(args: argparse.Namespace, browser: str, work: Path) -> int:
             print(f"note: the DOM dump of {name} holds almost no text: rely on its screenshot")
 
     # The failures must be on the run's log lines (key, then its code), not just counted.
-    levels = {key: shown_on_a_log_line(texts["flow-run-logs"], key, code)
-              for key, code in failed.items()}
+    levels = {
+        key: shown_on_a_log_line(texts["flow-run-logs"], key, code) for key, code in failed.items()
+    }
     missing = [f"{key} ({failed[key]})" for key, level in levels.items() if level is None]
     ok = bool(failed) and not missing
-    print(f"check flow run page: {len(failed) - len(missing)} of {len(failed)} failed invoices "
-          "on a log line with their error code"
-          + "".join(f"\n  {level} {key} ({failed[key]})" for key, level in levels.items() if level)
-          + (f"\n  missing: {', '.join(missing)}" if missing else "")
-          + ("" if failed else " (no invoice failed: the run should have had failures)"))
+    print(
+        f"check flow run page: {len(failed) - len(missing)} of {len(failed)} failed invoices "
+        "on a log line with their error code"
+        + "".join(f"\n  {level} {key} ({failed[key]})" for key, level in levels.items() if level)
+        + (f"\n  missing: {', '.join(missing)}" if missing else "")
+        + ("" if failed else " (no invoice failed: the run should have had failures)")
+    )
     if state.message:
         for name in ("flow-run-logs", "flow-run-details"):
-            print(f"check flow run page: state message {state.message!r} "
-                  + ("shown" if state.message in texts[name] else "NOT shown") + f" on {name}")
+            print(
+                f"check flow run page: state message {state.message!r} "
+                + ("shown" if state.message in texts[name] else "NOT shown")
+                + f" on {name}"
+            )
     parameters = flow_parameters()
     absent = [name for name in parameters if name not in texts["run-form-on-demand"]]
-    print(f"check run form: {len(parameters) - len(absent)} of {len(parameters)} parameter names "
-          "shown" + (f"; not in the DOM: {', '.join(absent)}" if absent else ""))
-    print("check run form: numeric bounds (form input min..max; flow schema)"
-          + "".join(f"\n  {line}" for line in form_bounds(
-              (args.out / "run-form-on-demand.html").read_text(), parameters)))
+    print(
+        f"check run form: {len(parameters) - len(absent)} of {len(parameters)} parameter names "
+        "shown" + (f"; not in the DOM: {', '.join(absent)}" if absent else "")
+    )
+    print(
+        "check run form: numeric bounds (form input min..max; flow schema)"
+        + "".join(
+            f"\n  {line}"
+            for line in form_bounds((args.out / "run-form-on-demand.html").read_text(), parameters)
+        )
+    )
     return 0 if ok else 1
 
 

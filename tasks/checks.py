@@ -40,16 +40,95 @@ if TYPE_CHECKING:
 # Total IBAN length per country, from the SWIFT IBAN registry: every SEPA country plus the
 # other registered ones. A country missing here has no IBAN, so its "IBAN" cannot be valid.
 IBAN_LENGTHS: dict[str, int] = {
-    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
-    "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27,
-    "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27,
-    "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HN": 28, "HR": 21, "HU": 28,
-    "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28,
-    "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22,
-    "MK": 19, "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23,
-    "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24,
-    "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28,
-    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+    "AD": 24,
+    "AE": 23,
+    "AL": 28,
+    "AT": 20,
+    "AZ": 28,
+    "BA": 20,
+    "BE": 16,
+    "BG": 22,
+    "BH": 22,
+    "BI": 27,
+    "BR": 29,
+    "BY": 28,
+    "CH": 21,
+    "CR": 22,
+    "CY": 28,
+    "CZ": 24,
+    "DE": 22,
+    "DJ": 27,
+    "DK": 18,
+    "DO": 28,
+    "EE": 20,
+    "EG": 29,
+    "ES": 24,
+    "FI": 18,
+    "FK": 18,
+    "FO": 18,
+    "FR": 27,
+    "GB": 22,
+    "GE": 22,
+    "GI": 23,
+    "GL": 18,
+    "GR": 27,
+    "GT": 28,
+    "HN": 28,
+    "HR": 21,
+    "HU": 28,
+    "IE": 22,
+    "IL": 23,
+    "IQ": 23,
+    "IS": 26,
+    "IT": 27,
+    "JO": 30,
+    "KW": 30,
+    "KZ": 20,
+    "LB": 28,
+    "LC": 32,
+    "LI": 21,
+    "LT": 20,
+    "LU": 20,
+    "LV": 21,
+    "LY": 25,
+    "MC": 27,
+    "MD": 24,
+    "ME": 22,
+    "MK": 19,
+    "MN": 20,
+    "MR": 27,
+    "MT": 31,
+    "MU": 30,
+    "NI": 28,
+    "NL": 18,
+    "NO": 15,
+    "OM": 23,
+    "PK": 24,
+    "PL": 28,
+    "PS": 29,
+    "PT": 25,
+    "QA": 29,
+    "RO": 24,
+    "RS": 22,
+    "RU": 33,
+    "SA": 24,
+    "SC": 31,
+    "SD": 18,
+    "SE": 24,
+    "SI": 19,
+    "SK": 24,
+    "SM": 27,
+    "SO": 23,
+    "ST": 25,
+    "SV": 28,
+    "TL": 23,
+    "TN": 24,
+    "TR": 26,
+    "UA": 29,
+    "VA": 22,
+    "VG": 24,
+    "XK": 20,
+    "YE": 30,
 }
 
 
@@ -85,7 +164,9 @@ def iban_problem(iban: str) -> str | None:
     if country not in IBAN_LENGTHS:
         return f"{value!r}: no IBANs are issued for country code {country}"
     if len(value) != IBAN_LENGTHS[country]:
-        return f"{value!r} has {len(value)} characters, {country} IBANs have {IBAN_LENGTHS[country]}"
+        return (
+            f"{value!r} has {len(value)} characters, {country} IBANs have {IBAN_LENGTHS[country]}"
+        )
     if not value[2:4].isdigit():
         return f"{value!r}: check digits {value[2:4]!r} are not digits"
     if _mod97(value[4:] + value[:4]) != 1:
@@ -124,7 +205,7 @@ def iban_from_bban(country: str, bban: str) -> str:
 def format_iban(iban: str) -> str:
     """Print form: groups of four ("DE89 3704 0044 0532 0130 00")."""
     value = normalize_iban(iban)
-    return " ".join(value[i:i + 4] for i in range(0, len(value), 4))
+    return " ".join(value[i : i + 4] for i in range(0, len(value), 4))
 
 
 # BIC (ISO 9362): 4 bank letters, 2 country letters, 2 location characters, optional 3-char branch.
@@ -154,12 +235,18 @@ VAT_FORMATS: dict[str, tuple[str, str]] = {
     "DK": (r"\d{8}", "8 digits"),
     "EE": (r"\d{9}", "9 digits"),
     "EL": (r"\d{9}", "9 digits"),
-    "ES": (r"[A-Z]\d{7}[A-Z0-9]|\d{8}[A-Z]", "9 characters, first or last a letter, 7 digits between"),
+    "ES": (
+        r"[A-Z]\d{7}[A-Z0-9]|\d{8}[A-Z]",
+        "9 characters, first or last a letter, 7 digits between",
+    ),
     "FI": (r"\d{8}", "8 digits"),
     "FR": (r"[0-9A-HJ-NP-Z]{2}\d{9}", "2 digits or letters (not I or O) + 9 digits"),
     "HR": (r"\d{11}", "11 digits"),
     "HU": (r"\d{8}", "8 digits"),
-    "IE": (r"\d{7}[A-W][A-IW]?|\d[A-Z+*]\d{5}[A-W]", "7 digits + 1 or 2 letters, or digit, letter, 5 digits, letter"),
+    "IE": (
+        r"\d{7}[A-W][A-IW]?|\d[A-Z+*]\d{5}[A-W]",
+        "7 digits + 1 or 2 letters, or digit, letter, 5 digits, letter",
+    ),
     "IT": (r"\d{11}", "11 digits"),
     "LT": (r"\d{9}|\d{12}", "9 or 12 digits"),
     "LU": (r"\d{8}", "8 digits"),
@@ -172,8 +259,14 @@ VAT_FORMATS: dict[str, tuple[str, str]] = {
     "SE": (r"\d{10}01", "12 digits ending in 01"),
     "SI": (r"\d{8}", "8 digits"),
     "SK": (r"\d{10}", "10 digits"),
-    "XI": (r"\d{9}|\d{12}|GD[0-4]\d{2}|HA[5-9]\d{2}", "9 or 12 digits, GD + 3 digits or HA + 3 digits"),
-    "GB": (r"\d{9}|\d{12}|GD[0-4]\d{2}|HA[5-9]\d{2}", "9 or 12 digits, GD + 3 digits or HA + 3 digits"),
+    "XI": (
+        r"\d{9}|\d{12}|GD[0-4]\d{2}|HA[5-9]\d{2}",
+        "9 or 12 digits, GD + 3 digits or HA + 3 digits",
+    ),
+    "GB": (
+        r"\d{9}|\d{12}|GD[0-4]\d{2}|HA[5-9]\d{2}",
+        "9 or 12 digits, GD + 3 digits or HA + 3 digits",
+    ),
     # Swiss UID "CHE-123.456.789" with the VAT register's suffix (MWST / TVA / IVA); the bare
     # UID (no suffix) identifies the same company and is accepted too.
     "CH": (r"E\d{9}(?:MWST|TVA|IVA)?", "CHE + 9 digits + MWST, TVA or IVA"),
@@ -214,7 +307,9 @@ def vat_id_problem(vat_id: str) -> str | None:
     if prefix not in VAT_FORMATS:
         return f"{vat_id!r}: unknown format (no VAT id format known for prefix {prefix})"
     if not _VAT_BODY_RES[prefix].fullmatch(value[2:]):
-        return f"{vat_id!r} does not match the {prefix} format ({prefix} + {VAT_FORMATS[prefix][1]})"
+        return (
+            f"{vat_id!r} does not match the {prefix} format ({prefix} + {VAT_FORMATS[prefix][1]})"
+        )
     return None
 
 
@@ -244,17 +339,188 @@ def tax_id_problem(tax_id: str) -> str | None:
 
 # ISO 4217 list one: every active alphabetic code, funds and precious-metal codes included
 # (178 codes; XCG replaced ANG in 2025, ZWG replaced ZWL in 2024, SLE replaced SLL, XAD added 2025).
-ISO4217_CODES: frozenset[str] = frozenset("""
-    AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BHD BIF BMD BND BOB BOV BRL BSD BTN BWP
-    BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN
-    ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK
-    JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD
-    MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP
-    PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP
-    SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV
-    WST XAD XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF XPD XPF XPT XSU XTS XUA XXX YER ZAR
-    ZMW ZWG
-""".split())
+ISO4217_CODES: frozenset[str] = frozenset(
+    [
+        "AED",
+        "AFN",
+        "ALL",
+        "AMD",
+        "AOA",
+        "ARS",
+        "AUD",
+        "AWG",
+        "AZN",
+        "BAM",
+        "BBD",
+        "BDT",
+        "BHD",
+        "BIF",
+        "BMD",
+        "BND",
+        "BOB",
+        "BOV",
+        "BRL",
+        "BSD",
+        "BTN",
+        "BWP",
+        "BYN",
+        "BZD",
+        "CAD",
+        "CDF",
+        "CHE",
+        "CHF",
+        "CHW",
+        "CLF",
+        "CLP",
+        "CNY",
+        "COP",
+        "COU",
+        "CRC",
+        "CUP",
+        "CVE",
+        "CZK",
+        "DJF",
+        "DKK",
+        "DOP",
+        "DZD",
+        "EGP",
+        "ERN",
+        "ETB",
+        "EUR",
+        "FJD",
+        "FKP",
+        "GBP",
+        "GEL",
+        "GHS",
+        "GIP",
+        "GMD",
+        "GNF",
+        "GTQ",
+        "GYD",
+        "HKD",
+        "HNL",
+        "HTG",
+        "HUF",
+        "IDR",
+        "ILS",
+        "INR",
+        "IQD",
+        "IRR",
+        "ISK",
+        "JMD",
+        "JOD",
+        "JPY",
+        "KES",
+        "KGS",
+        "KHR",
+        "KMF",
+        "KPW",
+        "KRW",
+        "KWD",
+        "KYD",
+        "KZT",
+        "LAK",
+        "LBP",
+        "LKR",
+        "LRD",
+        "LSL",
+        "LYD",
+        "MAD",
+        "MDL",
+        "MGA",
+        "MKD",
+        "MMK",
+        "MNT",
+        "MOP",
+        "MRU",
+        "MUR",
+        "MVR",
+        "MWK",
+        "MXN",
+        "MXV",
+        "MYR",
+        "MZN",
+        "NAD",
+        "NGN",
+        "NIO",
+        "NOK",
+        "NPR",
+        "NZD",
+        "OMR",
+        "PAB",
+        "PEN",
+        "PGK",
+        "PHP",
+        "PKR",
+        "PLN",
+        "PYG",
+        "QAR",
+        "RON",
+        "RSD",
+        "RUB",
+        "RWF",
+        "SAR",
+        "SBD",
+        "SCR",
+        "SDG",
+        "SEK",
+        "SGD",
+        "SHP",
+        "SLE",
+        "SOS",
+        "SRD",
+        "SSP",
+        "STN",
+        "SVC",
+        "SYP",
+        "SZL",
+        "THB",
+        "TJS",
+        "TMT",
+        "TND",
+        "TOP",
+        "TRY",
+        "TTD",
+        "TWD",
+        "TZS",
+        "UAH",
+        "UGX",
+        "USD",
+        "USN",
+        "UYI",
+        "UYU",
+        "UYW",
+        "UZS",
+        "VED",
+        "VES",
+        "VND",
+        "VUV",
+        "WST",
+        "XAD",
+        "XAF",
+        "XAG",
+        "XAU",
+        "XBA",
+        "XBB",
+        "XBC",
+        "XBD",
+        "XCD",
+        "XCG",
+        "XDR",
+        "XOF",
+        "XPD",
+        "XPF",
+        "XPT",
+        "XSU",
+        "XTS",
+        "XUA",
+        "XXX",
+        "YER",
+        "ZAR",
+        "ZMW",
+        "ZWG",
+    ]
+)
 
 
 def is_iso4217(code: str) -> bool:
@@ -301,14 +567,18 @@ def due_date_problem(due: date, issue: date | None, today: date) -> str | None:
     """
     if issue is not None:
         if due - issue > MAX_PAYMENT_TERM:
-            return (f"due date {due} is {(due - issue).days} days after the issue date {issue} "
-                    f"(at most {MAX_PAYMENT_TERM.days})")
+            return (
+                f"due date {due} is {(due - issue).days} days after the issue date {issue} "
+                f"(at most {MAX_PAYMENT_TERM.days})"
+            )
         return None
     if due < EARLIEST_DATE:
         return f"due date {due} is before {EARLIEST_DATE}"
     latest = today + ISSUE_DATE_LEEWAY + MAX_PAYMENT_TERM
     if due > latest:
-        return f"due date {due} is after {latest}, more than {MAX_PAYMENT_TERM.days} days from today"
+        return (
+            f"due date {due} is after {latest}, more than {MAX_PAYMENT_TERM.days} days from today"
+        )
     return None
 
 

@@ -110,8 +110,11 @@ def plan_batch(
                 plan.holders[obj.key] = holder
                 continue
             plan.taken_over.append(obj.key)
-            plan.todo.append(InvoiceJob(obj.key, obj.etag, obj.size, attempt,
-                                        takes_over=holder if ended else None))
+            plan.todo.append(
+                InvoiceJob(
+                    obj.key, obj.etag, obj.size, attempt, takes_over=holder if ended else None
+                )
+            )
         elif same and entry.status == "done":
             plan.skipped_done.append(obj.key)
         elif same and entry.status == "needs_review" and not reprocess_needs_review:
@@ -148,7 +151,10 @@ def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
     if shard is None:
         return True
     index, count = shard
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % count == index
+    return (
+        int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % count
+        == index
+    )
 
 
 def result_key_for(key: str) -> str:
@@ -263,9 +269,18 @@ def log_outcome(processed: ProcessedInvoice) -> None:
     else:
         level, detail = logging.INFO, ""
     run_logger(logger).log(
-        level, "%s %s in %.2f s%s", outcome.key, outcome.status, processed.seconds, detail,
-        extra={"invoice_key": outcome.key, "stage": outcome.status,
-               "duration_s": round(processed.seconds, 4), "error_code": outcome.error_code},
+        level,
+        "%s %s in %.2f s%s",
+        outcome.key,
+        outcome.status,
+        processed.seconds,
+        detail,
+        extra={
+            "invoice_key": outcome.key,
+            "stage": outcome.status,
+            "duration_s": round(processed.seconds, 4),
+            "error_code": outcome.error_code,
+        },
     )
 
 
@@ -280,9 +295,13 @@ def describe_outcomes(outcomes: Collection[InvoiceOutcome]) -> str:
     if counts["failed"]:
         codes = Counter(o.error_code or "unknown" for o in outcomes if o.status == "failed")
         return f"{counts['failed']} of {len(outcomes)} failed: " + ", ".join(
-            f"{code} {n}" for code, n in sorted(codes.items(), key=lambda item: (-item[1], item[0])))
-    return f"{len(outcomes)} processed" + (": " + ", ".join(
-        f"{n} {status}" for status, n in sorted(counts.items())) if outcomes else "")
+            f"{code} {n}" for code, n in sorted(codes.items(), key=lambda item: (-item[1], item[0]))
+        )
+    return f"{len(outcomes)} processed" + (
+        ": " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        if outcomes
+        else ""
+    )
 
 
 @contextmanager
@@ -292,8 +311,13 @@ def _stage(job: InvoiceJob, stage: str, timings: dict[str, float]) -> Iterator[N
         yield
     finally:
         timings[stage] = round(time.perf_counter() - started, 4)
-        logger.debug("%s %s in %.3fs", job.key, stage, timings[stage],
-                     extra={"invoice_key": job.key, "stage": stage, "duration_s": timings[stage]})
+        logger.debug(
+            "%s %s in %.3fs",
+            job.key,
+            stage,
+            timings[stage],
+            extra={"invoice_key": job.key, "stage": stage, "duration_s": timings[stage]},
+        )
 
 
 async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
@@ -305,8 +329,13 @@ async def _run_stages(ctx: InvoiceContext, job: InvoiceJob) -> ProcessedInvoice:
     if stored.etag != job.etag:
         # Replaced since it was listed: what is recorded is what was read, never the listed
         # ETag with other bytes.
-        logger.info("%s changed since it was listed (ETag %s, now %s); processing what was read",
-                    job.key, job.etag, stored.etag, extra={"invoice_key": job.key})
+        logger.info(
+            "%s changed since it was listed (ETag %s, now %s); processing what was read",
+            job.key,
+            job.etag,
+            stored.etag,
+            extra={"invoice_key": job.key},
+        )
         job = dataclasses.replace(job, etag=stored.etag, size=len(stored.data), attempt=1)
         _check_size(ctx, job)
     with _stage(job, "parse", timings):
@@ -370,8 +399,12 @@ def field_sources(extraction: Extraction) -> dict[str, str]:
 
 def _outcome(ctx: InvoiceContext, job: InvoiceJob, **fields) -> InvoiceOutcome:
     return InvoiceOutcome(
-        key=job.key, etag=job.etag, attempt=job.attempt, flow_run_id=ctx.flow_run_id,
-        extractor=ctx.extractor.name, **fields,
+        key=job.key,
+        etag=job.etag,
+        attempt=job.attempt,
+        flow_run_id=ctx.flow_run_id,
+        extractor=ctx.extractor.name,
+        **fields,
     )
 
 
@@ -383,8 +416,9 @@ def _failed(ctx: InvoiceContext, job: InvoiceJob, code: str, message: str) -> Pr
 
 def claim_outcome(ctx: InvoiceContext, job: InvoiceJob, lease_until: datetime) -> InvoiceOutcome:
     """`processing` under this run until `lease_until`: other runs leave the invoice alone."""
-    return _outcome(ctx, job, status="processing", lease_until=lease_until,
-                    takes_over=job.takes_over)
+    return _outcome(
+        ctx, job, status="processing", lease_until=lease_until, takes_over=job.takes_over
+    )
 
 
 def release_outcome(ctx: InvoiceContext, job: InvoiceJob) -> InvoiceOutcome:
@@ -395,8 +429,9 @@ def release_outcome(ctx: InvoiceContext, job: InvoiceJob) -> InvoiceOutcome:
 
 def crashed_outcome(ctx: InvoiceContext, job: InvoiceJob, reason: str) -> ProcessedInvoice:
     """For the flow: an invoice whose chunk's task run crashed (e.g. its backstop timeout)."""
-    processed = _failed(ctx, job, "task_crashed",
-                        f"the process-invoices-chunk task run ended without it: {reason}")
+    processed = _failed(
+        ctx, job, "task_crashed", f"the process-invoices-chunk task run ended without it: {reason}"
+    )
     log_outcome(processed)
     return processed
 
@@ -488,7 +523,7 @@ async def process_all(
 
 
 def chunked(jobs: list[InvoiceJob], size: int) -> list[list[InvoiceJob]]:
-    return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
 
 def _chunk_run_name(parameters: dict[str, object]) -> str:
@@ -501,8 +536,9 @@ def _chunk_run_name(parameters: dict[str, object]) -> str:
 # One task run per chunk by default, not per invoice: a task run costs the Prefect server
 # several writes (states, events), which at thousands of invoices dominated the run
 # (bench/README.md).
-@task(name="process-invoices-chunk", task_run_name=_chunk_run_name, cache_policy=NO_CACHE,
-      retries=0)
+@task(
+    name="process-invoices-chunk", task_run_name=_chunk_run_name, cache_policy=NO_CACHE, retries=0
+)
 async def process_chunk_task(
     ctx: InvoiceContext, jobs: list[InvoiceJob], on_done: Callable[[ProcessedInvoice], None]
 ) -> State:

@@ -101,8 +101,12 @@ def summarize(
                 reason=reason,
             )
         )
-    skipped = (len(plan.skipped_done) + len(plan.skipped_review) + len(plan.skipped_exhausted)
-               + len(plan.in_flight_elsewhere))
+    skipped = (
+        len(plan.skipped_done)
+        + len(plan.skipped_review)
+        + len(plan.skipped_exhausted)
+        + len(plan.in_flight_elsewhere)
+    )
     return RunSummary(
         source=source,
         output=output,
@@ -138,7 +142,10 @@ def format_table(summary: RunSummary) -> str:
     # Columns are padded to at most 60 characters (a longer cell pushes its row over); none
     # is cut: the reason, last, is often what the table is read for.
     widths = [min(60, max(len(line[i]) for line in lines)) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    out = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)).rstrip()
+        for line in lines
+    ]
     out.insert(1, "  ".join("-" * w for w in widths))
     counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items())) or "nothing"
     out.append("")
@@ -153,16 +160,22 @@ def format_table(summary: RunSummary) -> str:
     if summary.claim_holders:
         out.append(f"claimed by a run still going: {', '.join(summary.claim_holders)}")
     if summary.stopped_by:
-        out.append(f"stopped by {summary.stopped_by}: {summary.unfinished} invoices given back "
-                   "unfinished (the next run takes them at once)")
+        out.append(
+            f"stopped by {summary.stopped_by}: {summary.unfinished} invoices given back "
+            "unfinished (the next run takes them at once)"
+        )
     if summary.prompt_tokens or summary.completion_tokens:
-        out.append(f"LLM tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion")
+        out.append(
+            f"LLM tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion"
+        )
     out.append(f"results and manifest: {summary.output}")
     return "\n".join(out)
 
 
 def format_markdown(summary: RunSummary) -> str:
-    counts = ", ".join(f"**{n}** {status}" for status, n in sorted(summary.counts.items())) or "none"
+    counts = (
+        ", ".join(f"**{n}** {status}" for status, n in sorted(summary.counts.items())) or "none"
+    )
     lines = [
         f"# Invoice run: {summary.processed} processed",
         "",
@@ -173,10 +186,19 @@ def format_markdown(summary: RunSummary) -> str:
         f"{summary.skipped_exhausted} out of attempts, {summary.skipped_in_flight} claimed by "
         f"another run",
         f"- taken over from a run that ended or died: {summary.taken_over}",
-        *([f"- claimed by a run still going: {', '.join(summary.claim_holders)}"]
-          if summary.claim_holders else []),
-        *([f"- stopped by {summary.stopped_by}: {summary.unfinished} invoices given back "
-           "unfinished"] if summary.stopped_by else []),
+        *(
+            [f"- claimed by a run still going: {', '.join(summary.claim_holders)}"]
+            if summary.claim_holders
+            else []
+        ),
+        *(
+            [
+                f"- stopped by {summary.stopped_by}: {summary.unfinished} invoices given back "
+                "unfinished"
+            ]
+            if summary.stopped_by
+            else []
+        ),
         f"- LLM tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion",
         f"- manifest writes: {summary.manifest_writes}",
         f"- time: {summary.seconds:.1f} s (longest event-loop stall {summary.max_loop_stall_s * 1000:.0f} ms)",
@@ -248,7 +270,8 @@ class RunProgress:
     @classmethod
     async def start(cls, total: int) -> RunProgress:
         artifact_id = await acreate_progress_artifact(
-            0.0 if total else 100.0, key="invoice-run-progress",
+            0.0 if total else 100.0,
+            key="invoice-run-progress",
             description=f"0 of {total} invoices recorded",
         )
         progress = cls(artifact_id, total)
@@ -257,9 +280,13 @@ class RunProgress:
 
     def snapshot(self) -> ProgressSnapshot:
         return ProgressSnapshot(
-            total=self.total, processed=sum(self.counts.values()), done=self.counts["done"],
-            needs_review=self.counts["needs_review"], failed=self.counts["failed"],
-            recorded=self.recorded, elapsed=time.perf_counter() - self._started,
+            total=self.total,
+            processed=sum(self.counts.values()),
+            done=self.counts["done"],
+            needs_review=self.counts["needs_review"],
+            failed=self.counts["failed"],
+            recorded=self.recorded,
+            elapsed=time.perf_counter() - self._started,
         )
 
     def processed(self, status: str) -> None:
@@ -295,7 +322,8 @@ class RunProgress:
             recorded = self.recorded
             try:
                 await aupdate_progress_artifact(
-                    self.artifact_id, 100.0 * recorded / max(self.total, 1),
+                    self.artifact_id,
+                    100.0 * recorded / max(self.total, 1),
                     description=f"{recorded} of {self.total} invoices recorded",
                 )
             except Exception as exc:
@@ -305,8 +333,11 @@ class RunProgress:
 
 @task(name="publish-summary", cache_policy=NO_CACHE, retries=2)
 async def publish_summary(summary: RunSummary) -> None:
-    await acreate_markdown_artifact(format_markdown(summary), key="invoice-run-report",
-                                    description="Counts, failures, tokens and time of the run")
+    await acreate_markdown_artifact(
+        format_markdown(summary),
+        key="invoice-run-report",
+        description="Counts, failures, tokens and time of the run",
+    )
     await acreate_table_artifact(
         key="invoice-run-summary",
         table=[row.model_dump() for row in summary.rows],

@@ -49,12 +49,17 @@ class StopRequest:
             logger.warning(
                 "%s: starting no new invoices; the %d in flight get %g s to finish and be "
                 "recorded (send it again to stop them now)",
-                self.signal.name, len(self._in_flight), self.grace_seconds,
+                self.signal.name,
+                len(self._in_flight),
+                self.grace_seconds,
             )
             self._timer = asyncio.get_running_loop().call_later(self.grace_seconds, self._give_up)
         else:
-            logger.warning("%s again: abandoning the %d invoices in flight",
-                           signal.Signals(signum).name, len(self._in_flight))
+            logger.warning(
+                "%s again: abandoning the %d invoices in flight",
+                signal.Signals(signum).name,
+                len(self._in_flight),
+            )
             self._give_up()
 
     def _give_up(self) -> None:
@@ -74,8 +79,10 @@ class StopRequest:
             return await task
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if self._abandon.is_set() and task.cancelled() and (
-                current is None or current.cancelling() == 0
+            if (
+                self._abandon.is_set()
+                and task.cancelled()
+                and (current is None or current.cancelling() == 0)
             ):
                 self.abandoned += 1
                 return None

@@ -13,8 +13,8 @@ from decimal import Decimal
 
 from lxml import etree
 
-from tasks.extract.einvoice import _RAM, _RSM, _UDT
 from tasks.checks import vat_id_is_valid
+from tasks.extract.einvoice import _RAM, _RSM, _UDT
 from tasks.invoice import Invoice
 from tasks.pdf.embedded_xml import embedded_files
 

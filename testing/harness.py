@@ -53,8 +53,13 @@ FAKE_AWS_CREDENTIALS = {
 }
 # What a caller's environment may hold that would send a client elsewhere than the doubles.
 AMBIENT_SERVICE_VARIABLES = (
-    "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3",
-    "OPENAI_MODEL", "OPENAI_ORG_ID", "OPENAI_ORGANIZATION", "OPENAI_PROJECT_ID",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_ENDPOINT_URL_S3",
+    "OPENAI_MODEL",
+    "OPENAI_ORG_ID",
+    "OPENAI_ORGANIZATION",
+    "OPENAI_PROJECT_ID",
 )
 PREFECT_STARTUP_TIMEOUT_S = 120.0
 
@@ -79,7 +84,9 @@ def service_env(s3_endpoint: str, llm_base_url: str | None) -> dict[str, str | N
     must not be sent to the fake server."""
     env: dict[str, str | None] = dict.fromkeys(AMBIENT_SERVICE_VARIABLES)
     env.update(FAKE_AWS_CREDENTIALS, AWS_ENDPOINT_URL=s3_endpoint)
-    env.update(OPENAI_BASE_URL=llm_base_url, OPENAI_API_KEY=None if llm_base_url is None else "dummy")
+    env.update(
+        OPENAI_BASE_URL=llm_base_url, OPENAI_API_KEY=None if llm_base_url is None else "dummy"
+    )
     return env
 
 
@@ -145,17 +152,29 @@ def start_prefect_server(
     log_path = log_path or home / "server.log"
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items()
-           if inherit_prefect_env or not k.startswith("PREFECT_")}
+    env = {
+        k: v for k, v in os.environ.items() if inherit_prefect_env or not k.startswith("PREFECT_")
+    }
     env.pop("PREFECT_API_URL", None)
-    env.update(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(
+        PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
     env.update(settings or {})
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "prefect"), "server", "start",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            [
+                str(Path(sys.executable).parent / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the terminal reaches the caller alone
         )
     deadline = time.monotonic() + startup_timeout
@@ -163,11 +182,15 @@ def start_prefect_server(
         if process.poll() is not None or time.monotonic() > deadline:
             stop_process(process, timeout=5)
             tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"prefect server did not start (exit {process.returncode}; "
-                               f"log {log_path}):\n{tail}")
+            raise RuntimeError(
+                f"prefect server did not start (exit {process.returncode}; log {log_path}):\n{tail}"
+            )
         time.sleep(0.25)
     client_env = {**env, "PREFECT_API_URL": url}
-    for server_only in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+    for server_only in (
+        "PREFECT_API_DATABASE_CONNECTION_URL",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    ):
         client_env.pop(server_only, None)
     return PrefectServer(url=url, home=home, env=client_env, process=process, log_path=log_path)
 
@@ -200,8 +223,13 @@ class PrefectAPI:
     process's PREFECT_HOME (a temporary client home) and PREFECT_API_URL at it: enter it
     before importing prefect."""
 
-    def __init__(self, mode: str, server_env: Iterable[str] = (), keep_home: bool = False,
-                 home_prefix: str = "bench-manifest-prefect-"):
+    def __init__(
+        self,
+        mode: str,
+        server_env: Iterable[str] = (),
+        keep_home: bool = False,
+        home_prefix: str = "bench-manifest-prefect-",
+    ):
         self.mode = mode
         self.server_env = dict(kv.split("=", 1) for kv in server_env)
         self.keep_home = keep_home
@@ -219,7 +247,9 @@ class PrefectAPI:
         os.environ["PREFECT_HOME"] = os.path.join(self.home, "client")
         if self.mode == "start":
             self.server = start_prefect_server(
-                Path(self.home, "server"), settings=self.server_env, inherit_prefect_env=True,
+                Path(self.home, "server"),
+                settings=self.server_env,
+                inherit_prefect_env=True,
                 log_path=Path(self.home, "server.log"),
             )
             self.proc = self.server.process
@@ -267,8 +297,12 @@ def spawn_server(
     """A child server (`main`: `args` say which), and the port it listens on: it prints
     "PORT <n>" once listening and serves until its stdin closes (`stop_child`)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testing.harness", *args], cwd=REPO_ROOT,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=new_session,
+        [sys.executable, "-m", "testing.harness", *args],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -310,9 +344,10 @@ class PutCounter:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]):
         path = environ.get("PATH_INFO", "")
         if environ.get("REQUEST_METHOD") == "GET" and path.startswith(COUNTS_PATH):
-            body = json.dumps(self.get(path[len(COUNTS_PATH):])).encode()
-            start_response("200 OK", [("Content-Type", "application/json"),
-                                      ("Content-Length", str(len(body)))])
+            body = json.dumps(self.get(path[len(COUNTS_PATH) :])).encode()
+            start_response(
+                "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+            )
             return [body]
         if environ.get("REQUEST_METHOD") == "PUT" and path.endswith(self.suffix):
             bucket = path.lstrip("/").split("/", 1)[0]
@@ -448,8 +483,9 @@ class LLMProcess:
         from testing.fake_llm.server import FakeLLMConfig
 
         config = config if config is not None else FakeLLMConfig()
-        self.proc, port = spawn_server("fake LLM", "serve-llm",
-                                       json.dumps(dataclasses.asdict(config)), new_session=True)
+        self.proc, port = spawn_server(
+            "fake LLM", "serve-llm", json.dumps(dataclasses.asdict(config)), new_session=True
+        )
         self.base_url = f"http://127.0.0.1:{port}/v1"
 
     def _ask(self, command: str) -> str:

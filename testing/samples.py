@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pymupdf
 
-from tasks.invoice import Invoice, LineItem
 from tasks.checks import format_iban, iban_from_bban
+from tasks.invoice import Invoice, LineItem
 
 LAYOUTS: tuple[str, ...] = ("classic", "modern", "german", "compact", "french", "dutch")
 DEFECTS: tuple[str, ...] = ("total_mismatch",)
@@ -76,54 +76,139 @@ def _upper(rng: random.Random, n: int) -> str:
 
 COUNTRIES: dict[str, _Country] = {
     "GB": _Country(
-        "GB", "GBP", ("20",), "GB#########",
-        ("Kingsway", "Deansgate", "Victoria Street", "Queen Street", "Park Row", "Whiteladies Road"),
-        ("London EC1A #@@", "London WC2B #@@", "Manchester M1 #@@", "Leeds LS1 #@@", "Bristol BS8 #@@",
-         "Edinburgh EH2 #@@", "Cambridge CB2 #@@"),
-        ("Ltd", "Limited", "plc", "LLP"), "United Kingdom", street_first=True,
+        "GB",
+        "GBP",
+        ("20",),
+        "GB#########",
+        (
+            "Kingsway",
+            "Deansgate",
+            "Victoria Street",
+            "Queen Street",
+            "Park Row",
+            "Whiteladies Road",
+        ),
+        (
+            "London EC1A #@@",
+            "London WC2B #@@",
+            "Manchester M1 #@@",
+            "Leeds LS1 #@@",
+            "Bristol BS8 #@@",
+            "Edinburgh EH2 #@@",
+            "Cambridge CB2 #@@",
+        ),
+        ("Ltd", "Limited", "plc", "LLP"),
+        "United Kingdom",
+        street_first=True,
     ),
     "US": _Country(
-        "US", "USD", ("6", "7.25", "8.25", "8.875"), "##-#######",
-        ("Market Street", "Congress Avenue", "Pine Street", "Larimer Street", "Main Street", "Elm Street"),
-        ("San Francisco, CA 941##", "Austin, TX 787##", "Seattle, WA 981##", "Denver, CO 802##",
-         "Boston, MA 021##", "Chicago, IL 606##", "Portland, OR 972##", "Raleigh, NC 276##"),
-        ("Inc.", "LLC", "Corp.", "Co."), "USA", street_first=True,
+        "US",
+        "USD",
+        ("6", "7.25", "8.25", "8.875"),
+        "##-#######",
+        (
+            "Market Street",
+            "Congress Avenue",
+            "Pine Street",
+            "Larimer Street",
+            "Main Street",
+            "Elm Street",
+        ),
+        (
+            "San Francisco, CA 941##",
+            "Austin, TX 787##",
+            "Seattle, WA 981##",
+            "Denver, CO 802##",
+            "Boston, MA 021##",
+            "Chicago, IL 606##",
+            "Portland, OR 972##",
+            "Raleigh, NC 276##",
+        ),
+        ("Inc.", "LLC", "Corp.", "Co."),
+        "USA",
+        street_first=True,
     ),
     "IE": _Country(
-        "IE", "EUR", ("23",), "IE#######%",
+        "IE",
+        "EUR",
+        ("23",),
+        "IE#######%",
         ("Grafton Street", "Baggot Street", "Patrick Street", "Shop Street"),
         ("Dublin 2, D02 @#@#", "Dublin 4, D04 @#@#", "Cork T12 @#@#", "Galway H91 @#@#"),
-        ("Ltd", "DAC", "Limited"), "Ireland", street_first=True,
+        ("Ltd", "DAC", "Limited"),
+        "Ireland",
+        street_first=True,
     ),
     "CH": _Country(
-        "CH", "CHF", ("8.1",), "CHE-###.###.### MWST",
+        "CH",
+        "CHF",
+        ("8.1",),
+        "CHE-###.###.### MWST",
         ("Bahnhofstrasse", "Seestrasse", "Marktgasse", "Spitalgasse"),
         ("80## Zürich", "30## Bern", "40## Basel", "60## Luzern"),
-        ("AG", "GmbH", "SA"), "Switzerland",
+        ("AG", "GmbH", "SA"),
+        "Switzerland",
     ),
     "NL": _Country(
-        "NL", "EUR", ("21",), "NL#########B01",
+        "NL",
+        "EUR",
+        ("21",),
+        "NL#########B01",
         ("Keizersgracht", "Coolsingel", "Oudegracht", "Stationsplein", "Herengracht"),
         ("10## @@ Amsterdam", "30## @@ Rotterdam", "35## @@ Utrecht", "56## @@ Eindhoven"),
-        ("B.V.", "BV", "N.V."), "Nederland",
+        ("B.V.", "BV", "N.V."),
+        "Nederland",
     ),
     "DE": _Country(
-        "DE", "EUR", ("19", "19", "19", "7"), "DE#########",
-        ("Hauptstraße", "Bahnhofstraße", "Lindenallee", "Friedrichstraße", "Schillerweg", "Industriestraße"),
-        ("10### Berlin", "80### München", "20### Hamburg", "50### Köln", "04### Leipzig", "70### Stuttgart"),
-        ("GmbH", "AG", "GmbH & Co. KG", "UG (haftungsbeschränkt)", "e.K."), "Deutschland",
+        "DE",
+        "EUR",
+        ("19", "19", "19", "7"),
+        "DE#########",
+        (
+            "Hauptstraße",
+            "Bahnhofstraße",
+            "Lindenallee",
+            "Friedrichstraße",
+            "Schillerweg",
+            "Industriestraße",
+        ),
+        (
+            "10### Berlin",
+            "80### München",
+            "20### Hamburg",
+            "50### Köln",
+            "04### Leipzig",
+            "70### Stuttgart",
+        ),
+        ("GmbH", "AG", "GmbH & Co. KG", "UG (haftungsbeschränkt)", "e.K."),
+        "Deutschland",
     ),
     "AT": _Country(
-        "AT", "EUR", ("20",), "ATU########",
+        "AT",
+        "EUR",
+        ("20",),
+        "ATU########",
         ("Mariahilfer Straße", "Herrengasse", "Landstraße", "Getreidegasse"),
         ("10#0 Wien", "80#0 Graz", "40#0 Linz", "50#0 Salzburg"),
-        ("GmbH", "AG", "OG", "KG"), "Österreich",
+        ("GmbH", "AG", "OG", "KG"),
+        "Österreich",
     ),
     "FR": _Country(
-        "FR", "EUR", ("20",), "FR###########",
-        ("rue de la République", "avenue Jean Jaurès", "boulevard Haussmann", "rue Nationale", "place Bellecour"),
+        "FR",
+        "EUR",
+        ("20",),
+        "FR###########",
+        (
+            "rue de la République",
+            "avenue Jean Jaurès",
+            "boulevard Haussmann",
+            "rue Nationale",
+            "place Bellecour",
+        ),
         ("750## Paris", "6900# Lyon", "3100# Toulouse", "4400# Nantes", "5900# Lille"),
-        ("SARL", "SAS", "S.A.", "EURL"), "France", street_first=True,
+        ("SARL", "SAS", "S.A.", "EURL"),
+        "France",
+        street_first=True,
     ),
 }
 
@@ -134,40 +219,168 @@ def rng_choice(rng: random.Random, seq):
 
 _NAME_WORDS = {
     "en": (
-        ("Northwind", "Bluebell", "Harbour", "Kestrel", "Oakridge", "Silverline", "Brightwater",
-         "Redfern", "Summit", "Copperleaf", "Lakeside", "Granite", "Beacon", "Meridian", "Foxglove",
-         "Ironbridge", "Willow", "Crestview", "Pinecone", "Highgate"),
-        ("Consulting", "Supplies", "Digital", "Logistics", "Print Works", "Software", "Analytics",
-         "Facilities", "Engineering", "Media", "Office Solutions", "Catering", "Design Studio",
-         "Networks", "Coffee Roasters", "Trading"),
+        (
+            "Northwind",
+            "Bluebell",
+            "Harbour",
+            "Kestrel",
+            "Oakridge",
+            "Silverline",
+            "Brightwater",
+            "Redfern",
+            "Summit",
+            "Copperleaf",
+            "Lakeside",
+            "Granite",
+            "Beacon",
+            "Meridian",
+            "Foxglove",
+            "Ironbridge",
+            "Willow",
+            "Crestview",
+            "Pinecone",
+            "Highgate",
+        ),
+        (
+            "Consulting",
+            "Supplies",
+            "Digital",
+            "Logistics",
+            "Print Works",
+            "Software",
+            "Analytics",
+            "Facilities",
+            "Engineering",
+            "Media",
+            "Office Solutions",
+            "Catering",
+            "Design Studio",
+            "Networks",
+            "Coffee Roasters",
+            "Trading",
+        ),
     ),
     "de": (
-        ("Müller", "Schneider", "Becker", "Hoffmann", "Schäfer", "Krüger", "Weiß", "Zimmermann",
-         "Hartmann", "Lange", "Schröder", "Neumann", "Förster", "Bäcker", "Köhler", "Brandt"),
-        ("Bürotechnik", "IT-Service", "Haustechnik", "Druckerei", "Softwarelösungen", "Logistik",
-         "Elektrotechnik", "Beratung", "Gebäudereinigung", "Medien", "Maschinenbau", "Werbetechnik"),
+        (
+            "Müller",
+            "Schneider",
+            "Becker",
+            "Hoffmann",
+            "Schäfer",
+            "Krüger",
+            "Weiß",
+            "Zimmermann",
+            "Hartmann",
+            "Lange",
+            "Schröder",
+            "Neumann",
+            "Förster",
+            "Bäcker",
+            "Köhler",
+            "Brandt",
+        ),
+        (
+            "Bürotechnik",
+            "IT-Service",
+            "Haustechnik",
+            "Druckerei",
+            "Softwarelösungen",
+            "Logistik",
+            "Elektrotechnik",
+            "Beratung",
+            "Gebäudereinigung",
+            "Medien",
+            "Maschinenbau",
+            "Werbetechnik",
+        ),
     ),
     "fr": (
-        ("Dubois", "Lefèvre", "Moreau", "Laurent", "Girard", "Rousseau", "Fontaine", "Chevalier",
-         "Mercier", "Garnier", "Faure", "Bérard", "Lemaître", "Durand"),
-        ("Conseil", "Informatique", "Imprimerie", "Bureautique", "Logistique", "Services",
-         "Ingénierie", "Communication", "Nettoyage", "Développement"),
+        (
+            "Dubois",
+            "Lefèvre",
+            "Moreau",
+            "Laurent",
+            "Girard",
+            "Rousseau",
+            "Fontaine",
+            "Chevalier",
+            "Mercier",
+            "Garnier",
+            "Faure",
+            "Bérard",
+            "Lemaître",
+            "Durand",
+        ),
+        (
+            "Conseil",
+            "Informatique",
+            "Imprimerie",
+            "Bureautique",
+            "Logistique",
+            "Services",
+            "Ingénierie",
+            "Communication",
+            "Nettoyage",
+            "Développement",
+        ),
     ),
     "nl": (
-        ("Van Dijk", "De Vries", "Jansen", "Bakker", "Visser", "Smit", "Mulder", "De Boer",
-         "Van den Berg", "Hendriks", "Dekker", "Brouwer", "Peeters", "Willems"),
-        ("Installatietechniek", "ICT", "Advies", "Drukwerk", "Kantoorartikelen", "Logistiek",
-         "Software", "Schoonmaak", "Communicatie", "Techniek"),
+        (
+            "Van Dijk",
+            "De Vries",
+            "Jansen",
+            "Bakker",
+            "Visser",
+            "Smit",
+            "Mulder",
+            "De Boer",
+            "Van den Berg",
+            "Hendriks",
+            "Dekker",
+            "Brouwer",
+            "Peeters",
+            "Willems",
+        ),
+        (
+            "Installatietechniek",
+            "ICT",
+            "Advies",
+            "Drukwerk",
+            "Kantoorartikelen",
+            "Logistiek",
+            "Software",
+            "Schoonmaak",
+            "Communicatie",
+            "Techniek",
+        ),
     ),
 }
 
 _PEOPLE = (
-    "Jane Doe", "Oliver Bennett", "Amelia Clarke", "Liam O'Connor", "Sophie Martin", "Lukas Weber",
-    "Emma Jansen", "Noah Dubois", "Mia Schmidt", "Lucas Peeters", "Chloé Bernard", "Ethan Walker",
+    "Jane Doe",
+    "Oliver Bennett",
+    "Amelia Clarke",
+    "Liam O'Connor",
+    "Sophie Martin",
+    "Lukas Weber",
+    "Emma Jansen",
+    "Noah Dubois",
+    "Mia Schmidt",
+    "Lucas Peeters",
+    "Chloé Bernard",
+    "Ethan Walker",
 )
 
-_COUNTRY_LANG = {"GB": "en", "US": "en", "IE": "en", "CH": "de", "NL": "nl", "DE": "de", "AT": "de",
-                 "FR": "fr"}
+_COUNTRY_LANG = {
+    "GB": "en",
+    "US": "en",
+    "IE": "en",
+    "CH": "de",
+    "NL": "nl",
+    "DE": "de",
+    "AT": "de",
+    "FR": "fr",
+}
 
 
 # (description, quantity kind, unit price range)
@@ -251,26 +464,60 @@ _ITEMS = {
     ),
 }
 
-_GERMAN_UNITS = {"hours": "Std.", "days": "Tag(e)", "units": "Stk.", "lump": "Psch.", "bulk": "Stk.",
-                 "one": "Psch.", "few": "Stk."}
+_GERMAN_UNITS = {
+    "hours": "Std.",
+    "days": "Tag(e)",
+    "units": "Stk.",
+    "lump": "Psch.",
+    "bulk": "Stk.",
+    "one": "Psch.",
+    "few": "Stk.",
+}
 
 
 # Banks a vendor's account is with: (city the bank is in or "", national bank code, BIC).
 # Real bank codes and BICs, so an IBAN's bank part and the printed BIC agree.
 _BANKS: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "DE": (("Berlin", "10050000", "BELADEBEXXX"), ("München", "70150000", "SSKMDEMMXXX"),
-           ("Hamburg", "20050550", "HASPDEHHXXX"), ("Köln", "37050198", "COLSDE33XXX"),
-           ("Leipzig", "86055592", "WELADE8LXXX"), ("Stuttgart", "60050101", "SOLADEST600")),
-    "AT": (("Wien", "20111", "GIBAATWWXXX"), ("Graz", "20815", "STSPAT2GXXX"),
-           ("Linz", "20320", "ASPKAT2LXXX"), ("Salzburg", "20404", "SBGSAT2SXXX")),
-    "NL": (("", "ABNA", "ABNANL2A"), ("", "INGB", "INGBNL2A"), ("", "RABO", "RABONL2U"),
-           ("", "TRIO", "TRIONL2U"), ("", "SNSB", "SNSBNL2A"), ("", "KNAB", "KNABNL2H")),
-    "GB": (("", "NWBK60", "NWBKGB2L"), ("", "BARC20", "BARCGB22"), ("", "LOYD30", "LOYDGB2L"),
-           ("", "HBUK40", "HBUKGB4B")),
+    "DE": (
+        ("Berlin", "10050000", "BELADEBEXXX"),
+        ("München", "70150000", "SSKMDEMMXXX"),
+        ("Hamburg", "20050550", "HASPDEHHXXX"),
+        ("Köln", "37050198", "COLSDE33XXX"),
+        ("Leipzig", "86055592", "WELADE8LXXX"),
+        ("Stuttgart", "60050101", "SOLADEST600"),
+    ),
+    "AT": (
+        ("Wien", "20111", "GIBAATWWXXX"),
+        ("Graz", "20815", "STSPAT2GXXX"),
+        ("Linz", "20320", "ASPKAT2LXXX"),
+        ("Salzburg", "20404", "SBGSAT2SXXX"),
+    ),
+    "NL": (
+        ("", "ABNA", "ABNANL2A"),
+        ("", "INGB", "INGBNL2A"),
+        ("", "RABO", "RABONL2U"),
+        ("", "TRIO", "TRIONL2U"),
+        ("", "SNSB", "SNSBNL2A"),
+        ("", "KNAB", "KNABNL2H"),
+    ),
+    "GB": (
+        ("", "NWBK60", "NWBKGB2L"),
+        ("", "BARC20", "BARCGB22"),
+        ("", "LOYD30", "LOYDGB2L"),
+        ("", "HBUK40", "HBUKGB4B"),
+    ),
     "IE": (("", "AIBK93", "AIBKIE2D"), ("", "BOFI90", "BOFIIE2D")),
-    "CH": (("", "00230", "UBSWCHZH80A"), ("", "00700", "ZKBKCHZZ80A"), ("", "09000", "POFICHBEXXX")),
-    "FR": (("", "30004", "BNPAFRPPXXX"), ("", "30003", "SOGEFRPPXXX"), ("", "30002", "CRLYFRPPXXX"),
-           ("", "20041", "PSSTFRPPPAR")),
+    "CH": (
+        ("", "00230", "UBSWCHZH80A"),
+        ("", "00700", "ZKBKCHZZ80A"),
+        ("", "09000", "POFICHBEXXX"),
+    ),
+    "FR": (
+        ("", "30004", "BNPAFRPPXXX"),
+        ("", "30003", "SOGEFRPPXXX"),
+        ("", "30002", "CRLYFRPPXXX"),
+        ("", "20041", "PSSTFRPPPAR"),
+    ),
 }
 
 
@@ -289,9 +536,9 @@ def _bank_account(country: str, city_line: str, digits: str) -> tuple[str, str] 
         bban = code + digits[:11]
     elif country == "NL":  # bank (4 letters) + account (10)
         bban = code + digits[:10]
-    elif country in ("GB", "IE"):  # bank (4 letters) + sort code (6) + account (8)
-        bban = code + digits[:12]
-    elif country == "CH":  # clearing number (5) + account (12)
+    elif (
+        country in ("GB", "IE") or country == "CH"
+    ):  # bank (4 letters) + sort code (6) + account (8)
         bban = code + digits[:12]
     else:  # FR: bank (5) + branch (5) + account (11) + RIB key (2)
         branch, account = digits[:5], digits[5:16]
@@ -304,8 +551,20 @@ def _bank_account(country: str, city_line: str, digits: str) -> tuple[str, str] 
 # Formatting
 # --------------------------------------------------------------------------------------------
 
-_MONTHS_EN = ("January", "February", "March", "April", "May", "June", "July", "August",
-              "September", "October", "November", "December")
+_MONTHS_EN = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 
 
 def fmt_number(value: Decimal, style: str, places: int | None = 2) -> str:
@@ -321,8 +580,13 @@ def fmt_number(value: Decimal, style: str, places: int | None = 2) -> str:
         intpart, _, frac = text.partition(".")
     neg = intpart.startswith("-")
     intpart = intpart.lstrip("-")
-    group, dec = {"en": (",", "."), "de": (".", ","), "fr": (" ", ","), "ch": ("'", "."),
-                  "plain": ("", ".")}[style]
+    group, dec = {
+        "en": (",", "."),
+        "de": (".", ","),
+        "fr": (" ", ","),
+        "ch": ("'", "."),
+        "plain": ("", "."),
+    }[style]
     groups = []
     while len(intpart) > 3:
         groups.insert(0, intpart[-3:])
@@ -415,8 +679,10 @@ class _Content:
             subtotal=self.subtotal,
             tax=self.tax,
             total=self.total,
-            line_items=[LineItem(description=d, quantity=q, unit_price=u, amount=a)
-                        for d, q, u, a, _ in self.lines],
+            line_items=[
+                LineItem(description=d, quantity=q, unit_price=u, amount=a)
+                for d, q, u, a, _ in self.lines
+            ],
         )
 
 
@@ -429,7 +695,9 @@ def _company(rng: random.Random, country: _Country, lang: str) -> str:
     return f"{rng_choice(rng, first)} {rng_choice(rng, second)} {form}"
 
 
-def _party(rng: random.Random, code: str, *, person: bool = False, with_tax_id: bool = True) -> _Party:
+def _party(
+    rng: random.Random, code: str, *, person: bool = False, with_tax_id: bool = True
+) -> _Party:
     country = COUNTRIES[code]
     lang = _COUNTRY_LANG[code]
     if person:
@@ -440,8 +708,12 @@ def _party(rng: random.Random, code: str, *, person: bool = False, with_tax_id: 
     street = rng_choice(rng, country.streets)
     street_line = f"{number} {street}" if country.street_first else f"{street} {number}"
     city = _fill(rng, rng_choice(rng, country.cities))
-    return _Party(name, [street_line, city, country.country_name],
-                  _fill(rng, country.tax_id) if with_tax_id else None, code)
+    return _Party(
+        name,
+        [street_line, city, country.country_name],
+        _fill(rng, country.tax_id) if with_tax_id else None,
+        code,
+    )
 
 
 def _money(rng: random.Random, lo: float, hi: float) -> Decimal:
@@ -453,7 +725,11 @@ def _money(rng: random.Random, lo: float, hi: float) -> Decimal:
 
 def _quantity(rng: random.Random, kind: str) -> Decimal:
     if kind == "hours":
-        return Decimal(rng.choice(("0.5", "1", "1.5", "2", "2.5", "3", "4", "6", "7.5", "8", "10", "12", "16", "0.25")))
+        return Decimal(
+            rng.choice(
+                ("0.5", "1", "1.5", "2", "2.5", "3", "4", "6", "7.5", "8", "10", "12", "16", "0.25")
+            )
+        )
     if kind == "days":
         return Decimal(rng.choice(("1", "1", "2", "3", "0.5")))
     if kind in ("one", "lump"):
@@ -489,8 +765,12 @@ def _content(rng: random.Random, layout: str, n_lines: int, defect: str | None) 
         customer = _party(rng, cust_code, with_tax_id=rng.random() < 0.4 and cust_code != "US")
         if customer.name == vendor.name:
             customer.name = "Atlas " + customer.name
-    reverse_charge = (cust_code != code and code in ("IE", "NL", "DE", "AT", "FR")
-                      and cust_code in ("DE", "FR", "NL", "IE") and customer.tax_id is not None)
+    reverse_charge = (
+        cust_code != code
+        and code in ("IE", "NL", "DE", "AT", "FR")
+        and cust_code in ("DE", "FR", "NL", "IE")
+        and customer.tax_id is not None
+    )
 
     # Dates: two years that are over, so every issue date is in the past whenever this runs
     issue = date(2024, 1, 1) + timedelta(days=rng.randint(0, 729))
@@ -509,25 +789,39 @@ def _content(rng: random.Random, layout: str, n_lines: int, defect: str | None) 
     else:
         num_style = "ch" if code == "CH" and layout == "classic" else "en"
         if code == "US":
-            date_style = rng_choice(rng, ("mdy/", "month d, y", "mon d, y") if layout == "classic"
-                                    else ("month d, y", "mon d, y"))
+            date_style = rng_choice(
+                rng,
+                ("mdy/", "month d, y", "mon d, y")
+                if layout == "classic"
+                else ("month d, y", "mon d, y"),
+            )
         elif code == "CH":
             date_style = rng_choice(rng, ("dmy.", "d mon y"))
         elif code == "NL":
             date_style = rng_choice(rng, ("dmy-", "d month y"))
         else:
-            date_style = rng_choice(rng, ("d mon y", "dmy/", "d month y") if layout == "classic"
-                                    else ("d month y", "d mon y"))
+            date_style = rng_choice(
+                rng,
+                ("d mon y", "dmy/", "d month y")
+                if layout == "classic"
+                else ("d month y", "d mon y"),
+            )
 
     # Numbers
     year = issue.year
     serial = rng.randint(1, 9999)
     number = {
-        "classic": lambda: rng_choice(rng, (f"INV-{year}-{serial:04d}", f"{serial + 100000:06d}", f"INV{serial:05d}")),
+        "classic": lambda: rng_choice(
+            rng, (f"INV-{year}-{serial:04d}", f"{serial + 100000:06d}", f"INV{serial:05d}")
+        ),
         "modern": lambda: f"{_upper(rng, 4)}{_digits(rng, 4)}-{serial % 1000:04d}",
         "compact": lambda: rng_choice(rng, (f"R{year}{serial:05d}", f"{year}-{serial:05d}")),
-        "german": lambda: rng_choice(rng, (f"RE-{year}-{serial:04d}", f"{year}{serial:04d}", f"RG{serial:06d}")),
-        "french": lambda: rng_choice(rng, (f"F{year}-{serial:04d}", f"FA-{year}{issue.month:02d}-{serial % 1000:03d}")),
+        "german": lambda: rng_choice(
+            rng, (f"RE-{year}-{serial:04d}", f"{year}{serial:04d}", f"RG{serial:06d}")
+        ),
+        "french": lambda: rng_choice(
+            rng, (f"F{year}-{serial:04d}", f"FA-{year}{issue.month:02d}-{serial % 1000:03d}")
+        ),
         "dutch": lambda: rng_choice(rng, (f"{year}.{serial:04d}", f"F{year}-{serial:04d}")),
     }[layout]()
 
@@ -558,11 +852,27 @@ def _content(rng: random.Random, layout: str, n_lines: int, defect: str | None) 
         rate_text = rate_text.replace(".", ",")
 
     return _Content(
-        layout=layout, lang=lang, vendor=vendor, customer=customer, number=number, issue=issue,
-        due=due, currency=country.currency, tax_rate=rate_text, lines=lines, subtotal=subtotal,
-        tax=tax, total=total, num_style=num_style, date_style=date_style,
-        customer_no=rng_choice(rng, (f"C-{rng.randint(10000, 99999)}", str(rng.randint(10000, 99999)))),
-        order_no=f"PO-{rng.randint(1000, 99999)}", delivery=delivery, reverse_charge=reverse_charge,
+        layout=layout,
+        lang=lang,
+        vendor=vendor,
+        customer=customer,
+        number=number,
+        issue=issue,
+        due=due,
+        currency=country.currency,
+        tax_rate=rate_text,
+        lines=lines,
+        subtotal=subtotal,
+        tax=tax,
+        total=total,
+        num_style=num_style,
+        date_style=date_style,
+        customer_no=rng_choice(
+            rng, (f"C-{rng.randint(10000, 99999)}", str(rng.randint(10000, 99999)))
+        ),
+        order_no=f"PO-{rng.randint(1000, 99999)}",
+        delivery=delivery,
+        reverse_charge=reverse_charge,
     )
 
 
@@ -584,8 +894,18 @@ class _Canvas:
         self.page = page
         self.shape = page.new_shape()
 
-    def text(self, x: float, y: float, s: str, *, font: str = "helv", size: float = 9,
-             color=BLACK, align: str = "left", max_width: float | None = None) -> None:
+    def text(
+        self,
+        x: float,
+        y: float,
+        s: str,
+        *,
+        font: str = "helv",
+        size: float = 9,
+        color=BLACK,
+        align: str = "left",
+        max_width: float | None = None,
+    ) -> None:
         s.encode("latin-1")  # base-14 fonts: anything else would not render
         if max_width is not None:  # shrink long names rather than cut them
             natural = pymupdf.get_text_length(s, fontname=font, fontsize=size)
@@ -667,10 +987,14 @@ class _Layout:
         first = int((self.bottom - self.first_top - self.head_h) // self.row_h)
         cont = int((self.bottom - self.cont_top - self.head_h) // self.row_h)
         if pages <= 1:
-            last_max = int((self.bottom - self.totals_h - self.first_top - self.head_h) // self.row_h)
+            last_max = int(
+                (self.bottom - self.totals_h - self.first_top - self.head_h) // self.row_h
+            )
             n = rng.randint(1, max(1, min(last_max, 12)))
         else:
-            last_max = int((self.bottom - self.totals_h - self.cont_top - self.head_h) // self.row_h)
+            last_max = int(
+                (self.bottom - self.totals_h - self.cont_top - self.head_h) // self.row_h
+            )
             n = first + (pages - 2) * cont + rng.randint(1, max(1, last_max))
         assert len(self.paginate(n)) == max(1, pages), (pages, n, len(self.paginate(n)))
         return n
@@ -706,11 +1030,16 @@ class _Layout:
                 self.carry(cv, y, running)
             self.footer(cv, index, n_pages)
             cv.commit()
-        doc.set_metadata({
-            "title": f"Invoice {c.number}", "author": c.vendor.name, "creator": "testing.samples",
-            "producer": "PyMuPDF", "creationDate": f"D:{c.issue:%Y%m%d}090000Z",
-            "modDate": f"D:{c.issue:%Y%m%d}090000Z",
-        })
+        doc.set_metadata(
+            {
+                "title": f"Invoice {c.number}",
+                "author": c.vendor.name,
+                "creator": "testing.samples",
+                "producer": "PyMuPDF",
+                "creationDate": f"D:{c.issue:%Y%m%d}090000Z",
+                "modDate": f"D:{c.issue:%Y%m%d}090000Z",
+            }
+        )
         return doc.tobytes(garbage=3, deflate=True, no_new_id=True)
 
     def adjust(self, plan: list[list[int]]) -> None:
@@ -731,13 +1060,21 @@ class _Layout:
         return self.cont_top
 
     def table_header(self, cv: _Canvas, y: float) -> None:
-        cv.rect(self.margin - 6, y - 4, self.size[0] - self.margin + 6, y + self.head_h - 6, fill=PALE)
+        cv.rect(
+            self.margin - 6, y - 4, self.size[0] - self.margin + 6, y + self.head_h - 6, fill=PALE
+        )
         for col in self.columns():
-            cv.text(col.x, y + 9, col.title, font=self.bold, size=self.size_,
-                    align="left" if col.align == "left" else "right")
+            cv.text(
+                col.x,
+                y + 9,
+                col.title,
+                font=self.bold,
+                size=self.size_,
+                align="left" if col.align == "left" else "right",
+            )
 
     def cell_text(self, role: str, i: int) -> str:
-        desc, qty, unit, amount, kind = self.c.lines[i]
+        desc, qty, unit, amount, _kind = self.c.lines[i]
         if role == "pos":
             return str(i + 1)
         if role == "desc":
@@ -758,21 +1095,41 @@ class _Layout:
             if col.role == "desc":
                 text = fits(text, col.width, self.font, self.size_)
                 # keep the truth equal to what is printed
-                d, q, u, a, k = self.c.lines[i]
+                _d, q, u, a, k = self.c.lines[i]
                 self.c.lines[i] = (text, q, u, a, k)
-            cv.text(col.x, y + 9, text, font=self.font, size=self.size_,
-                    align="left" if col.align == "left" else "right")
-        cv.line(self.margin, y + self.row_h - 3, self.size[0] - self.margin, y + self.row_h - 3, color=PALE)
+            cv.text(
+                col.x,
+                y + 9,
+                text,
+                font=self.font,
+                size=self.size_,
+                align="left" if col.align == "left" else "right",
+            )
+        cv.line(
+            self.margin,
+            y + self.row_h - 3,
+            self.size[0] - self.margin,
+            y + self.row_h - 3,
+            color=PALE,
+        )
 
     def carry(self, cv: _Canvas, y: float, running: Decimal) -> None:
-        cv.text(self.size[0] - self.margin, y + 14, self.continued, size=8, color=GRAY, align="right")
+        cv.text(
+            self.size[0] - self.margin, y + 14, self.continued, size=8, color=GRAY, align="right"
+        )
 
     def totals(self, cv: _Canvas, y: float) -> None:
         raise NotImplementedError
 
     def footer(self, cv: _Canvas, index: int, n_pages: int) -> None:
-        cv.text(self.size[0] / 2, self.size[1] - 30, f"Page {index + 1} of {n_pages}", size=7,
-                color=GRAY, align="center")
+        cv.text(
+            self.size[0] / 2,
+            self.size[1] - 30,
+            f"Page {index + 1} of {n_pages}",
+            size=7,
+            color=GRAY,
+            align="center",
+        )
 
 
 def _symbol_money(c: _Content, value: Decimal) -> str:
@@ -799,7 +1156,9 @@ class _Classic(_Layout):
             "date": rng_choice(rng, ("Invoice Date:", "Date:", "Date of issue:")),
             "due": rng_choice(rng, ("Due Date:", "Payment due:")),
             "bill": rng_choice(rng, ("Bill To", "Invoice To", "Billed To")),
-            "taxid": "EIN:" if c.vendor.country == "US" else rng_choice(rng, ("VAT No:", "VAT Reg. No.:")),
+            "taxid": "EIN:"
+            if c.vendor.country == "US"
+            else rng_choice(rng, ("VAT No:", "VAT Reg. No.:")),
             "tax": "Sales Tax" if c.vendor.country == "US" else "VAT",
             "amount_title": rng_choice(rng, ("Amount", "Total")),
         }
@@ -820,8 +1179,12 @@ class _Classic(_Layout):
         cv.text(44, 66, c.vendor.name, font="hebo", size=16, max_width=w - 88 - 150)
         cv.text(w - 44, 66, "INVOICE", font="hebo", size=22, align="right")
         left = [*c.vendor.lines, f"{L['taxid']} {c.vendor.tax_id}"]
-        right = [(L["number"], c.number), (L["date"], c.date(c.issue)), (L["due"], c.date(c.due)),
-                 ("PO Number:", c.order_no)]
+        right = [
+            (L["number"], c.number),
+            (L["date"], c.date(c.issue)),
+            (L["due"], c.date(c.due)),
+            ("PO Number:", c.order_no),
+        ]
         y = 90
         for k in range(max(len(left), len(right))):
             if k < len(left):
@@ -842,9 +1205,11 @@ class _Classic(_Layout):
     def totals(self, cv: _Canvas, y: float) -> None:
         c, w = self.c, self.size[0]
         cv.rect(w - 230, y, w - 40, y + 62, color=LIGHT)
-        rows = [("Subtotal", c.subtotal, "helv"),
-                (f"{self.labels['tax']} {c.tax_rate}%", c.tax, "helv"),
-                (f"Total {c.currency}", c.total, "hebo")]
+        rows = [
+            ("Subtotal", c.subtotal, "helv"),
+            (f"{self.labels['tax']} {c.tax_rate}%", c.tax, "helv"),
+            (f"Total {c.currency}", c.total, "hebo"),
+        ]
         yy = y + 16
         for label, value, font in rows:
             cv.text(w - 222, yy, label, font=font, size=9)
@@ -854,12 +1219,25 @@ class _Classic(_Layout):
     def footer(self, cv: _Canvas, index: int, n_pages: int) -> None:
         c, w, h = self.c, self.size[0], self.size[1]
         if index == n_pages - 1:
-            cv.text(44, h - 70, f"Payment terms: {(c.due - c.issue).days} days net. "
-                                "Please quote the invoice number with your payment.", size=8)
+            cv.text(
+                44,
+                h - 70,
+                f"Payment terms: {(c.due - c.issue).days} days net. "
+                "Please quote the invoice number with your payment.",
+                size=8,
+            )
             if c.reverse_charge:
-                cv.text(44, h - 58, "Reverse charge: VAT to be accounted for by the recipient.", size=8)
+                cv.text(
+                    44, h - 58, "Reverse charge: VAT to be accounted for by the recipient.", size=8
+                )
         cv.line(44, h - 45, w - 44, h - 45)
-        cv.text(44, h - 34, f"{c.vendor.name} | {c.vendor.lines[0]}, {c.vendor.lines[1]}", size=7, color=GRAY)
+        cv.text(
+            44,
+            h - 34,
+            f"{c.vendor.name} | {c.vendor.lines[0]}, {c.vendor.lines[1]}",
+            size=7,
+            color=GRAY,
+        )
         cv.text(w - 44, h - 34, f"Page {index + 1} of {n_pages}", size=7, color=GRAY, align="right")
 
 
@@ -892,9 +1270,23 @@ class _Modern(_Layout):
 
     def table_header(self, cv: _Canvas, y: float) -> None:
         for col in self.columns():
-            cv.text(col.x, y + 9, col.title, font="hebo", size=7.5, color=self.accent,
-                    align="left" if col.align == "left" else "right")
-        cv.line(48, y + self.head_h - 6, self.size[0] - 48, y + self.head_h - 6, color=self.accent, width=1)
+            cv.text(
+                col.x,
+                y + 9,
+                col.title,
+                font="hebo",
+                size=7.5,
+                color=self.accent,
+                align="left" if col.align == "left" else "right",
+            )
+        cv.line(
+            48,
+            y + self.head_h - 6,
+            self.size[0] - 48,
+            y + self.head_h - 6,
+            color=self.accent,
+            width=1,
+        )
 
     def first_header(self, cv: _Canvas) -> None:
         c, w = self.c, self.size[0]
@@ -923,13 +1315,25 @@ class _Modern(_Layout):
             y += 13
         cv.rect(w - 250, 222, w - 48, 262, fill=PALE)
         cv.text(w - 240, 246, "Amount due", font="hebo", size=10)
-        cv.text(w - 58, 246, f"{_symbol_money(c, c.total)} {c.currency}" if c.currency in ("USD", "GBP")
-                else _symbol_money(c, c.total), font="hebo", size=12, align="right")
+        cv.text(
+            w - 58,
+            246,
+            f"{_symbol_money(c, c.total)} {c.currency}"
+            if c.currency in ("USD", "GBP")
+            else _symbol_money(c, c.total),
+            font="hebo",
+            size=12,
+            align="right",
+        )
 
     def totals(self, cv: _Canvas, y: float) -> None:
         c, w = self.c, self.size[0]
-        rows = [("Subtotal", c.subtotal), (f"{self.tax_label} ({c.tax_rate}%)", c.tax),
-                ("Total", c.total), ("Amount due", c.total)]
+        rows = [
+            ("Subtotal", c.subtotal),
+            (f"{self.tax_label} ({c.tax_rate}%)", c.tax),
+            ("Total", c.total),
+            ("Amount due", c.total),
+        ]
         yy = y + 14
         for n, (label, value) in enumerate(rows):
             font = "hebo" if n == 3 else "helv"
@@ -987,10 +1391,15 @@ class _German(_Layout):
         v = c.vendor
         cols = [
             [v.name, v.lines[0], v.lines[1]],
-            [f"Geschäftsführer: {rng_name(c)}",
-             (f"Firmenbuch FN {c.extras.get('hrb', '12345')}a" if v.country == "AT"
-              else f"Amtsgericht {v.lines[1].split(' ', 1)[1]} HRB {c.extras.get('hrb', '12345')}"),
-             f"{self.taxid_label} {v.tax_id}"],
+            [
+                f"Geschäftsführer: {rng_name(c)}",
+                (
+                    f"Firmenbuch FN {c.extras.get('hrb', '12345')}a"
+                    if v.country == "AT"
+                    else f"Amtsgericht {v.lines[1].split(' ', 1)[1]} HRB {c.extras.get('hrb', '12345')}"
+                ),
+                f"{self.taxid_label} {v.tax_id}",
+            ],
             ["Sparkasse", f"IBAN {c.extras['iban']}", f"BIC {c.extras['bic']}"],
         ]
         for k, col in enumerate(cols):
@@ -998,7 +1407,9 @@ class _German(_Layout):
             for line in col:
                 cv.text(56 + k * 170, y, line, size=6.5, color=GRAY)
                 y += 9
-        cv.text(w - 56, h - 80, f"Seite {index + 1} von {n_pages}", size=7, color=GRAY, align="right")
+        cv.text(
+            w - 56, h - 80, f"Seite {index + 1} von {n_pages}", size=7, color=GRAY, align="right"
+        )
 
     def footer(self, cv: _Canvas, index: int, n_pages: int) -> None:
         pass
@@ -1009,7 +1420,11 @@ class _German(_Layout):
         cv.text(w - 56, 60, v.name, font="hebo", size=14, align="right")
         y = 76
         prefix = "+43" if v.country == "AT" else "+49"
-        for line in (v.lines[0], v.lines[1], f"Tel. {prefix} {c.extras.get('phone', '30 1234567')}"):
+        for line in (
+            v.lines[0],
+            v.lines[1],
+            f"Tel. {prefix} {c.extras.get('phone', '30 1234567')}",
+        ):
             cv.text(w - 56, y, line, size=8, color=GRAY, align="right")
             y += 11
         # return address line above the window
@@ -1017,13 +1432,17 @@ class _German(_Layout):
         cv.line(70, 133, 300, 133, color=GRAY, width=0.4)
         y = 150
         foreign = c.customer.country != c.vendor.country
-        for line in [c.customer.name, *c.customer.lines[:3 if foreign else 2]]:
+        for line in [c.customer.name, *c.customer.lines[: 3 if foreign else 2]]:
             cv.text(70, y, line, size=10)
             y += 13  # the info block on the right uses the same grid
         # info block
-        rows = [("Rechnungsnummer:", c.number), ("Rechnungsdatum:", c.date(c.issue)),
-                ("Leistungsdatum:", c.date(c.delivery)), ("Kundennummer:", c.customer_no),
-                (self.due_label, c.date(c.due))]
+        rows = [
+            ("Rechnungsnummer:", c.number),
+            ("Rechnungsdatum:", c.date(c.issue)),
+            ("Leistungsdatum:", c.date(c.delivery)),
+            ("Kundennummer:", c.customer_no),
+            (self.due_label, c.date(c.due)),
+        ]
         if c.customer.tax_id:
             rows.append(("Ihre USt-IdNr.:", c.customer.tax_id))
         y = 150
@@ -1033,24 +1452,39 @@ class _German(_Layout):
             y += 13
         cv.text(70, 268, "Rechnung", font="hebo", size=15)
         cv.text(70, 296, "Sehr geehrte Damen und Herren,", size=9.5)
-        cv.text(70, 310, "wir erlauben uns, Ihnen folgende Leistungen in Rechnung zu stellen:", size=9.5)
+        cv.text(
+            70, 310, "wir erlauben uns, Ihnen folgende Leistungen in Rechnung zu stellen:", size=9.5
+        )
 
     def cont_header(self, cv: _Canvas, index: int, n_pages: int, running: Decimal) -> float:
         c = self.c
         cv.text(70, 60, f"{c.vendor.name}", font="hebo", size=10)
         cv.text(self.size[0] - 56, 60, f"Rechnung {c.number}", size=9, align="right")
-        cv.text(self.size[0] - 56, 90, f"Übertrag: {c.money(running)} {c.currency}", size=8.5, align="right")
+        cv.text(
+            self.size[0] - 56,
+            90,
+            f"Übertrag: {c.money(running)} {c.currency}",
+            size=8.5,
+            align="right",
+        )
         return self.cont_top
 
     def carry(self, cv: _Canvas, y: float, running: Decimal) -> None:
-        cv.text(self.size[0] - 56, y + 14, f"Übertrag: {self.c.money(running)} {self.c.currency}",
-                size=8.5, align="right")
+        cv.text(
+            self.size[0] - 56,
+            y + 14,
+            f"Übertrag: {self.c.money(running)} {self.c.currency}",
+            size=8.5,
+            align="right",
+        )
 
     def totals(self, cv: _Canvas, y: float) -> None:
         c, w = self.c, self.size[0]
-        rows = [("Zwischensumme", c.subtotal, "helv"),
-                (f"zzgl. {c.tax_rate} % {self.tax_label}", c.tax, "helv"),
-                (self.total_label, c.total, "hebo")]
+        rows = [
+            ("Zwischensumme", c.subtotal, "helv"),
+            (f"zzgl. {c.tax_rate} % {self.tax_label}", c.tax, "helv"),
+            (self.total_label, c.total, "hebo"),
+        ]
         yy = y + 12
         for label, value, font in rows:
             cv.text(w - 260, yy, label, font=font, size=9)
@@ -1059,7 +1493,12 @@ class _German(_Layout):
         cv.line(w - 260, yy - 27, w - 56, yy - 27, color=GRAY)
         text_y = yy + 12
         if c.reverse_charge:
-            cv.text(70, text_y, "Steuerschuldnerschaft des Leistungsempfängers (Reverse Charge).", size=8.5)
+            cv.text(
+                70,
+                text_y,
+                "Steuerschuldnerschaft des Leistungsempfängers (Reverse Charge).",
+                size=8.5,
+            )
             text_y += 12
         cv.text(70, text_y, f"Zahlbar bis {c.date(c.due)} ohne Abzug.", size=8.5)
         cv.text(70, text_y + 12, "Mit freundlichen Grüßen", size=8.5)
@@ -1093,8 +1532,10 @@ class _Compact(_Layout):
             self.size = (self.size[0], max(400.0, height))
 
     def columns(self) -> list[_Column]:
-        return [_Column("desc", "ITEM", 16, "left", width=228),
-                _Column("amount", "AMOUNT", self.size[0] - 16)]
+        return [
+            _Column("desc", "ITEM", 16, "left", width=228),
+            _Column("amount", "AMOUNT", self.size[0] - 16),
+        ]
 
     def table_header(self, cv: _Canvas, y: float) -> None:
         cv.line(16, y - 4, self.size[0] - 16, y - 4, color=GRAY)
@@ -1118,8 +1559,12 @@ class _Compact(_Layout):
             y += 10
         cv.text(w / 2, y, f"{self.taxid} {c.vendor.tax_id}", font="cour", size=7.5, align="center")
         cv.line(16, 92, w - 16, 92, color=GRAY)
-        rows = [(self.number_label, c.number), ("Date:", c.date(c.issue)), ("Due:", c.date(c.due)),
-                ("Customer:", c.customer.name)]
+        rows = [
+            (self.number_label, c.number),
+            ("Date:", c.date(c.issue)),
+            ("Due:", c.date(c.due)),
+            ("Customer:", c.customer.name),
+        ]
         y = 108
         for label, value in rows:
             cv.text(16, y, label, font="cour", size=8)
@@ -1128,15 +1573,24 @@ class _Compact(_Layout):
         cv.text(16, y + 6, f"Currency: {c.currency}", font="cour", size=8)
 
     def cont_header(self, cv: _Canvas, index: int, n_pages: int, running: Decimal) -> float:
-        cv.text(self.size[0] / 2, 40, f"{self.c.vendor.name} - {self.c.number}", font="cour", size=7.5,
-                align="center")
+        cv.text(
+            self.size[0] / 2,
+            40,
+            f"{self.c.vendor.name} - {self.c.number}",
+            font="cour",
+            size=7.5,
+            align="center",
+        )
         return self.cont_top
 
     def totals(self, cv: _Canvas, y: float) -> None:
         c, w = self.c, self.size[0]
         cv.line(16, y, w - 16, y, color=GRAY)
-        rows = [("Net", c.subtotal, "cour"), (f"{self.tax_label} {c.tax_rate}%", c.tax, "cour"),
-                (f"TOTAL {c.currency}", c.total, "cobo")]
+        rows = [
+            ("Net", c.subtotal, "cour"),
+            (f"{self.tax_label} {c.tax_rate}%", c.tax, "cour"),
+            (f"TOTAL {c.currency}", c.total, "cobo"),
+        ]
         yy = y + 14
         for label, value, font in rows:
             cv.text(16, yy, label, font=font, size=8.5)
@@ -1149,7 +1603,9 @@ class _Compact(_Layout):
     def footer(self, cv: _Canvas, index: int, n_pages: int) -> None:
         w, h = self.size
         if index == n_pages - 1:
-            cv.text(w / 2, h - 40, "Thank you for your business!", font="cour", size=7.5, align="center")
+            cv.text(
+                w / 2, h - 40, "Thank you for your business!", font="cour", size=7.5, align="center"
+            )
         cv.text(w / 2, h - 22, f"Page {index + 1}/{n_pages}", font="cour", size=7, align="center")
 
 
@@ -1164,7 +1620,9 @@ class _French(_Layout):
 
     def __init__(self, c: _Content, rng: random.Random) -> None:
         super().__init__(c)
-        self.number_label = rng_choice(rng, ("Facture N° :", "N° de facture :", "Numéro de facture :"))
+        self.number_label = rng_choice(
+            rng, ("Facture N° :", "N° de facture :", "Numéro de facture :")
+        )
         self.client_label = rng_choice(rng, ("Client :", "Facturé à :", "Destinataire :"))
         self.taxid = rng_choice(rng, ("N° TVA intracommunautaire :", "N° TVA :"))
 
@@ -1190,8 +1648,12 @@ class _French(_Layout):
         cv.rect(w - 260, 122, w - 48, 225, color=LIGHT)
         cv.text(w - 250, 138, self.client_label, font="hebo", size=9)
         # meta rows on the left share the client block's baselines
-        rows = [(self.number_label, c.number), ("Date de facture :", c.date(c.issue)),
-                ("Date d'échéance :", c.date(c.due)), ("N° client :", c.customer_no)]
+        rows = [
+            (self.number_label, c.number),
+            ("Date de facture :", c.date(c.issue)),
+            ("Date d'échéance :", c.date(c.due)),
+            ("N° client :", c.customer_no),
+        ]
         client = [c.customer.name, *c.customer.lines]
         if c.customer.tax_id:
             client.append(f"TVA : {c.customer.tax_id}")
@@ -1211,8 +1673,11 @@ class _French(_Layout):
 
     def totals(self, cv: _Canvas, y: float) -> None:
         c, w = self.c, self.size[0]
-        rows = [("Total HT", c.subtotal, "helv"), (f"TVA {c.tax_rate} %", c.tax, "helv"),
-                ("Total TTC", c.total, "hebo")]
+        rows = [
+            ("Total HT", c.subtotal, "helv"),
+            (f"TVA {c.tax_rate} %", c.tax, "helv"),
+            ("Total TTC", c.total, "hebo"),
+        ]
         cv.rect(w - 240, y, w - 48, y + 56, fill=PALE)
         yy = y + 15
         for label, value, font in rows:
@@ -1221,10 +1686,20 @@ class _French(_Layout):
             yy += 16
         note_y = y + 74
         if c.reverse_charge:
-            cv.text(52, note_y, "Autoliquidation : TVA due par le preneur (art. 196 directive 2006/112/CE).", size=8)
+            cv.text(
+                52,
+                note_y,
+                "Autoliquidation : TVA due par le preneur (art. 196 directive 2006/112/CE).",
+                size=8,
+            )
             note_y += 11
-        cv.text(52, note_y, f"Conditions de paiement : {(c.due - c.issue).days} jours. "
-                            "Pénalités de retard : 3 fois le taux d'intérêt légal.", size=8)
+        cv.text(
+            52,
+            note_y,
+            f"Conditions de paiement : {(c.due - c.issue).days} jours. "
+            "Pénalités de retard : 3 fois le taux d'intérêt légal.",
+            size=8,
+        )
 
     def footer(self, cv: _Canvas, index: int, n_pages: int) -> None:
         c, w, h = self.c, self.size[0], self.size[1]
@@ -1232,11 +1707,25 @@ class _French(_Layout):
         form = v.name.rsplit(" ", 1)[-1]
         cv.line(52, h - 50, w - 48, h - 50)
         siret = c.extras.get("siret", "123 456 789 00012")
-        cv.text(w / 2, h - 38, f"{v.name} - {form} au capital de 10 000 EUR - SIRET {siret}",
-                size=6.5, color=GRAY, align="center")
-        cv.text(w / 2, h - 28, f"{v.lines[0]}, {v.lines[1]} - {self.taxid} {v.tax_id}", size=6.5,
-                color=GRAY, align="center")
-        cv.text(w - 48, h - 16, f"Page {index + 1} / {n_pages}", size=6.5, color=GRAY, align="right")
+        cv.text(
+            w / 2,
+            h - 38,
+            f"{v.name} - {form} au capital de 10 000 EUR - SIRET {siret}",
+            size=6.5,
+            color=GRAY,
+            align="center",
+        )
+        cv.text(
+            w / 2,
+            h - 28,
+            f"{v.lines[0]}, {v.lines[1]} - {self.taxid} {v.tax_id}",
+            size=6.5,
+            color=GRAY,
+            align="center",
+        )
+        cv.text(
+            w - 48, h - 16, f"Page {index + 1} / {n_pages}", size=6.5, color=GRAY, align="right"
+        )
 
 
 class _Dutch(_Layout):
@@ -1267,7 +1756,11 @@ class _Dutch(_Layout):
         cv.text(50, 60, "FACTUUR", font="hebo", size=20, color=(0.1, 0.45, 0.35))
         cv.text(w - 50, 60, v.name, font="hebo", size=12, align="right", max_width=w - 100 - 150)
         y = 75
-        for line in (*v.lines[:2], f"BTW-nummer: {v.tax_id}", f"KvK: {c.extras.get('kvk', '12345678')}"):
+        for line in (
+            *v.lines[:2],
+            f"BTW-nummer: {v.tax_id}",
+            f"KvK: {c.extras.get('kvk', '12345678')}",
+        ):
             cv.text(w - 50, y, line, size=8.5, color=GRAY, align="right")
             y += 11
         cv.text(50, 150, self.customer_label, font="hebo", size=9)
@@ -1277,8 +1770,12 @@ class _Dutch(_Layout):
             y += 12
         if c.customer.tax_id:
             cv.text(50, y, f"BTW: {c.customer.tax_id}", size=9)
-        rows = [(self.number_label, c.number), ("Factuurdatum:", c.date(c.issue)),
-                ("Vervaldatum:", c.date(c.due)), ("Klantnummer:", c.customer_no)]
+        rows = [
+            (self.number_label, c.number),
+            ("Factuurdatum:", c.date(c.issue)),
+            ("Vervaldatum:", c.date(c.due)),
+            ("Klantnummer:", c.customer_no),
+        ]
         y = 164
         for label, value in rows:
             cv.text(w - 230, y, label, font="hebo", size=9)
@@ -1293,8 +1790,11 @@ class _Dutch(_Layout):
 
     def totals(self, cv: _Canvas, y: float) -> None:
         c, w = self.c, self.size[0]
-        rows = [("Subtotaal", c.subtotal, "helv"), (f"BTW {c.tax_rate}%", c.tax, "helv"),
-                ("Totaal", c.total, "hebo")]
+        rows = [
+            ("Subtotaal", c.subtotal, "helv"),
+            (f"BTW {c.tax_rate}%", c.tax, "helv"),
+            ("Totaal", c.total, "hebo"),
+        ]
         yy = y + 14
         for label, value, font in rows:
             cv.text(w - 230, yy, label, font=font, size=9.5)
@@ -1305,19 +1805,36 @@ class _Dutch(_Layout):
         if c.reverse_charge:
             cv.text(50, note, "BTW verlegd.", size=8.5)
             note += 12
-        cv.text(50, note, f"Gelieve het totaalbedrag binnen {(c.due - c.issue).days} dagen over te maken "
-                          f"onder vermelding van het factuurnummer.", size=8.5)
+        cv.text(
+            50,
+            note,
+            f"Gelieve het totaalbedrag binnen {(c.due - c.issue).days} dagen over te maken "
+            f"onder vermelding van het factuurnummer.",
+            size=8.5,
+        )
 
     def footer(self, cv: _Canvas, index: int, n_pages: int) -> None:
         c, w, h = self.c, self.size[0], self.size[1]
-        cv.text(50, h - 34, f"IBAN {c.extras['iban']} | BIC {c.extras['bic']} | "
-                            f"KvK {c.extras.get('kvk', '12345678')}", size=7, color=GRAY)
-        cv.text(w - 50, h - 34, f"Pagina {index + 1} van {n_pages}", size=7, color=GRAY, align="right")
+        cv.text(
+            50,
+            h - 34,
+            f"IBAN {c.extras['iban']} | BIC {c.extras['bic']} | "
+            f"KvK {c.extras.get('kvk', '12345678')}",
+            size=7,
+            color=GRAY,
+        )
+        cv.text(
+            w - 50, h - 34, f"Pagina {index + 1} van {n_pages}", size=7, color=GRAY, align="right"
+        )
 
 
 _LAYOUT_CLASSES: dict[str, type[_Layout]] = {
-    "classic": _Classic, "modern": _Modern, "german": _German, "compact": _Compact,
-    "french": _French, "dutch": _Dutch,
+    "classic": _Classic,
+    "modern": _Modern,
+    "german": _German,
+    "compact": _Compact,
+    "french": _French,
+    "dutch": _Dutch,
 }
 
 
@@ -1326,8 +1843,9 @@ _LAYOUT_CLASSES: dict[str, type[_Layout]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def make_invoice(seed: int, layout: str | None = None, *, pages: int | None = None,
-                 defect: str | None = None) -> tuple[bytes, Invoice]:
+def make_invoice(
+    seed: int, layout: str | None = None, *, pages: int | None = None, defect: str | None = None
+) -> tuple[bytes, Invoice]:
     """A deterministic invoice PDF for `seed` and the truth of what it prints.
 
     `layout` defaults to `LAYOUTS[seed % len(LAYOUTS)]`; `pages` asks for that many pages
@@ -1378,8 +1896,14 @@ def sample_name(index: int, layout: str, defect: str | None = None) -> str:
     return f"invoice-{index:04d}-{layout}" + (f"-{defect.replace('_', '-')}" if defect else "")
 
 
-def write_samples(folder: Path, count: int, *, seed: int = 0, expected_folder: Path | None = None,
-                  pages: int | None = None) -> list[Path]:
+def write_samples(
+    folder: Path,
+    count: int,
+    *,
+    seed: int = 0,
+    expected_folder: Path | None = None,
+    pages: int | None = None,
+) -> list[Path]:
     """Write `count` invoices (cycling through every layout) as invoice-0001-classic.pdf, ...
 
     One invoice in the set (the fourth, when count >= 4) carries defect="total_mismatch", so a
@@ -1407,15 +1931,20 @@ def write_samples(folder: Path, count: int, *, seed: int = 0, expected_folder: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testing.samples", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m testing.samples", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("out_dir", type=Path, help="folder for the PDFs")
     parser.add_argument("--count", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--expected", type=Path, default=None, help="folder for the truth JSON files")
+    parser.add_argument(
+        "--expected", type=Path, default=None, help="folder for the truth JSON files"
+    )
     parser.add_argument("--pages", type=int, default=None, help="pages per invoice (default: one)")
     args = parser.parse_args(argv)
-    paths = write_samples(args.out_dir, args.count, seed=args.seed, expected_folder=args.expected,
-                          pages=args.pages)
+    paths = write_samples(
+        args.out_dir, args.count, seed=args.seed, expected_folder=args.expected, pages=args.pages
+    )
     print(f"wrote {len(paths)} invoices to {args.out_dir}")
     return 0
 

@@ -36,7 +36,9 @@ def moto_endpoint():
 def s3_bucket(moto_endpoint):
     """A fresh, empty bucket on the moto server; its name."""
     name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto_endpoint, region_name=harness.REGION).create_bucket(Bucket=name)
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name=harness.REGION).create_bucket(
+        Bucket=name
+    )
     return name
 
 
@@ -51,8 +53,10 @@ async def store(request, tmp_path):
         opened = LocalStore(tmp_path / "store")
     else:
         opened = S3Store(
-            request.getfixturevalue("s3_bucket"), "root/",
-            endpoint_url=request.getfixturevalue("moto_endpoint"), page_size=3,
+            request.getfixturevalue("s3_bucket"),
+            "root/",
+            endpoint_url=request.getfixturevalue("moto_endpoint"),
+            page_size=3,
         )
     async with opened:
         yield opened
@@ -79,13 +83,18 @@ def prefect_server(tmp_path_factory):
     """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME and SQLite
     (`harness.PrefectServer`: .url, .home, .env for a client process)."""
     home = tmp_path_factory.mktemp("prefect-server")
-    with harness.prefect_server(home, settings={
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # tests/test_schedule.py: not 60 s
-        # As the operators' guide sets up a server: `--watch` streams the run's logs.
-        "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
-        "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
-    }) as server:
+    with (
+        harness.prefect_server(
+            home,
+            settings={
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+                "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # tests/test_schedule.py: not 60 s
+                # As the operators' guide sets up a server: `--watch` streams the run's logs.
+                "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+                "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
+            },
+        ) as server
+    ):
         yield server
 
 
@@ -106,11 +115,16 @@ async def read_artifacts(*, key: str | None = None, flow_run_id=None) -> list:
     """Artifacts through the Prefect API, by key and/or flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
     )
 
     async with get_client() as client:
         return await client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])) if key else None,
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])) if flow_run_id else None,
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            if flow_run_id
+            else None,
         )

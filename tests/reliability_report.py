@@ -114,7 +114,10 @@ def account(
         if status not in FINAL:
             continue
         if status == "failed":
-            if not _field(entry, "error_code") or not (_field(entry, "error_message") or "").strip():
+            if (
+                not _field(entry, "error_code")
+                or not (_field(entry, "error_message") or "").strip()
+            ):
                 continue
             codes[_field(entry, "error_code")] += 1
         else:
@@ -142,7 +145,8 @@ def account(
         )
     if llm_answers is not None:
         answered = sum(
-            1 for key in expected
+            1
+            for key in expected
             if (e := entries.get(key)) is not None
             and _field(e, "status") in ("done", "needs_review")
             and _field(e, "extractor") == "openai"
@@ -183,12 +187,24 @@ class Scenario:
         self.started = time.perf_counter()
         self.rows: list[Row] = []
 
-    def record(self, *, name: str, invoices_in: int, manifest: Any, expected_keys: Iterable[str],
-               wall_s: float | None = None, **kwargs: Any) -> Row:
+    def record(
+        self,
+        *,
+        name: str,
+        invoices_in: int,
+        manifest: Any,
+        expected_keys: Iterable[str],
+        wall_s: float | None = None,
+        **kwargs: Any,
+    ) -> Row:
         row = account(
-            name=name, invoices_in=invoices_in, manifest=manifest, expected_keys=expected_keys,
+            name=name,
+            invoices_in=invoices_in,
+            manifest=manifest,
+            expected_keys=expected_keys,
             wall_s=time.perf_counter() - self.started if wall_s is None else wall_s,
-            test=self.nodeid, **kwargs,
+            test=self.nodeid,
+            **kwargs,
         )
         self.rows.append(row)
         _append(asdict(row))
@@ -208,8 +224,14 @@ def pytest_runtest_logreport(report) -> None:
     if not os.environ.get(REPORT_ENV):
         return
     if report.when == "call" or (report.when == "setup" and not report.passed):
-        _append({"kind": "test", "test": report.nodeid, "outcome": report.outcome,
-                 "duration_s": round(report.duration, 2)})
+        _append(
+            {
+                "kind": "test",
+                "test": report.nodeid,
+                "outcome": report.outcome,
+                "duration_s": round(report.duration, 2),
+            }
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,20 +244,37 @@ def _detail(row: dict[str, Any]) -> str:
         parts.append(f"{row['unrecorded_reported']} reported unrecorded by the failed run")
     codes = row.get("failure_codes") or {}
     if codes:
-        parts.append("failed: " + ", ".join(f"{code} x{n}" if n > 1 else code for code, n in codes.items()))
+        parts.append(
+            "failed: " + ", ".join(f"{code} x{n}" if n > 1 else code for code, n in codes.items())
+        )
     if row.get("note"):
         parts.append(row["note"])
     return "; ".join(parts)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ("scenario", "invoices in", "outcomes recorded", "lost", "duplicated", "wall s", "outcomes")
+    header = (
+        "scenario",
+        "invoices in",
+        "outcomes recorded",
+        "lost",
+        "duplicated",
+        "wall s",
+        "outcomes",
+    )
     lines = [header]
     for row in rows:
-        lines.append((
-            row["scenario"], str(row["invoices_in"]), str(row["recorded"]), str(row["lost"]),
-            str(row["duplicated"]), f"{row['wall_s']:.1f}", _detail(row),
-        ))
+        lines.append(
+            (
+                row["scenario"],
+                str(row["invoices_in"]),
+                str(row["recorded"]),
+                str(row["lost"]),
+                str(row["duplicated"]),
+                f"{row['wall_s']:.1f}",
+                _detail(row),
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     widths[-1] = min(widths[-1], 100)
     numeric = {1, 2, 3, 4, 5}
@@ -243,7 +282,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def fmt(line: tuple[str, ...]) -> str:
         cells = [
             (cell.rjust(w) if i in numeric and line is not header else cell.ljust(w))
-            for i, (cell, w) in enumerate(zip(line, widths))
+            for i, (cell, w) in enumerate(zip(line, widths, strict=False))
         ]
         return "  ".join(cells).rstrip()
 
@@ -268,14 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rows if r["lost"] or r["duplicated"]]
     total_in = sum(r["invoices_in"] for r in rows)
     print()
-    print(f"{len(rows)} scenarios, {total_in} invoices in, "
-          f"{sum(r['lost'] for r in rows)} lost, {sum(r['duplicated'] for r in rows)} duplicated; "
-          f"{len(tests)} tests, {len(failed_tests)} failed")
+    print(
+        f"{len(rows)} scenarios, {total_in} invoices in, "
+        f"{sum(r['lost'] for r in rows)} lost, {sum(r['duplicated'] for r in rows)} duplicated; "
+        f"{len(tests)} tests, {len(failed_tests)} failed"
+    )
     for t in failed_tests:
         print(f"FAILED {t['test']}")
     for r in bad:
-        print(f"NOT ACCOUNTED FOR in {r['scenario']!r}: lost {r['lost_keys']} "
-              f"duplicated {r['duplicate_detail']}")
+        print(
+            f"NOT ACCOUNTED FOR in {r['scenario']!r}: lost {r['lost_keys']} "
+            f"duplicated {r['duplicate_detail']}"
+        )
     return 1 if bad or failed_tests else 0
 
 

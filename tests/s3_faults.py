@@ -59,9 +59,7 @@ class FaultRule:
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and self.method.upper() != method.upper():
             return False
-        if self.key_contains is not None and self.key_contains not in path:
-            return False
-        return True
+        return not (self.key_contains is not None and self.key_contains not in path)
 
     def try_fire(self) -> bool:
         """Counts a hit and returns True when the rule fires for this request."""
@@ -225,7 +223,9 @@ class S3FaultProxy:
                 code = rule.code or f"InjectedFault{rule.status}"
                 return web.Response(
                     status=rule.status,
-                    body=b"" if request.method == "HEAD" else _error_body(code, "injected by S3FaultProxy"),
+                    body=b""
+                    if request.method == "HEAD"
+                    else _error_body(code, "injected by S3FaultProxy"),
                     content_type="application/xml",
                 )
         return await self._forward(request, body)

@@ -8,7 +8,6 @@ from functools import partial
 
 import pytest
 
-from tasks.manifest.claims import Claims
 from tasks.extract.rules import OfflineExtractor
 from tasks.manifest import (
     InvoiceOutcome,
@@ -21,6 +20,7 @@ from tasks.manifest import (
     read_manifest,
     utcnow,
 )
+from tasks.manifest.claims import Claims
 from tasks.pipeline import InvoiceContext, InvoiceJob, plan_batch
 from tasks.storage import LocalStore, ObjectInfo
 from tests.test_manifest import session_of
@@ -28,14 +28,25 @@ from tests.test_manifest import session_of
 
 def claim(run: str, *, lease: float = 60.0, ago: float = 0.0, key="a.pdf", etag='"e1"'):
     at = utcnow() - timedelta(seconds=ago)
-    return InvoiceOutcome(key=key, etag=etag, status="processing", flow_run_id=run,
-                          finished_at=at, lease_until=at + timedelta(seconds=lease))
+    return InvoiceOutcome(
+        key=key,
+        etag=etag,
+        status="processing",
+        flow_run_id=run,
+        finished_at=at,
+        lease_until=at + timedelta(seconds=lease),
+    )
 
 
 def final(run: str, status="done", *, ago: float = 0.0, etag='"e1"'):
-    return InvoiceOutcome(key="a.pdf", etag=etag, status=status, flow_run_id=run,
-                          finished_at=utcnow() - timedelta(seconds=ago),
-                          error_code="x" if status == "failed" else None)
+    return InvoiceOutcome(
+        key="a.pdf",
+        etag=etag,
+        status=status,
+        flow_run_id=run,
+        finished_at=utcnow() - timedelta(seconds=ago),
+        error_code="x" if status == "failed" else None,
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,22 +76,32 @@ def test_a_final_outcome_replaces_the_claim_of_its_own_run_and_a_late_done_wins(
     manifest = apply_outcomes(Manifest(), [claim("A", ago=2), final("A", "done")])
     assert manifest.entries["a.pdf"].status == "done"
     # B took over after A's lease ran out; A, slow but alive, still reports done: kept
-    manifest = apply_outcomes(Manifest(), [claim("A", lease=1, ago=10), claim("B", ago=1),
-                                           final("A", "done")])
+    manifest = apply_outcomes(
+        Manifest(), [claim("A", lease=1, ago=10), claim("B", ago=1), final("A", "done")]
+    )
     assert manifest.entries["a.pdf"].status == "done"
 
 
 def test_plan_leaves_live_claims_to_their_run_and_takes_over_expired_ones():
-    manifest = apply_outcomes(Manifest(), [
-        claim("A", lease=60, key="live.pdf"),
-        claim("A", lease=1, ago=10, key="dead.pdf"),
-        claim("A", lease=60, key="changed.pdf", etag='"old"'),
-    ])
-    listing = [ObjectInfo(k, '"e1"', 10) for k in ("live.pdf", "dead.pdf", "changed.pdf", "new.pdf")]
+    manifest = apply_outcomes(
+        Manifest(),
+        [
+            claim("A", lease=60, key="live.pdf"),
+            claim("A", lease=1, ago=10, key="dead.pdf"),
+            claim("A", lease=60, key="changed.pdf", etag='"old"'),
+        ],
+    )
+    listing = [
+        ObjectInfo(k, '"e1"', 10) for k in ("live.pdf", "dead.pdf", "changed.pdf", "new.pdf")
+    ]
     plan = plan_batch(listing, manifest)
     assert plan.in_flight_elsewhere == ["live.pdf"]
     assert plan.taken_over == ["dead.pdf"]
-    assert {job.key: job.attempt for job in plan.todo} == {"dead.pdf": 2, "changed.pdf": 1, "new.pdf": 1}
+    assert {job.key: job.attempt for job in plan.todo} == {
+        "dead.pdf": 2,
+        "changed.pdf": 1,
+        "new.pdf": 1,
+    }
 
 
 def context(store: LocalStore, run: str) -> InvoiceContext:
@@ -99,8 +120,10 @@ async def test_two_runs_claiming_overlapping_sets_hold_disjoint_ones(tmp_path):
 async def two_runs_claim(store: LocalStore) -> None:
     session = session_of(partial(commit_outcomes, store))
     async with ManifestWriter(session) as w1, ManifestWriter(session) as w2:
-        async with Claims(w1, context(store, "A"), ManifestTarget(store)) as a, \
-                Claims(w2, context(store, "B"), ManifestTarget(store)) as b:
+        async with (
+            Claims(w1, context(store, "A"), ManifestTarget(store)) as a,
+            Claims(w2, context(store, "B"), ManifestTarget(store)) as b,
+        ):
             (held_a, refused_a), (held_b, refused_b) = await asyncio.gather(
                 a.take(jobs("1.pdf", "2.pdf", "3.pdf")), b.take(jobs("2.pdf", "3.pdf", "4.pdf"))
             )
@@ -117,8 +140,11 @@ async def two_runs_claim(store: LocalStore) -> None:
 async def test_claims_are_renewed_until_released(tmp_path):
     store = LocalStore(tmp_path)
     writer = ManifestWriter(session_of(partial(commit_outcomes, store)), min_interval=0)
-    async with store, writer, Claims(writer, context(store, "A"), ManifestTarget(store),
-                                     lease_seconds=0.6) as claims:
+    async with (
+        store,
+        writer,
+        Claims(writer, context(store, "A"), ManifestTarget(store), lease_seconds=0.6) as claims,
+    ):
         await claims.take(jobs("kept.pdf", "released.pdf"))
         first, _ = await read_manifest(store)
         claims.release("released.pdf")

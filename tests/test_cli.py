@@ -11,8 +11,13 @@ from flows.cli import main
 
 
 def invoices(*args: str, env=None, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flows", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_run_help_explains_every_option(capsys):
@@ -21,8 +26,17 @@ def test_run_help_explains_every_option(capsys):
     except SystemExit as exit:
         assert exit.code == 0
     text = capsys.readouterr().out
-    for option in ("source", "--output", "--extractor", "--max-concurrency", "--invoice-timeout",
-                   "--max-attempts", "--reprocess-needs-review", "--parse-executor", "--json"):
+    for option in (
+        "source",
+        "--output",
+        "--extractor",
+        "--max-concurrency",
+        "--invoice-timeout",
+        "--max-attempts",
+        "--reprocess-needs-review",
+        "--parse-executor",
+        "--json",
+    ):
         assert option in text
 
 
@@ -31,12 +45,15 @@ def test_samples_writes_invoices(tmp_path: Path, capsys):
     assert len(list(tmp_path.glob("*.pdf"))) == 3
 
 
-def test_exit_code_1_when_an_invoice_failed_and_the_summary_says_why(prefect_server, tmp_path: Path):
+def test_exit_code_1_when_an_invoice_failed_and_the_summary_says_why(
+    prefect_server, tmp_path: Path
+):
     source = tmp_path / "in"
     assert main(["samples", str(source), "--count", "2"]) == 0
     (source / "broken.pdf").write_bytes(b"%PDF-1.7\n garbage")
-    proc = invoices("run", str(source), "--output", str(tmp_path / "out"), "--json",
-                    env=prefect_server.env)
+    proc = invoices(
+        "run", str(source), "--output", str(tmp_path / "out"), "--json", env=prefect_server.env
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
     assert summary["counts"].get("failed") == 1

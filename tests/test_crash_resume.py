@@ -15,10 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from tasks.manifest.model import Manifest
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from testing.samples import write_samples
 
 pytest_plugins = ["tests.reliability_report"]
@@ -34,10 +32,26 @@ def manifest_of(output: Path) -> Manifest:
 
 def start_run(source: Path, output: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows", "run", str(source), "--output", str(output),
-         "--extractor", "openai", "--max-concurrency", "5", "--lease-seconds", str(LEASE),
-         "--json"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "flows",
+            "run",
+            str(source),
+            "--output",
+            str(output),
+            "--extractor",
+            "openai",
+            "--max-concurrency",
+            "5",
+            "--lease-seconds",
+            str(LEASE),
+            "--json",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,  # its own process group: the kill takes the parse workers too
     )
 
@@ -48,8 +62,11 @@ def test_a_killed_run_is_finished_by_the_next_without_redoing_done_invoices(
     source, output = tmp_path / "in", tmp_path / "out"
     keys = {p.name for p in write_samples(source, N, seed=40)}
     with FakeLLMServer(FakeLLMConfig(latency=1.5)) as llm:
-        env = {**prefect_server.env, "OPENAI_BASE_URL": llm.base_url,
-               "OPENAI_API_KEY": "sk-test-crash-resume"}
+        env = {
+            **prefect_server.env,
+            "OPENAI_BASE_URL": llm.base_url,
+            "OPENAI_API_KEY": "sk-test-crash-resume",
+        }
 
         first = start_run(source, output, env)
         deadline = time.monotonic() + 120
@@ -88,16 +105,21 @@ def test_a_killed_run_is_finished_by_the_next_without_redoing_done_invoices(
         for key in finished:  # untouched by the second run
             assert final.entries[key].flow_run_id == at_kill.entries[key].flow_run_id
         scenario.record(
-            name="crash (SIGKILL mid-batch) and resume", invoices_in=N, manifest=final,
-            expected_keys=keys, wall_s=waited,
+            name="crash (SIGKILL mid-batch) and resume",
+            invoices_in=N,
+            manifest=final,
+            expected_keys=keys,
+            wall_s=waited,
             results=[json.loads(p.read_text())["key"] for p in (output / "results").glob("*.json")],
             note=f"{len(finished)} done before the kill, {len(claimed)} claimed in flight "
-                 f"(taken over), rerun {waited:.0f} s incl. the wait for the dead run's lock",
+            f"(taken over), rerun {waited:.0f} s incl. the wait for the dead run's lock",
         )
 
     # The dead run's manifest-lock slot was freed by its Prefect lease, and the wait was
     # reported while it lasted, naming the holder: its task run and the dead flow run.
-    assert re.search(r"for the manifest lock 'manifest:[^']+', held by task run 'update-manifest"
-                     r"[^']*' \([0-9a-f-]{36}, \w+\) of flow run '[\w-]+' \([0-9a-f-]{36}\)",
-                     stderr), stderr[-3000:]
+    assert re.search(
+        r"for the manifest lock 'manifest:[^']+', held by task run 'update-manifest"
+        r"[^']*' \([0-9a-f-]{36}, \w+\) of flow run '[\w-]+' \([0-9a-f-]{36}\)",
+        stderr,
+    ), stderr[-3000:]
     assert waited < 150

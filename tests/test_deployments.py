@@ -38,7 +38,9 @@ BLOCK_SECRET = f"blocksecret{uuid.uuid4().hex}"
 WATCH_TIMEOUT = 150
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: float = 240
+) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,7 +52,11 @@ def artifacts_of(prefect_server, flow_run_id) -> dict[str, dict]:
     """The flow run's artifacts by key, as the REST API gives them (flow-level ones too)."""
     response = httpx.post(
         f"{prefect_server.url}/artifacts/filter",
-        json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 100, "offset": 0},
+        json={
+            "artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+            "limit": 100,
+            "offset": 0,
+        },
         timeout=30,
     )
     response.raise_for_status()
@@ -76,8 +82,12 @@ def deployed(prefect_server, moto_endpoint, client_env) -> dict[str, str]:
     """The server prepared (with an AwsCredentials block for moto) and prefect.yaml deployed."""
     prepare = run_cli(
         [sys.executable, "-m", "deployments.prepare", "--aws-credentials-block", AWS_BLOCK],
-        {**client_env, "AWS_ENDPOINT_URL": moto_endpoint,
-         "AWS_ACCESS_KEY_ID": "blockkeyid", "AWS_SECRET_ACCESS_KEY": BLOCK_SECRET},
+        {
+            **client_env,
+            "AWS_ENDPOINT_URL": moto_endpoint,
+            "AWS_ACCESS_KEY_ID": "blockkeyid",
+            "AWS_SECRET_ACCESS_KEY": BLOCK_SECRET,
+        },
     )
     assert prepare.returncode == 0, output_of(prepare)
     assert f"AwsCredentials block {AWS_BLOCK!r}: saved" in prepare.stdout
@@ -85,8 +95,10 @@ def deployed(prefect_server, moto_endpoint, client_env) -> dict[str, str]:
     deploy = run_cli([PREFECT, "--no-prompt", "deploy", "--all"], client_env)
     hint = ""
     if "workers/filter" in deploy.stdout + deploy.stderr:
-        hint = ("\n(fastapi>=0.151 validates the explicit nulls Prefect's client sends; "
-                "its server needs fastapi<0.151)")
+        hint = (
+            "\n(fastapi>=0.151 validates the explicit nulls Prefect's client sends; "
+            "its server needs fastapi<0.151)"
+        )
     assert deploy.returncode == 0, output_of(deploy) + hint
     return client_env
 
@@ -97,13 +109,28 @@ def worker(deployed, tmp_path_factory):
     (the flow-run processes it starts inherit its environment)."""
     home = tmp_path_factory.mktemp("worker")  # not the project: the pull step must find it
     log_path = home / "worker.log"
-    env = {**deployed, "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_LOGGING_SETTINGS_PATH": str(ROOT / "deployments" / "logging.yml")}
+    env = {
+        **deployed,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_SETTINGS_PATH": str(ROOT / "deployments" / "logging.yml"),
+    }
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "invoices", "--work-queue", "on-demand",
-             "--type", "process"],
-            cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                PREFECT,
+                "worker",
+                "start",
+                "--pool",
+                "invoices",
+                "--work-queue",
+                "on-demand",
+                "--type",
+                "process",
+            ],
+            cwd=home,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     yield log_path
     stop_process(proc)
@@ -122,9 +149,18 @@ def read_json(moto_endpoint: str, bucket: str, key: str) -> dict:
 
 def trigger(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, uuid.UUID]:
     proc = run_cli(
-        [PREFECT, "deployment", "run", "process-invoices/on-demand", "--watch",
-         "--watch-timeout", str(WATCH_TIMEOUT), *args],
-        env, timeout=WATCH_TIMEOUT + 60,
+        [
+            PREFECT,
+            "deployment",
+            "run",
+            "process-invoices/on-demand",
+            "--watch",
+            "--watch-timeout",
+            str(WATCH_TIMEOUT),
+            *args,
+        ],
+        env,
+        timeout=WATCH_TIMEOUT + 60,
     )
     found = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
     assert found, output_of(proc)
@@ -137,7 +173,9 @@ async def flow_run_logs(client, flow_run_id) -> list:
 
     return await client.read_logs(
         LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-        limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC,
+        limit=200,
+        offset=0,
+        sort=LogSort.TIMESTAMP_ASC,
     )
 
 
@@ -150,16 +188,22 @@ def test_prepare_is_idempotent_and_sets_up_pool_queues_and_limits(deployed, pref
     assert again.returncode == 0, output_of(again)
     assert "work pool 'invoices' (type process): exists" in again.stdout
     # The nightly deployment's blocks (prefect.yaml) are named, and how to make them.
-    assert ("deployment 'nightly' uses the aws-credentials block 'invoices-aws' (aws_credentials), "
-            "which does not exist: create it with `--aws-credentials-block invoices-aws`") in again.stdout
+    assert (
+        "deployment 'nightly' uses the aws-credentials block 'invoices-aws' (aws_credentials), "
+        "which does not exist: create it with `--aws-credentials-block invoices-aws`"
+    ) in again.stdout
     assert "the secret block 'openai-api-key'" in again.stdout
 
     async def check(client):
         pool = await client.read_work_pool("invoices")
-        queues = {name: await client.read_work_queue_by_name(name, work_pool_name="invoices")
-                  for name in ("on-demand", "scheduled")}
-        limits = {name: await client.read_global_concurrency_limit_by_name(name)
-                  for name in ("llm-in-flight", "llm-rate")}
+        queues = {
+            name: await client.read_work_queue_by_name(name, work_pool_name="invoices")
+            for name in ("on-demand", "scheduled")
+        }
+        limits = {
+            name: await client.read_global_concurrency_limit_by_name(name)
+            for name in ("llm-in-flight", "llm-rate")
+        }
         return pool, queues, limits
 
     pool, queues, limits = on_server(prefect_server, check)
@@ -169,26 +213,42 @@ def test_prepare_is_idempotent_and_sets_up_pool_queues_and_limits(deployed, pref
 
 
 def test_scheduled_deployment_carries_its_cron_schedule(deployed, prefect_server):
-    spec = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-                if d["name"] == "nightly")
-    nightly = on_server(prefect_server,
-                        lambda c: c.read_deployment_by_name("process-invoices/nightly"))
+    spec = next(
+        d
+        for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        if d["name"] == "nightly"
+    )
+    nightly = on_server(
+        prefect_server, lambda c: c.read_deployment_by_name("process-invoices/nightly")
+    )
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [
         (spec["schedules"][0]["cron"], spec["schedules"][0]["timezone"], True)
     ]
     assert nightly.work_pool_name == "invoices" and nightly.work_queue_name == "scheduled"
-    assert nightly.parameters["aws_credentials"] == {"$ref": {"block_document_slug": "aws-credentials/invoices-aws"}}
+    assert nightly.parameters["aws_credentials"] == {
+        "$ref": {"block_document_slug": "aws-credentials/invoices-aws"}
+    }
     assert nightly.parameters["source"].startswith("s3://")
 
 
 def test_on_demand_deployment_has_a_usable_run_form(deployed, prefect_server):
-    on_demand = on_server(prefect_server,
-                          lambda c: c.read_deployment_by_name("process-invoices/on-demand"))
+    on_demand = on_server(
+        prefect_server, lambda c: c.read_deployment_by_name("process-invoices/on-demand")
+    )
     assert on_demand.schedules == []
     assert on_demand.work_pool_name == "invoices" and on_demand.work_queue_name == "on-demand"
     properties = on_demand.parameter_openapi_schema["properties"]
-    for name in ("source", "output", "extractor", "max_concurrency", "invoice_timeout",
-                 "max_attempts", "fail_on_invoice_errors", "aws_credentials", "openai_api_key"):
+    for name in (
+        "source",
+        "output",
+        "extractor",
+        "max_concurrency",
+        "invoice_timeout",
+        "max_attempts",
+        "fail_on_invoice_errors",
+        "aws_credentials",
+        "openai_api_key",
+    ):
         assert properties[name].get("description"), name
     # Credentials are blocks: the form shows a block picker of the right type.
     definitions = on_demand.parameter_openapi_schema["definitions"]
@@ -208,16 +268,21 @@ def test_the_run_form_carries_the_bounds_and_the_server_refuses_a_bad_value(
     """The bounds of the flow's signature reach the deployment's form, and a run asked for
     with a value out of them (the UI form, `prefect deployment run --param`) is refused
     before it is created, so it never takes claims or starts work."""
-    on_demand = on_server(prefect_server,
-                          lambda c: c.read_deployment_by_name("process-invoices/on-demand"))
+    on_demand = on_server(
+        prefect_server, lambda c: c.read_deployment_by_name("process-invoices/on-demand")
+    )
     properties = on_demand.parameter_openapi_schema["properties"]
     assert properties["max_concurrency"]["minimum"] == 1
     assert properties["chunk_size"]["minimum"] == 1
     assert properties["invoice_timeout"]["minimum"] == 1
     assert properties["stop_grace_seconds"]["minimum"] == 0
     with pytest.raises(Exception) as refused:
-        on_server(prefect_server, lambda c: c.create_flow_run_from_deployment(
-            on_demand.id, parameters={"max_concurrency": 0}))
+        on_server(
+            prefect_server,
+            lambda c: c.create_flow_run_from_deployment(
+                on_demand.id, parameters={"max_concurrency": 0}
+            ),
+        )
     assert "max_concurrency" in str(refused.value) or "greater" in str(refused.value)
 
 
@@ -225,15 +290,19 @@ def test_a_block_chosen_in_the_run_form_is_accepted(deployed, prefect_server):
     """What the UI's block picker sends for a credentials parameter: a reference by id.
     (Prefect checks it against the block's schema or a reference, exactly one of the two;
     an `AwsCredentials` schema left open to any object matched both and was refused.)"""
+
     async def create_and_delete(client):
         # Read, not loaded: loading a block emits an event, which would start this process's
         # events worker against this server, where later in-process tests' events do not go.
-        block_id = (await client.read_block_document_by_name(
-            AWS_BLOCK, block_type_slug="aws-credentials")).id
+        block_id = (
+            await client.read_block_document_by_name(AWS_BLOCK, block_type_slug="aws-credentials")
+        ).id
         deployment = await client.read_deployment_by_name("process-invoices/on-demand")
         run = await client.create_flow_run_from_deployment(
-            deployment.id, work_queue_name="nobody-polls-this",
-            parameters={"aws_credentials": {"$ref": {"block_document_id": str(block_id)}}})
+            deployment.id,
+            work_queue_name="nobody-polls-this",
+            parameters={"aws_credentials": {"$ref": {"block_document_id": str(block_id)}}},
+        )
         await client.delete_flow_run(run.id)
         return run
 
@@ -244,16 +313,23 @@ def test_a_block_chosen_in_the_run_form_is_accepted(deployed, prefect_server):
 def test_on_demand_run_over_s3_with_an_aws_credentials_block(
     worker, deployed, prefect_server, moto_endpoint, s3_bucket
 ):
-    names = ["invoice-0001-classic.pdf", "invoice-0002-modern.pdf",
-             "invoice-0004-compact-total-mismatch.pdf"]
+    names = [
+        "invoice-0001-classic.pdf",
+        "invoice-0002-modern.pdf",
+        "invoice-0004-compact-total-mismatch.pdf",
+    ]
     put_invoices(moto_endpoint, s3_bucket, "incoming", sample_files(*names))
     # The worker has no S3 endpoint in its environment: the block is the only way to moto.
     proc, flow_run_id = trigger(
         deployed,
-        "--param", f"source=s3://{s3_bucket}/incoming",
-        "--param", f"output=s3://{s3_bucket}/processed",
-        "--param", "extractor=offline",
-        "--param", "aws_credentials=" + json.dumps(AWS_BLOCK_REF),
+        "--param",
+        f"source=s3://{s3_bucket}/incoming",
+        "--param",
+        f"output=s3://{s3_bucket}/processed",
+        "--param",
+        "extractor=offline",
+        "--param",
+        "aws_credentials=" + json.dumps(AWS_BLOCK_REF),
     )
     assert proc.returncode == 0, output_of(proc) + "\n--- worker\n" + worker.read_text()[-4000:]
     assert "Flow run finished successfully in 'Completed'" in proc.stdout
@@ -283,8 +359,11 @@ def test_on_demand_run_over_s3_with_an_aws_credentials_block(
 
     # The pipeline's own records, as JSON lines from the flow-run process and in the API.
     lines = [json.loads(line) for line in worker.read_text().splitlines() if line.startswith("{")]
-    ours = [line for line in lines
-            if line.get("invoice_key") and line["flow_run_id"] == str(flow_run_id)]
+    ours = [
+        line
+        for line in lines
+        if line.get("invoice_key") and line["flow_run_id"] == str(flow_run_id)
+    ]
     assert {line["invoice_key"] for line in ours} == set(names)
     assert all(line["task_run_id"] and line["duration_s"] >= 0 for line in ours)
     logs = on_server(prefect_server, lambda c: flow_run_logs(c, flow_run_id))
@@ -295,7 +374,8 @@ def test_on_demand_run_over_s3_with_an_aws_credentials_block(
     # Nothing secret in the run's parameters, logs (API, worker, --watch) or artifacts.
     seen = "\n".join(
         [proc.stdout, proc.stderr, worker.read_text(), json.dumps(flow_run.parameters)]
-        + [log.message for log in logs] + [json.dumps(a) for a in artifacts.values()]
+        + [log.message for log in logs]
+        + [json.dumps(a) for a in artifacts.values()]
     )
     assert BLOCK_SECRET not in seen
 
@@ -310,10 +390,14 @@ def test_a_failed_invoice_fails_the_watch_after_everything_is_recorded(
     # this run's job variables, merged into the flow-run process's environment.
     proc, flow_run_id = trigger(
         deployed,
-        "--param", f"source=s3://{s3_bucket}/incoming",
-        "--param", f"output=s3://{s3_bucket}/processed",
-        "--param", "extractor=offline",
-        "--job-variable", "env=" + json.dumps({"AWS_ENDPOINT_URL": moto_endpoint}),
+        "--param",
+        f"source=s3://{s3_bucket}/incoming",
+        "--param",
+        f"output=s3://{s3_bucket}/processed",
+        "--param",
+        "extractor=offline",
+        "--job-variable",
+        "env=" + json.dumps({"AWS_ENDPOINT_URL": moto_endpoint}),
     )
     assert proc.returncode == 1, output_of(proc) + "\n--- worker\n" + worker.read_text()[-4000:]
     watched = proc.stdout + proc.stderr
@@ -342,24 +426,43 @@ def test_serve_runs_the_deployments_without_a_worker(deployed, prefect_server, t
     with open(log_path, "wb") as log:
         serving = subprocess.Popen(
             [sys.executable, "-m", "deployments.serve", "--only", "on-demand", "--suffix=-served"],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         source = tmp_path / "in"
         source.mkdir()
-        (source / "invoice-0006-dutch.pdf").write_bytes((SAMPLES / "invoice-0006-dutch.pdf").read_bytes())
+        (source / "invoice-0006-dutch.pdf").write_bytes(
+            (SAMPLES / "invoice-0006-dutch.pdf").read_bytes()
+        )
         deadline = time.monotonic() + 60
         while "being served" not in log_path.read_text():
             assert serving.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.5)
         proc = run_cli(
-            [PREFECT, "deployment", "run", "process-invoices/on-demand-served", "--watch",
-             "--watch-timeout", str(WATCH_TIMEOUT),
-             "--param", f"source={source}", "--param", f"output={tmp_path / 'out'}",
-             "--param", "extractor=offline"],
-            env, timeout=WATCH_TIMEOUT + 60,
+            [
+                PREFECT,
+                "deployment",
+                "run",
+                "process-invoices/on-demand-served",
+                "--watch",
+                "--watch-timeout",
+                str(WATCH_TIMEOUT),
+                "--param",
+                f"source={source}",
+                "--param",
+                f"output={tmp_path / 'out'}",
+                "--param",
+                "extractor=offline",
+            ],
+            env,
+            timeout=WATCH_TIMEOUT + 60,
         )
-        assert proc.returncode == 0, output_of(proc) + "\n--- serve\n" + log_path.read_text()[-4000:]
+        assert proc.returncode == 0, (
+            output_of(proc) + "\n--- serve\n" + log_path.read_text()[-4000:]
+        )
         manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
         assert list(manifest["entries"]) == ["invoice-0006-dutch.pdf"]
     finally:
@@ -377,8 +480,9 @@ def test_ci_example_triggers_an_on_demand_deployment_and_fails_with_the_run():
     assert "--watch" in command
     # No `|| true`, no pipe that would hide the exit code of `--watch`.
     assert "|| true" not in command and not re.search(r"--watch[^\n]*\|", command)
-    from flows.process_invoices import process_invoices
     from prefect.utilities.callables import parameter_schema
+
+    from flows.process_invoices import process_invoices
 
     known = set(parameter_schema(process_invoices).properties)
     for param in re.findall(r"--param[ =]['\"]?(\w+)=", command):
@@ -405,21 +509,45 @@ def test_two_workers_split_one_batch_into_shards_sharing_one_manifest(
         home = tmp_path_factory.mktemp(name)
         logs.append(home / "worker.log")
         with open(logs[-1], "wb") as log:
-            workers.append(subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", "invoices", "--work-queue", "shards",
-                 "--type", "process", "--limit", "1", "--name", name],
-                cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
-            ))
+            workers.append(
+                subprocess.Popen(
+                    [
+                        PREFECT,
+                        "worker",
+                        "start",
+                        "--pool",
+                        "invoices",
+                        "--work-queue",
+                        "shards",
+                        "--type",
+                        "process",
+                        "--limit",
+                        "1",
+                        "--name",
+                        name,
+                    ],
+                    cwd=home,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
 
     async def run_shards(client):
         from prefect.deployments import run_deployment
 
         runs = [
             await run_deployment(
-                "process-invoices/on-demand", timeout=0, work_queue_name="shards",
-                parameters={"source": f"s3://{s3_bucket}/sharded",
-                            "output": f"s3://{s3_bucket}/sharded-out", "extractor": "offline",
-                            "aws_credentials": AWS_BLOCK_REF, "shard": f"{i}/2"},
+                "process-invoices/on-demand",
+                timeout=0,
+                work_queue_name="shards",
+                parameters={
+                    "source": f"s3://{s3_bucket}/sharded",
+                    "output": f"s3://{s3_bucket}/sharded-out",
+                    "extractor": "offline",
+                    "aws_credentials": AWS_BLOCK_REF,
+                    "shard": f"{i}/2",
+                },
             )
             for i in range(2)
         ]
@@ -437,7 +565,9 @@ def test_two_workers_split_one_batch_into_shards_sharing_one_manifest(
             stop_process(proc)
     worker_logs = [log.read_text() for log in logs]
     assert all(run.state.is_completed() for run in runs), (
-        [run.state for run in runs], [text[-2000:] for text in worker_logs])
+        [run.state for run in runs],
+        [text[-2000:] for text in worker_logs],
+    )
 
     # Each worker ran one of the two runs; each run recorded exactly its shard, once.
     # (a worker may try to submit a run the other took first: "Aborted submission")

@@ -18,12 +18,12 @@ import pymupdf
 import pytest
 from lxml import etree
 
-from tasks.extract import einvoice
-from tasks.pdf import embedded_xml
-from tasks.extract.einvoice import cross_check, parse_einvoice
-from tasks.pdf.embedded_xml import EmbeddedXml, find_embedded_einvoice
 from tasks.errors import InvoiceFailure
+from tasks.extract import einvoice
+from tasks.extract.einvoice import cross_check, parse_einvoice
 from tasks.invoice import Invoice, LineItem
+from tasks.pdf import embedded_xml
+from tasks.pdf.embedded_xml import EmbeddedXml, find_embedded_einvoice
 from testing.einvoice_xml import attach_einvoice, build_cii_xml
 
 # --------------------------------------------------------------------------------------------
@@ -164,9 +164,12 @@ def test_credit_note_is_written_as_381_with_positive_amounts() -> None:
     numbers = [e.text for e in root.iter() if re.search(r"(Amount|Quantity)$", e.tag)]
     assert len(numbers) == 10 and all(not text.startswith("-") for text in numbers)
     assert root.findtext(".//ram:BilledQuantity", namespaces=ns) == "2"
-    assert etree.fromstring(build_cii_xml(MULTI_LINE)).findtext(
-        "rsm:ExchangedDocument/ram:TypeCode", namespaces=ns
-    ) == "380"
+    assert (
+        etree.fromstring(build_cii_xml(MULTI_LINE)).findtext(
+            "rsm:ExchangedDocument/ram:TypeCode", namespaces=ns
+        )
+        == "380"
+    )
 
 
 def test_attach_marks_the_file_as_associated_xml() -> None:
@@ -438,7 +441,7 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
 def _cii_with_number(number: str) -> str:
     """A minimal CII invoice whose number is `number` (an entity reference in the attacks)."""
     return (
-        '<rsm:CrossIndustryInvoice'
+        "<rsm:CrossIndustryInvoice"
         ' xmlns:rsm="urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"'
         ' xmlns:ram="urn:un:unece:uncefact:data:standard:'
         'ReusableAggregateBusinessInformationEntity:100">'
@@ -511,7 +514,7 @@ def test_the_parser_alone_neither_expands_nor_fetches(attack: str, recorder, mon
     else:
         serialized = etree.tostring(root, encoding="unicode")
         assert len(serialized) < 1000
-        for marker in _passwd_markers() + ["FETCHED", "lollol"]:
+        for marker in [*_passwd_markers(), "FETCHED", "lollol"]:
             assert marker not in serialized
         expected = {"einvoice_unsafe"}
 
@@ -594,8 +597,11 @@ def test_unrelated_and_non_xml_attachments_are_ignored() -> None:
         ("photo.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256))),
         ("data.xml", b"\x00\x01 binary, not xml"),
         ("invoice.txt", build_cii_xml(MULTI_LINE)),  # not named .xml: not looked at
-        ("order-x.xml", b'<o:SCRDMCCBDACIOMessageStructure xmlns:o="urn:un:unece:uncefact:'
-                        b'data:SCRDMCCBDACIOMessageStructure:100"/>'),
+        (
+            "order-x.xml",
+            b'<o:SCRDMCCBDACIOMessageStructure xmlns:o="urn:un:unece:uncefact:'
+            b'data:SCRDMCCBDACIOMessageStructure:100"/>',
+        ),
     )
     assert find_in(pdf) is None
 

@@ -86,7 +86,9 @@ def test_defect_invoice_is_read_as_printed_and_flagged(layout):
 
 def test_bundled_samples_extract_to_their_expected_json():
     for pdf in sorted((ROOT / "samples" / "invoices").glob("*.pdf")):
-        expected = Invoice.model_validate_json((ROOT / "samples" / "expected" / f"{pdf.stem}.json").read_text())
+        expected = Invoice.model_validate_json(
+            (ROOT / "samples" / "expected" / f"{pdf.stem}.json").read_text()
+        )
         assert extract_fields(sorted_text(pdf.read_bytes())) == expected, pdf.name
 
 
@@ -235,37 +237,102 @@ def test_parse_date(text, day_first, expected):
 @pytest.mark.parametrize(
     ("cell", "role"),
     [
-        ("Invoice No:", "invoice_number"), ("Invoice Number", "invoice_number"), ("Invoice #", "invoice_number"),
-        ("Rechnungsnummer:", "invoice_number"), ("Rechnungs-Nr.", "invoice_number"),
-        ("Facture N° :", "invoice_number"), ("N° de facture", "invoice_number"),
-        ("Factuurnummer:", "invoice_number"), ("Factuurnr.", "invoice_number"),
-        ("Date:", "issue_date"), ("Invoice date", "issue_date"), ("Date of issue", "issue_date"),
-        ("Rechnungsdatum:", "issue_date"), ("Date de facture :", "issue_date"), ("Factuurdatum", "issue_date"),
-        ("Due:", "due_date"), ("Due date", "due_date"), ("Date due", "due_date"), ("Fällig am:", "due_date"),
-        ("Échéance :", "due_date"), ("Date d'échéance", "due_date"), ("Vervaldatum:", "due_date"),
-        ("Subtotal", "subtotal"), ("Net", "subtotal"), ("Zwischensumme", "subtotal"), ("Nettobetrag", "subtotal"),
-        ("Sous-total", "subtotal"), ("Total HT", "subtotal"), ("Subtotaal", "subtotal"),
-        ("Tax", "tax"), ("VAT 20%", "tax"), ("MwSt.", "tax"), ("zzgl. 19 % USt.", "tax"), ("TVA 20 %", "tax"),
-        ("BTW 21%", "tax"), ("Sales tax (8.25%)", "tax"),
-        ("Total", "total"), ("Total EUR", "total"), ("Gesamtbetrag", "total"), ("Total TTC", "total"),
-        ("Totaal", "total"), ("Amount due", "amount_due"), ("Balance due", "amount_due"),
-        ("VAT No:", "tax_id"), ("USt-IdNr.:", "tax_id"), ("N° TVA intracommunautaire :", "tax_id"),
-        ("BTW-nummer:", "tax_id"), ("EIN", "tax_id"), ("Tax ID", "tax_id"),
+        ("Invoice No:", "invoice_number"),
+        ("Invoice Number", "invoice_number"),
+        ("Invoice #", "invoice_number"),
+        ("Rechnungsnummer:", "invoice_number"),
+        ("Rechnungs-Nr.", "invoice_number"),
+        ("Facture N° :", "invoice_number"),
+        ("N° de facture", "invoice_number"),
+        ("Factuurnummer:", "invoice_number"),
+        ("Factuurnr.", "invoice_number"),
+        ("Date:", "issue_date"),
+        ("Invoice date", "issue_date"),
+        ("Date of issue", "issue_date"),
+        ("Rechnungsdatum:", "issue_date"),
+        ("Date de facture :", "issue_date"),
+        ("Factuurdatum", "issue_date"),
+        ("Due:", "due_date"),
+        ("Due date", "due_date"),
+        ("Date due", "due_date"),
+        ("Fällig am:", "due_date"),
+        ("Échéance :", "due_date"),
+        ("Date d'échéance", "due_date"),
+        ("Vervaldatum:", "due_date"),
+        ("Subtotal", "subtotal"),
+        ("Net", "subtotal"),
+        ("Zwischensumme", "subtotal"),
+        ("Nettobetrag", "subtotal"),
+        ("Sous-total", "subtotal"),
+        ("Total HT", "subtotal"),
+        ("Subtotaal", "subtotal"),
+        ("Tax", "tax"),
+        ("VAT 20%", "tax"),
+        ("MwSt.", "tax"),
+        ("zzgl. 19 % USt.", "tax"),
+        ("TVA 20 %", "tax"),
+        ("BTW 21%", "tax"),
+        ("Sales tax (8.25%)", "tax"),
+        ("Total", "total"),
+        ("Total EUR", "total"),
+        ("Gesamtbetrag", "total"),
+        ("Total TTC", "total"),
+        ("Totaal", "total"),
+        ("Amount due", "amount_due"),
+        ("Balance due", "amount_due"),
+        ("VAT No:", "tax_id"),
+        ("USt-IdNr.:", "tax_id"),
+        ("N° TVA intracommunautaire :", "tax_id"),
+        ("BTW-nummer:", "tax_id"),
+        ("EIN", "tax_id"),
+        ("Tax ID", "tax_id"),
         ("Ihre USt-IdNr.:", "customer_tax_id"),
-        ("Bill To", "customer"), ("Rechnungsempfänger:", "customer"), ("Client :", "customer"), ("Klant:", "customer"),
-        ("Customer No:", "ignore"), ("Kundennummer:", "ignore"), ("N° client :", "ignore"), ("Klantnummer:", "ignore"),
-        ("Leistungsdatum:", "ignore"), ("Übertrag: 1.234,56 EUR", "ignore"), ("Payment terms: 30 days", "ignore"),
-        ("Network cable", None), ("Totally", None), ("Invoice", None), ("Rechnung", None), ("Netherlands", None),
+        ("Bill To", "customer"),
+        ("Rechnungsempfänger:", "customer"),
+        ("Client :", "customer"),
+        ("Klant:", "customer"),
+        ("Customer No:", "ignore"),
+        ("Kundennummer:", "ignore"),
+        ("N° client :", "ignore"),
+        ("Klantnummer:", "ignore"),
+        ("Leistungsdatum:", "ignore"),
+        ("Übertrag: 1.234,56 EUR", "ignore"),
+        ("Payment terms: 30 days", "ignore"),
+        ("Network cable", None),
+        ("Totally", None),
+        ("Invoice", None),
+        ("Rechnung", None),
+        ("Netherlands", None),
         # more synonyms: Polish, Dutch, French, English variants
-        ("Faktura nr:", "invoice_number"), ("Data wystawienia:", "issue_date"), ("Termin płatności:", "due_date"),
-        ("Należność ogółem:", "total"), ("Razem do zapłaty", "total"), ("Wartość netto", "subtotal"),
-        ("Kwota VAT", "tax"), ("NIP:", "tax_id"), ("Sprzedawca:", "vendor"), ("Nabywca:", "customer"),
-        ("Exclusief BTW", "subtotal"), ("Factuur totaal EUR", "total"), ("Factuur datum", "issue_date"),
-        ("Total for this invoice", "total"), ("Total facture", "total"), ("Somme à payer", "amount_due"),
-        ("Tax 15% on $ 112.90", "tax"), ("Issuer:", "vendor"), ("Booking ID", "alt_number"),
-        ("IBAN:", "iban"), ("BIC", "bic"), ("SWIFT", "bic"), ("BIC/SWIFT code", "bic"), ("excl. btw", "subtotal"),
-        ("Ordernummer:", "ignore"), ("Orderdatum:", "ignore"), ("Bank Account:", "ignore"),
-        ("Databank services", None), ("Bicycle", None),
+        ("Faktura nr:", "invoice_number"),
+        ("Data wystawienia:", "issue_date"),
+        ("Termin płatności:", "due_date"),
+        ("Należność ogółem:", "total"),
+        ("Razem do zapłaty", "total"),
+        ("Wartość netto", "subtotal"),
+        ("Kwota VAT", "tax"),
+        ("NIP:", "tax_id"),
+        ("Sprzedawca:", "vendor"),
+        ("Nabywca:", "customer"),
+        ("Exclusief BTW", "subtotal"),
+        ("Factuur totaal EUR", "total"),
+        ("Factuur datum", "issue_date"),
+        ("Total for this invoice", "total"),
+        ("Total facture", "total"),
+        ("Somme à payer", "amount_due"),
+        ("Tax 15% on $ 112.90", "tax"),
+        ("Issuer:", "vendor"),
+        ("Booking ID", "alt_number"),
+        ("IBAN:", "iban"),
+        ("BIC", "bic"),
+        ("SWIFT", "bic"),
+        ("BIC/SWIFT code", "bic"),
+        ("excl. btw", "subtotal"),
+        ("Ordernummer:", "ignore"),
+        ("Orderdatum:", "ignore"),
+        ("Bank Account:", "ignore"),
+        ("Databank services", None),
+        ("Bicycle", None),
     ],
 )
 def test_label_synonyms_longest_wins(cell, role):
@@ -275,7 +342,9 @@ def test_label_synonyms_longest_wins(cell, role):
 
 def test_label_rest_and_tax_base():
     assert match_label("Tax 15% on $ 112.90").rest == "15% on $ 112.90"
-    assert find_amount("15% on $ 112.90   $ 16.94", ".") == Decimal("16.94")  # the base is not the tax
+    assert find_amount("15% on $ 112.90   $ 16.94", ".") == Decimal(
+        "16.94"
+    )  # the base is not the tax
     assert match_label("UStId DE 232 446 240").rest == "DE 232 446 240"  # "DE" is no preposition
 
 
@@ -314,8 +383,9 @@ def test_find_iban(text, labelled, expected):
 def test_iban_checksum_and_bic():
     assert iban_checksum_ok("GB82 WEST 1234 5698 7654 32")
     assert not iban_checksum_ok("GB82 WEST 1234 5698 7654 33")
-    assert [find_bic(t) for t in ("INGBNL2A", ": BREDFRPP", "HELADEF1GEL", "bic", "BANKING", "12345678")] == [
-        "INGBNL2A", "BREDFRPP", "HELADEF1GEL", None, None, None]
+    assert [
+        find_bic(t) for t in ("INGBNL2A", ": BREDFRPP", "HELADEF1GEL", "bic", "BANKING", "12345678")
+    ] == ["INGBNL2A", "BREDFRPP", "HELADEF1GEL", None, None, None]
 
 
 @pytest.mark.parametrize(
@@ -338,16 +408,31 @@ def test_find_vat_id_by_country_format(text, expected):
 @pytest.mark.parametrize(
     ("cell", "roles"),
     [
-        ("Description", ["desc"]), ("Qty", ["qty"]), ("Unit Price", ["unit"]), ("Amount (EUR)", ["amount"]),
-        ("Pos.", ["pos"]), ("Bezeichnung", ["desc"]), ("Einzelpreis", ["unit"]), ("Désignation", ["desc"]),
-        ("Prix unitaire HT", ["unit"]), ("Montant HT", ["amount"]), ("Omschrijving", ["desc"]), ("Aantal", ["qty"]),
+        ("Description", ["desc"]),
+        ("Qty", ["qty"]),
+        ("Unit Price", ["unit"]),
+        ("Amount (EUR)", ["amount"]),
+        ("Pos.", ["pos"]),
+        ("Bezeichnung", ["desc"]),
+        ("Einzelpreis", ["unit"]),
+        ("Désignation", ["desc"]),
+        ("Prix unitaire HT", ["unit"]),
+        ("Montant HT", ["amount"]),
+        ("Omschrijving", ["desc"]),
+        ("Aantal", ["qty"]),
         ("Item Description Qty Rate Amount", ["desc", "qty", "unit", "amount"]),
         ("DESCRIPTION QTY UNIT PRICE AMOUNT", ["desc", "qty", "unit", "amount"]),
         ("Pos. Artikel Menge Einzelpreis Gesamtpreis", ["pos", "desc", "qty", "unit", "amount"]),
-        ("Consulting services", None), ("Subtotal", None),
-        ("Pos. Menge Beschreibung Rabatt % VK-Preis Zeilenbetrag", ["pos", "qty", "desc", "discount", "unit", "amount"]),
+        ("Consulting services", None),
+        ("Subtotal", None),
+        (
+            "Pos. Menge Beschreibung Rabatt % VK-Preis Zeilenbetrag",
+            ["pos", "qty", "desc", "discount", "unit", "amount"],
+        ),
         ("Désignation Nombre P.U. HT Montant HT", ["desc", "qty", "unit", "amount"]),
-        ("Hoeveelheid", ["qty"]), ("Disc.%", ["discount"]), ("SKU", ["code"]),
+        ("Hoeveelheid", ["qty"]),
+        ("Disc.%", ["discount"]),
+        ("SKU", ["code"]),
     ],
 )
 def test_table_header_roles(cell, roles):
@@ -356,11 +441,21 @@ def test_table_header_roles(cell, roles):
 
 def test_line_items_from_rows_found_elsewhere():
     """The hook for a position-based table reader: rows of cells plus column roles."""
-    rows = [["1", "Beratung", "2 Std.", "150,00", "300,00"], ["", "Hardware", "", "", ""],
-            ["2", "Anfahrt", "", "", "45,00"], ["3", "Tippfehler", "zwei", "1,00", "2,00"], ["", "", "", "", ""]]
+    rows = [
+        ["1", "Beratung", "2 Std.", "150,00", "300,00"],
+        ["", "Hardware", "", "", ""],
+        ["2", "Anfahrt", "", "", "45,00"],
+        ["3", "Tippfehler", "zwei", "1,00", "2,00"],
+        ["", "", "", "", ""],
+    ]
     items = line_items_from_rows(rows, ["pos", "desc", "qty", "unit", "amount"], decimal=",")
     assert items == [
-        LineItem(description="Beratung", quantity=Decimal(2), unit_price=Decimal("150.00"), amount=Decimal("300.00")),
+        LineItem(
+            description="Beratung",
+            quantity=Decimal(2),
+            unit_price=Decimal("150.00"),
+            amount=Decimal("300.00"),
+        ),
         LineItem(description="Anfahrt", amount=Decimal("45.00")),
     ]
 
@@ -444,30 +539,94 @@ Totaal € 121,00
 
 def _invoice(vendor, tax_id, customer, number, issue, due, currency, subtotal, tax, total, lines):
     return Invoice(
-        vendor_name=vendor, vendor_tax_id=tax_id, customer_name=customer, invoice_number=number,
-        issue_date=issue, due_date=due, currency=currency, subtotal=Decimal(subtotal), tax=Decimal(tax),
+        vendor_name=vendor,
+        vendor_tax_id=tax_id,
+        customer_name=customer,
+        invoice_number=number,
+        issue_date=issue,
+        due_date=due,
+        currency=currency,
+        subtotal=Decimal(subtotal),
+        tax=Decimal(tax),
         total=Decimal(total),
-        line_items=[LineItem(description=d, quantity=Decimal(q), unit_price=Decimal(u), amount=Decimal(a))
-                    for d, q, u, a in lines],
+        line_items=[
+            LineItem(description=d, quantity=Decimal(q), unit_price=Decimal(u), amount=Decimal(a))
+            for d, q, u, a in lines
+        ],
     )
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (ENGLISH, _invoice("ACME Widgets Inc.", "12-3456789", "Globex Corporation", "2026-001",
-                           date(2026, 11, 5), date(2026, 12, 5), "USD", "789.90", "63.19", "853.09",
-                           [("Widget A", "2", "250.00", "500.00"), ("Widget B, box of 500", "10", "4.99", "49.90"),
-                            ("Installation", "3", "80.00", "240.00")])),
-        (GERMAN, _invoice("Musterfirma GmbH", "DE123456789", "Beispiel AG", "4711", date(2026, 11, 3),
-                          date(2026, 11, 17), "EUR", "1000.00", "190.00", "1190.00",
-                          [("Beratung", "10", "95.00", "950.00"), ("Reisekosten", "1", "50.00", "50.00")])),
-        (FRENCH, _invoice("SARL Dupont et Fils", "FR12345678901", "Martin SAS", "F-12", date(2026, 11, 23),
-                          date(2026, 12, 23), "EUR", "1000.00", "200.00", "1200.00",
-                          [("Maintenance", "1", "1000.00", "1000.00")])),
-        (DUTCH, _invoice("Bakker Techniek BV", "NL123456789B01", "De Vries Holding", "2026-17",
-                         date(2026, 11, 23), date(2026, 12, 23), "EUR", "100.00", "21.00", "121.00",
-                         [("Onderhoud", "1", "100.00", "100.00")])),
+        (
+            ENGLISH,
+            _invoice(
+                "ACME Widgets Inc.",
+                "12-3456789",
+                "Globex Corporation",
+                "2026-001",
+                date(2026, 11, 5),
+                date(2026, 12, 5),
+                "USD",
+                "789.90",
+                "63.19",
+                "853.09",
+                [
+                    ("Widget A", "2", "250.00", "500.00"),
+                    ("Widget B, box of 500", "10", "4.99", "49.90"),
+                    ("Installation", "3", "80.00", "240.00"),
+                ],
+            ),
+        ),
+        (
+            GERMAN,
+            _invoice(
+                "Musterfirma GmbH",
+                "DE123456789",
+                "Beispiel AG",
+                "4711",
+                date(2026, 11, 3),
+                date(2026, 11, 17),
+                "EUR",
+                "1000.00",
+                "190.00",
+                "1190.00",
+                [("Beratung", "10", "95.00", "950.00"), ("Reisekosten", "1", "50.00", "50.00")],
+            ),
+        ),
+        (
+            FRENCH,
+            _invoice(
+                "SARL Dupont et Fils",
+                "FR12345678901",
+                "Martin SAS",
+                "F-12",
+                date(2026, 11, 23),
+                date(2026, 12, 23),
+                "EUR",
+                "1000.00",
+                "200.00",
+                "1200.00",
+                [("Maintenance", "1", "1000.00", "1000.00")],
+            ),
+        ),
+        (
+            DUTCH,
+            _invoice(
+                "Bakker Techniek BV",
+                "NL123456789B01",
+                "De Vries Holding",
+                "2026-17",
+                date(2026, 11, 23),
+                date(2026, 12, 23),
+                "EUR",
+                "100.00",
+                "21.00",
+                "121.00",
+                [("Onderhoud", "1", "100.00", "100.00")],
+            ),
+        ),
     ],
     ids=["english-us", "german", "french", "dutch"],
 )
@@ -488,8 +647,14 @@ Page 2 of 3
     got = extract_fields(text)
     assert got.vendor_name == "Some Company Ltd"
     assert got.invoice_number == "A-17"
-    assert got.line_items == [LineItem(description="Widget", quantity=Decimal(1), unit_price=Decimal("5.00"),
-                                       amount=Decimal("5.00"))]
+    assert got.line_items == [
+        LineItem(
+            description="Widget",
+            quantity=Decimal(1),
+            unit_price=Decimal("5.00"),
+            amount=Decimal("5.00"),
+        )
+    ]
     # no totals block: the "Total" column header is not a total; "Net 30" is not a subtotal
     assert (got.subtotal, got.tax, got.total) == (None, None, None)
     # "upon receipt" is no date; 05/06/2026 is ambiguous with no currency or language to decide
@@ -500,8 +665,9 @@ Page 2 of 3
 
 def test_a_text_without_an_invoice_gives_an_empty_invoice():
     assert extract_fields("") == Invoice()
-    assert extract_fields("Dear customer,\nthank you for your order.\n") .model_dump(exclude={"vendor_name"}) == \
-        Invoice().model_dump(exclude={"vendor_name"})
+    assert extract_fields("Dear customer,\nthank you for your order.\n").model_dump(
+        exclude={"vendor_name"}
+    ) == Invoice().model_dump(exclude={"vendor_name"})
 
 
 def test_customer_vat_id_is_not_the_vendors():
@@ -516,7 +682,11 @@ Total: GBP 10.00
 Northwind Ltd · VAT No GB123456789
 """
     got = extract_fields(text)
-    assert (got.vendor_name, got.customer_name, got.vendor_tax_id) == ("Northwind Ltd", "Contoso GmbH", "GB123456789")
+    assert (got.vendor_name, got.customer_name, got.vendor_tax_id) == (
+        "Northwind Ltd",
+        "Contoso GmbH",
+        "GB123456789",
+    )
     assert got.tax is None  # "VAT: DE987654321" is an id, not an amount
 
 
@@ -529,7 +699,11 @@ zzgl. 19 % MwSt. 19,00 EUR
 Gesamtbetrag 172,50 EUR
 """
     got = extract_fields(text)
-    assert (got.subtotal, got.tax, got.total) == (Decimal("150.00"), Decimal("22.50"), Decimal("172.50"))
+    assert (got.subtotal, got.tax, got.total) == (
+        Decimal("150.00"),
+        Decimal("22.50"),
+        Decimal("172.50"),
+    )
 
 
 @pytest.mark.slow
@@ -549,7 +723,9 @@ def test_accuracy_sweep(text_of):
 # -- tables and labels by position ----------------------------------------------------------
 
 
-def _positioned_pdf(lines: list[list[tuple[float, str, str]]], *, top: float = 60, step: float = 16) -> bytes:
+def _positioned_pdf(
+    lines: list[list[tuple[float, str, str]]], *, top: float = 60, step: float = 16
+) -> bytes:
     """A one-page PDF: each line is a list of (x, align, text); align "l" puts the text's left
     edge at x, "r" its right edge (numbers in columns are right-aligned). Base-14 Helvetica
     has no euro sign, so amounts say "EUR"."""
@@ -569,14 +745,37 @@ POSITIONED = [
     [(DESC, "l", "Invoice"), (200, "l", "Invoice date"), (350, "l", "Due date")],
     [(DESC, "l", "2024-0042"), (200, "l", "12-03-2024"), (350, "l", "11-04-2024")],
     [],
-    [(DESC, "l", "Description"), (QTY - 20, "l", "Qty"), (UNIT - 45, "l", "Unit price"), (DISC - 30, "l", "Disc.%"),
-     (AMOUNT - 35, "l", "Amount")],
-    [(DESC, "l", "Widget large"), (QTY, "r", "2"), (UNIT, "r", "EUR 50,00"), (DISC, "r", "0,00"), (AMOUNT, "r", "EUR 100,00")],
+    [
+        (DESC, "l", "Description"),
+        (QTY - 20, "l", "Qty"),
+        (UNIT - 45, "l", "Unit price"),
+        (DISC - 30, "l", "Disc.%"),
+        (AMOUNT - 35, "l", "Amount"),
+    ],
+    [
+        (DESC, "l", "Widget large"),
+        (QTY, "r", "2"),
+        (UNIT, "r", "EUR 50,00"),
+        (DISC, "r", "0,00"),
+        (AMOUNT, "r", "EUR 100,00"),
+    ],
     [(DESC + 10, "l", "Serial: AB-123-77")],
-    [(DESC, "l", "Cable set, 3 m"), (QTY, "r", "1"), (UNIT, "r", "EUR 20,00"), (DISC, "r", "10,00"), (AMOUNT + 3, "r", "EUR 18,00")],
+    [
+        (DESC, "l", "Cable set, 3 m"),
+        (QTY, "r", "1"),
+        (UNIT, "r", "EUR 20,00"),
+        (DISC, "r", "10,00"),
+        (AMOUNT + 3, "r", "EUR 18,00"),
+    ],
     [(DESC + 10, "l", "Spare plug"), (QTY, "r", "1")],
     [(DESC, "l", "--- Services ---")],
-    [(DESC, "l", "Installation"), (QTY - 4, "r", "1,5"), (UNIT, "r", "EUR 40,00"), (DISC, "r", "0,00"), (AMOUNT, "r", "EUR 60,00")],
+    [
+        (DESC, "l", "Installation"),
+        (QTY - 4, "r", "1,5"),
+        (UNIT, "r", "EUR 40,00"),
+        (DISC, "r", "0,00"),
+        (AMOUNT, "r", "EUR 60,00"),
+    ],
     [],
     [(UNIT, "l", "Subtotal"), (AMOUNT, "r", "EUR 178,00")],
     [(UNIT, "l", "VAT 21% on EUR 178,00"), (AMOUNT, "r", "EUR 37,38")],
@@ -584,9 +783,24 @@ POSITIONED = [
     [(DESC, "l", "IBAN NL91 ABNA 0417 1643 00   BIC ABNANL2A")],
 ]
 POSITIONED_ITEMS = [
-    LineItem(description="Widget large", quantity=Decimal(2), unit_price=Decimal("50.00"), amount=Decimal("100.00")),
-    LineItem(description="Cable set, 3 m", quantity=Decimal(1), unit_price=Decimal("20.00"), amount=Decimal("18.00")),
-    LineItem(description="Installation", quantity=Decimal("1.5"), unit_price=Decimal("40.00"), amount=Decimal("60.00")),
+    LineItem(
+        description="Widget large",
+        quantity=Decimal(2),
+        unit_price=Decimal("50.00"),
+        amount=Decimal("100.00"),
+    ),
+    LineItem(
+        description="Cable set, 3 m",
+        quantity=Decimal(1),
+        unit_price=Decimal("20.00"),
+        amount=Decimal("18.00"),
+    ),
+    LineItem(
+        description="Installation",
+        quantity=Decimal("1.5"),
+        unit_price=Decimal("40.00"),
+        amount=Decimal("60.00"),
+    ),
 ]
 
 
@@ -594,7 +808,10 @@ def test_word_positions_survive_parsing():
     doc = parse_pdf_bytes(_positioned_pdf(POSITIONED))
     assert doc.has_words and not ParsedDocument(doc.pages).has_words
     words = doc.page_words(0)
-    assert [w.text for w in words if w.text in ("Description", "Amount")] == ["Description", "Amount"]
+    assert [w.text for w in words if w.text in ("Description", "Amount")] == [
+        "Description",
+        "Amount",
+    ]
     row = next(r for r in rows_from_words(words, 0) if r.text.startswith("Description"))
     assert [c.role for c in header_columns(row)] == ["desc", "qty", "unit", "discount", "amount"]
 
@@ -611,10 +828,22 @@ async def test_offline_extractor_reads_a_positioned_invoice():
     result = await OfflineExtractor().extract(parse_pdf_bytes(_positioned_pdf(POSITIONED)))
     got = result.invoice
     assert got.line_items == POSITIONED_ITEMS
-    assert (got.invoice_number, got.issue_date, got.due_date) == ("2024-0042", date(2024, 3, 12), date(2024, 4, 11))
+    assert (got.invoice_number, got.issue_date, got.due_date) == (
+        "2024-0042",
+        date(2024, 3, 12),
+        date(2024, 4, 11),
+    )
     assert (got.subtotal, got.tax, got.total, got.currency) == (
-        Decimal("178.00"), Decimal("37.38"), Decimal("215.38"), "EUR")
-    assert (got.iban, got.bic, got.vendor_name) == ("NL91ABNA0417164300", "ABNANL2A", "Lindqvist Trading BV")
+        Decimal("178.00"),
+        Decimal("37.38"),
+        Decimal("215.38"),
+        "EUR",
+    )
+    assert (got.iban, got.bic, got.vendor_name) == (
+        "NL91ABNA0417164300",
+        "ABNANL2A",
+        "Lindqvist Trading BV",
+    )
     assert check_invoice(got) == []
 
 
@@ -629,20 +858,35 @@ Gesamtbetrag                                                                17,3
 """
     rows = rows_from_text(text, 0)
     assert table_items_by_position(rows, ",") == [
-        LineItem(description="Small Business Exchange 2010", quantity=Decimal(1), unit_price=Decimal("3.89"),
-                 amount=Decimal("3.89")),
-        LineItem(description="Mailbox Plus", quantity=Decimal(3), unit_price=Decimal("5.00"), amount=Decimal("13.50")),
+        LineItem(
+            description="Small Business Exchange 2010",
+            quantity=Decimal(1),
+            unit_price=Decimal("3.89"),
+            amount=Decimal("3.89"),
+        ),
+        LineItem(
+            description="Mailbox Plus",
+            quantity=Decimal(3),
+            unit_price=Decimal("5.00"),
+            amount=Decimal("13.50"),
+        ),
     ]
 
 
 def test_label_rows_with_values_underneath():
-    text = "Klant        Factuur datum    Factuur         Vervaldatum\n" \
-           "C-001        8-9-2022         VF1005193039    22-9-2022\n"
+    text = (
+        "Klant        Factuur datum    Factuur         Vervaldatum\n"
+        "C-001        8-9-2022         VF1005193039    22-9-2022\n"
+    )
     pairs = label_rows_by_position(rows_from_text(text, 0))
     assert ("issue_date", "8-9-2022") in pairs and ("invoice_number", "VF1005193039") in pairs
     got = extract_fields(text + "Factuur totaal EUR   49,99\n")
     assert (got.invoice_number, got.issue_date, got.due_date, got.total) == (
-        "VF1005193039", date(2022, 9, 8), date(2022, 9, 22), Decimal("49.99"))
+        "VF1005193039",
+        date(2022, 9, 8),
+        date(2022, 9, 22),
+        Decimal("49.99"),
+    )
 
 
 # -- totals: columns, summary tables, conflicts ------------------------------------------------
@@ -655,8 +899,16 @@ Date limite de paiement le 05 Juillet 2015
 Total facture              24.99            5.00              29.99
 """
     got = extract_fields(text)
-    assert (got.invoice_number, got.issue_date, got.due_date) == ("562044387", date(2015, 7, 2), date(2015, 7, 5))
-    assert (got.subtotal, got.tax, got.total) == (Decimal("24.99"), Decimal("5.00"), Decimal("29.99"))
+    assert (got.invoice_number, got.issue_date, got.due_date) == (
+        "562044387",
+        date(2015, 7, 2),
+        date(2015, 7, 5),
+    )
+    assert (got.subtotal, got.tax, got.total) == (
+        Decimal("24.99"),
+        Decimal("5.00"),
+        Decimal("29.99"),
+    )
 
 
 def test_net_and_tax_from_a_tax_summary_table():
@@ -666,7 +918,11 @@ BTW %    Grondslag   BTW bedrag   Totaal
 21 %     41,31       8,68         49,99
 """
     got = extract_fields(text)
-    assert (got.subtotal, got.tax, got.total) == (Decimal("41.31"), Decimal("8.68"), Decimal("49.99"))
+    assert (got.subtotal, got.tax, got.total) == (
+        Decimal("41.31"),
+        Decimal("8.68"),
+        Decimal("49.99"),
+    )
 
 
 def test_different_totals_give_no_total_rather_than_a_guess():
@@ -689,15 +945,21 @@ Grand Total                                                   Rs 1939
 """
     got = extract_fields(text)
     assert (got.invoice_number, got.issue_date, got.total, got.currency) == (
-        "IBZY2087", date(2017, 12, 31), Decimal("1939"), "INR")
+        "IBZY2087",
+        date(2017, 12, 31),
+        Decimal("1939"),
+        "INR",
+    )
 
 
 @pytest.mark.parametrize(
     ("text", "number"),
     [
         ("Azure Interior\nInvoice INV/2023/03/0008\nTotal $ 10.00\n", "INV/2023/03/0008"),
-        ("Sammy Maystone                 INVOICE\n                  # invoice_number_1\nTotal: $127.50\n",
-         "invoice_number_1"),
+        (
+            "Sammy Maystone                 INVOICE\n                  # invoice_number_1\nTotal: $127.50\n",
+            "invoice_number_1",
+        ),
         ("Faktura nr: F 1234K20/1234/12      Data wystawienia: 2021-01-01\n", "F 1234K20/1234/12"),
         ("Invoice Date: 2024-01-02\nTotal 5.00 EUR\n", None),
     ],
@@ -717,11 +979,22 @@ Razem:         257,59        59,24      316,83
 Należność ogółem: 316,83 PLN
 """
     got = extract_fields(text)
-    assert (got.invoice_number, got.issue_date, got.due_date) == ("FV/2021/01/17", date(2021, 1, 12), date(2021, 1, 26))
+    assert (got.invoice_number, got.issue_date, got.due_date) == (
+        "FV/2021/01/17",
+        date(2021, 1, 12),
+        date(2021, 1, 26),
+    )
     assert (got.subtotal, got.tax, got.total, got.currency) == (
-        Decimal("257.59"), Decimal("59.24"), Decimal("316.83"), "PLN")
+        Decimal("257.59"),
+        Decimal("59.24"),
+        Decimal("316.83"),
+        "PLN",
+    )
     assert (got.vendor_name, got.customer_name, got.vendor_tax_id) == (
-        "Kowalski Sp. z o.o.", "GŁÓWNY URZĄD STATYSTYCZNY", "774-00-01-454")
+        "Kowalski Sp. z o.o.",
+        "GŁÓWNY URZĄD STATYSTYCZNY",
+        "774-00-01-454",
+    )
 
 
 def test_subtotal_that_adds_up_is_preferred():
@@ -733,7 +1006,11 @@ IBAN NL50INGB0683251309
 BIC INGBNL2A
 """
     got = extract_fields(text)
-    assert (got.subtotal, got.tax, got.total) == (Decimal("593.36"), Decimal("124.61"), Decimal("717.97"))
+    assert (got.subtotal, got.tax, got.total) == (
+        Decimal("593.36"),
+        Decimal("124.61"),
+        Decimal("717.97"),
+    )
     assert (got.iban, got.bic) == ("NL50INGB0683251309", "INGBNL2A")
 
 
@@ -748,9 +1025,29 @@ def test_header_columns_resolve_repeated_price_and_amount_columns():
     def roles(header: str) -> list[str]:
         return [c.role for c in header_columns(rows_from_text(header, 0)[0])]
 
-    assert roles("Artikel   Aantal   Prijs per stuk   BTW Prijs incl. BTW") == ["desc", "qty", "unit", "rate", "amount"]
-    assert roles("Désignation   Qté   Montant HT   TVA   Montant TTC") == ["desc", "qty", "amount", "rate", "other"]
+    assert roles("Artikel   Aantal   Prijs per stuk   BTW Prijs incl. BTW") == [
+        "desc",
+        "qty",
+        "unit",
+        "rate",
+        "amount",
+    ]
+    assert roles("Désignation   Qté   Montant HT   TVA   Montant TTC") == [
+        "desc",
+        "qty",
+        "amount",
+        "rate",
+        "other",
+    ]
     assert roles("Artikel   Omschrijving   Prijs   BTW   Hoeveelheid   Bedrag") == [
-        "code", "desc", "unit", "rate", "qty", "amount"]
+        "code",
+        "desc",
+        "unit",
+        "rate",
+        "qty",
+        "amount",
+    ]
     assert header_columns(rows_from_text("Description   Qty   Price   Total", 0)[0]) is not None
-    assert header_columns(rows_from_text("Hotel Details   Check In   Check Out   Rooms", 0)[0]) is None
+    assert (
+        header_columns(rows_from_text("Hotel Details   Check In   Check Out   Rooms", 0)[0]) is None
+    )

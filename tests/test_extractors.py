@@ -8,11 +8,11 @@ import asyncio
 import pytest
 
 from flows.extractors import build_extractor
-from tasks.extract.einvoice import EmbeddedFirstExtractor
 from tasks.errors import ConfigurationError
+from tasks.extract.einvoice import EmbeddedFirstExtractor
+from tasks.extract.llm import OpenAIExtractor
 from tasks.extract.rules import OfflineExtractor
 from tasks.orchestration.limits import LLMSlots, ensure_llm_limits
-from tasks.extract.llm import OpenAIExtractor
 from tasks.pdf.pool import PdfParser
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -85,8 +85,12 @@ async def test_every_cpu_bound_step_gets_the_parser(monkeypatch):
     try:
         async with build_extractor("offline", parser=parser) as offline:
             assert isinstance(offline, EmbeddedFirstExtractor) and offline.parser is parser
-            assert isinstance(offline.fallback, OfflineExtractor) and offline.fallback.parser is parser
-            assert isinstance(offline.printed, OfflineExtractor) and offline.printed.parser is parser
+            assert (
+                isinstance(offline.fallback, OfflineExtractor) and offline.fallback.parser is parser
+            )
+            assert (
+                isinstance(offline.printed, OfflineExtractor) and offline.printed.parser is parser
+            )
         monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # never called
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
         await ensure_llm_limits(max_in_flight=2, requests_per_minute=60_000)

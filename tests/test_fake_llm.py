@@ -19,8 +19,15 @@ from pathlib import Path
 import openai
 import pytest
 
-from testing.fake_llm.server import FAULT_KINDS, FakeLLMConfig, FakeLLMServer, document_text, fault_kind, strict_schema_problems
 from tasks.invoice import Invoice
+from testing.fake_llm.server import (
+    FAULT_KINDS,
+    FakeLLMConfig,
+    FakeLLMServer,
+    document_text,
+    fault_kind,
+    strict_schema_problems,
+)
 from testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +63,15 @@ def chat_body(text: str = "Invoice INV-7", schema: dict | None = None) -> dict:
     }
 
 
-def post(server: FakeLLMServer, body: dict | bytes, *, key: str | None = None, timeout: float = 5.0):
+def post(
+    server: FakeLLMServer, body: dict | bytes, *, key: str | None = None, timeout: float = 5.0
+):
     """Raw POST; returns (status, headers, parsed JSON body)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(
-        f"{server.base_url}/chat/completions", data=data, headers={"Content-Type": "application/json"}
+        f"{server.base_url}/chat/completions",
+        data=data,
+        headers={"Content-Type": "application/json"},
     )
     if key is not None:
         req.add_header("Authorization", f"Bearer {key}")
@@ -109,7 +120,10 @@ def test_chat_completion_shape_through_the_sdk(server):
     prompt = "".join(m["content"] for m in body["messages"])
     assert completion.usage.prompt_tokens == len(prompt) // 4
     assert completion.usage.completion_tokens == len(choice.message.content) // 4
-    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert (
+        completion.usage.total_tokens
+        == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    )
     # The answer function got the document (delimiters stripped, neutralised ones restored).
     assert server.seen == ["Invoice INV-7 </document> trailing"]
     assert server.last_request["messages"] == body["messages"]
@@ -119,7 +133,10 @@ def test_chat_completion_shape_through_the_sdk(server):
 def test_document_text_variants():
     assert document_text([{"role": "user", "content": "plain text"}]) == "plain text"
     parts = [{"type": "text", "text": "<document>\nA"}, {"type": "text", "text": "B\n</document>"}]
-    assert document_text([{"role": "system", "content": "x"}, {"role": "user", "content": parts}]) == "AB"
+    assert (
+        document_text([{"role": "system", "content": "x"}, {"role": "user", "content": parts}])
+        == "AB"
+    )
     assert document_text([{"role": "system", "content": "x"}]) == ""
 
 
@@ -176,7 +193,9 @@ def test_fault_aliases_and_unknown_kind():
 
 def test_random_faults_are_seeded_and_changeable_at_runtime():
     def run(seed: int) -> list[int]:
-        with FakeLLMServer(FakeLLMConfig(seed=seed, error_rate_500=0.5), answer=lambda t: SAMPLE) as s:
+        with FakeLLMServer(
+            FakeLLMConfig(seed=seed, error_rate_500=0.5), answer=lambda t: SAMPLE
+        ) as s:
             return [post(s, chat_body())[0] for _ in range(30)]
 
     first, again = run(7), run(7)
@@ -222,7 +241,9 @@ def test_fixed_and_lognormal_latency():
         assert 0.2 <= time.monotonic() - t0 < 1.0
 
     def draws(seed):
-        s = FakeLLMServer(FakeLLMConfig(latency_median=0.1, latency_sigma=0.5, latency_max=0.3, seed=seed))
+        s = FakeLLMServer(
+            FakeLLMConfig(latency_median=0.1, latency_sigma=0.5, latency_max=0.3, seed=seed)
+        )
         return [s._draw_latency() for _ in range(200)]
 
     a, b = draws(1), draws(1)
@@ -279,7 +300,12 @@ def test_max_in_flight_counts_concurrent_requests():
             t.join()
         assert s.max_in_flight == 4 and s.in_flight == 0 and s.total_requests == 4
         s.reset_stats()
-        assert s.stats() == {"total_requests": 0, "outcomes": {}, "in_flight": 0, "max_in_flight": 0}
+        assert s.stats() == {
+            "total_requests": 0,
+            "outcomes": {},
+            "in_flight": 0,
+            "max_in_flight": 0,
+        }
 
 
 def test_strict_schema_is_enforced_like_openai(server):
@@ -289,7 +315,7 @@ def test_strict_schema_is_enforced_like_openai(server):
     assert any("'required'" in p for p in problems)
     status, _, body = post(server, chat_body(schema=raw))
     assert status == 400 and body["error"]["code"] == "invalid_json_schema"
-    assert post(server, chat_body(schema={"type": "object", "properties": {}})) [0] == 400
+    assert post(server, chat_body(schema={"type": "object", "properties": {}}))[0] == 400
     server.config.enforce_strict_schema = False
     assert post(server, chat_body(schema=raw))[0] == 200
 
@@ -305,7 +331,10 @@ def test_async_answer_function():
 
     with FakeLLMServer(answer=answer) as s:
         _, _, body = post(s, chat_body("N-1"))
-        assert json.loads(body["choices"][0]["message"]["content"]) == {"total": 1.5, "invoice_number": "N-1"}
+        assert json.loads(body["choices"][0]["message"]["content"]) == {
+            "total": 1.5,
+            "invoice_number": "N-1",
+        }
 
 
 def test_default_answer_uses_offline_extractor():
@@ -323,7 +352,17 @@ def test_standalone_main_runs_and_stops_on_sigterm():
     port = free_port()
     env = {**os.environ, "FAKE_KEY": "sk-standalone-secret-123456"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testing.fake_llm", "--port", str(port), "--rate-429", "0", "--api-key-env", "FAKE_KEY"],
+        [
+            sys.executable,
+            "-m",
+            "testing.fake_llm",
+            "--port",
+            str(port),
+            "--rate-429",
+            "0",
+            "--api-key-env",
+            "FAKE_KEY",
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -335,7 +374,8 @@ def test_standalone_main_runs_and_stops_on_sigterm():
         assert f"http://127.0.0.1:{port}/v1" in line, line
         assert "sk-standalone-secret-123456" not in line
         req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-standalone-secret-123456"}
+            f"http://127.0.0.1:{port}/v1/models",
+            headers={"Authorization": "Bearer sk-standalone-secret-123456"},
         )
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert json.loads(resp.read())["object"] == "list"

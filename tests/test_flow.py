@@ -33,8 +33,9 @@ BAD_INPUTS = {
 
 
 async def run(source: str, output: str, **kw):
-    state = await process_invoices(source=source, output=output, extractor="offline",
-                                   return_state=True, **kw)
+    state = await process_invoices(
+        source=source, output=output, extractor="offline", return_state=True, **kw
+    )
     return state, await state.aresult(raise_on_failure=False)
 
 
@@ -63,10 +64,11 @@ async def test_bad_inputs_are_recorded_failures_and_the_run_fails_after_recordin
     for key, (data, _) in BAD_INPUTS.items():
         (source / key).parent.mkdir(parents=True, exist_ok=True)
         (source / key).write_bytes(data)
-    state, summary = await run(str(source), str(output))
+    state, _summary = await run(str(source), str(output))
     assert state.is_failed()
     assert state.message == "3 of 6 failed: " + ", ".join(
-        f"{code} 1" for code in sorted(code for _, code in BAD_INPUTS.values()))
+        f"{code} 1" for code in sorted(code for _, code in BAD_INPUTS.values())
+    )
     manifest = Manifest.model_validate_json((output / "manifest.json").read_bytes())
     assert len(manifest.entries) == 6
     for key, (_, code) in BAD_INPUTS.items():
@@ -90,7 +92,7 @@ async def test_s3_end_to_end_with_summary_artifact(moto_endpoint, s3_bucket, tmp
         s3.put_object(Bucket=s3_bucket, Key=f"incoming/2026/{path.name}", Body=path.read_bytes())
     s3.put_object(Bucket=s3_bucket, Key="incoming/2026/notes.txt", Body=b"not an invoice")
 
-    state, summary = await run(f"s3://{s3_bucket}/incoming", f"s3://{s3_bucket}/processed")
+    state, _summary = await run(f"s3://{s3_bucket}/incoming", f"s3://{s3_bucket}/processed")
     assert state.is_completed(), state.message
     manifest = Manifest.model_validate_json(
         s3.get_object(Bucket=s3_bucket, Key="processed/manifest.json")["Body"].read()
@@ -98,10 +100,13 @@ async def test_s3_end_to_end_with_summary_artifact(moto_endpoint, s3_bucket, tmp
     assert set(manifest.entries) == {f"2026/{p.name}" for p in pdfs}
     results = s3.list_objects_v2(Bucket=s3_bucket, Prefix="processed/results/")["Contents"]
     assert len(results) == 5
-    artifacts = await read_artifacts(key="invoice-run-summary",
-                                     flow_run_id=state.state_details.flow_run_id)
+    artifacts = await read_artifacts(
+        key="invoice-run-summary", flow_run_id=state.state_details.flow_run_id
+    )
     assert len(artifacts) == 1 and artifacts[0].type == "table"
-    table = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
+    table = (
+        json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
+    )
     assert sorted(row["invoice"] for row in table) == sorted(f"2026/{p.name}" for p in pdfs)
 
 
@@ -118,10 +123,18 @@ async def test_invoices_run_in_chunks_one_task_run_each_and_all_are_recorded(tmp
     assert set(manifest.entries) == {p.name for p in pdfs}
     async with get_client() as client:
         for _ in range(60):  # the server records task runs from events, which may come late
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-            chunks = sorted(r.name for r in runs if r.task_key.startswith("process_chunk_task")
-                            and r.state is not None and r.state.is_final())
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+                )
+            )
+            chunks = sorted(
+                r.name
+                for r in runs
+                if r.task_key.startswith("process_chunk_task")
+                and r.state is not None
+                and r.state.is_final()
+            )
             if len(chunks) >= 3:
                 break
             await asyncio.sleep(0.5)
@@ -139,7 +152,7 @@ async def test_an_embedded_e_invoice_is_the_result_and_the_page_cross_checks_it(
     tampered = truth.model_copy(update={"total": truth.total + 100})  # the XML says more
     (source / "tampered.pdf").write_bytes(attach_einvoice(pdf, build_cii_xml(tampered)))
 
-    state, summary = await run(str(source), str(output))
+    state, _summary = await run(str(source), str(output))
     assert state.is_completed(), state.message
     manifest = Manifest.model_validate_json((output / "manifest.json").read_bytes())
 

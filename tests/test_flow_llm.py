@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 
-from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
-from tasks.orchestration.limits import LLM_IN_FLIGHT_LIMIT, LLM_RATE_LIMIT
 from tasks.manifest.model import Manifest
+from tasks.orchestration.limits import LLM_IN_FLIGHT_LIMIT, LLM_RATE_LIMIT
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from testing.samples import write_samples
 from tests.conftest import read_artifacts
 
@@ -23,7 +23,9 @@ API_KEY = "sk-test-" + "k3y" * 12
 
 @pytest.fixture
 def llm(monkeypatch):
-    with FakeLLMServer(FakeLLMConfig(latency=0.05, require_api_key=API_KEY, retry_after=0.1)) as server:
+    with FakeLLMServer(
+        FakeLLMConfig(latency=0.05, require_api_key=API_KEY, retry_after=0.1)
+    ) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
         monkeypatch.setenv("INVOICES_LLM_BACKOFF_BASE", "0.05")
@@ -36,9 +38,10 @@ async def test_llm_flow_records_every_outcome_and_never_leaks_the_key(llm, tmp_p
     source, output = tmp_path / "in", tmp_path / "out"
     write_samples(source, 8, seed=21)
     llm.fail_next("rate_limit", 2)  # retried, honouring Retry-After
-    llm.fail_next("quota", 1)       # final: one invoice fails with llm_quota
-    state = await process_invoices(source=str(source), output=str(output), extractor="auto",
-                                   return_state=True)
+    llm.fail_next("quota", 1)  # final: one invoice fails with llm_quota
+    state = await process_invoices(
+        source=str(source), output=str(output), extractor="auto", return_state=True
+    )
     summary = await state.aresult(raise_on_failure=False)
 
     manifest = Manifest.model_validate_json((output / "manifest.json").read_bytes())
@@ -56,7 +59,11 @@ async def test_llm_flow_records_every_outcome_and_never_leaks_the_key(llm, tmp_p
     # The key is nowhere: not in the manifest, results, logs or artifacts.
     written = [p.read_text() for p in output.rglob("*.json")]
     artifacts = await read_artifacts(flow_run_id=state.state_details.flow_run_id)
-    assert {a.key for a in artifacts} >= {"invoice-run-summary", "invoice-run-report", "invoice-run-progress"}
+    assert {a.key for a in artifacts} >= {
+        "invoice-run-summary",
+        "invoice-run-report",
+        "invoice-run-progress",
+    }
     assert not any(API_KEY in text for text in written)
     assert API_KEY not in caplog.text
     assert not any(API_KEY in json.dumps(a.data, default=str) for a in artifacts)
@@ -76,8 +83,9 @@ async def test_llm_limits_are_created_and_cap_calls_in_flight(llm, tmp_path: Pat
 
     await ensure_llm_limits(max_in_flight=3, requests_per_minute=6000)
     try:
-        state = await process_invoices(source=str(source), output=str(output),
-                                       extractor="openai", return_state=True)
+        state = await process_invoices(
+            source=str(source), output=str(output), extractor="openai", return_state=True
+        )
         assert state.is_completed(), state.message
         assert llm.max_in_flight <= 3
         async with get_client() as client:
@@ -96,8 +104,9 @@ async def test_an_embedded_e_invoice_costs_no_llm_call(llm, tmp_path: Path):
     pdf, truth = make_invoice(3)
     (source / "facturx.pdf").write_bytes(attach_einvoice(pdf, build_cii_xml(truth)))
     (source / "plain.pdf").write_bytes(make_invoice(4)[0])
-    state = await process_invoices(source=str(source), output=str(output), extractor="openai",
-                                   return_state=True)
+    state = await process_invoices(
+        source=str(source), output=str(output), extractor="openai", return_state=True
+    )
     assert state.is_completed(), state.message
     manifest = Manifest.model_validate_json((output / "manifest.json").read_bytes())
     result = json.loads((output / manifest.entries["facturx.pdf"].result_key).read_text())

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 # -- fair shares, without Prefect ----------------------------------------------------------
 
+
 def test_a_run_alone_gets_all_it_wants_up_to_the_limit():
     assert fair_shares(10, {"a": 4}) == {"a": 4}
     assert fair_shares(10, {"a": 25}) == {"a": 10}
@@ -88,26 +89,34 @@ def test_a_runs_cap_is_its_share_were_it_to_want_its_max():
 
 
 def test_holders_are_named_by_flow_run_and_the_rest_is_said():
-    runs = {"id-1": LLMRunUse("crimson-fox", 3, 3), "id-2": LLMRunUse("quiet-owl", 1, 2),
-            "me": LLMRunUse("me", 0, 4)}
+    runs = {
+        "id-1": LLMRunUse("crimson-fox", 3, 3),
+        "id-2": LLMRunUse("quiet-owl", 1, 2),
+        "me": LLMRunUse("me", 0, 4),
+    }
     text = describe_llm_holders(6, runs, own_id="me")
-    assert text == ("flow run 'crimson-fox' (id-1) 3 slots; flow run 'quiet-owl' (id-2) 1 "
-                    "slots; 2 slots by runs that do not publish their use")
+    assert text == (
+        "flow run 'crimson-fox' (id-1) 3 slots; flow run 'quiet-owl' (id-2) 1 "
+        "slots; 2 slots by runs that do not publish their use"
+    )
     assert describe_llm_holders(4, {}) == "runs that do not publish their use"
 
 
 def test_labels_not_said_again_for_long_are_a_dead_run_and_do_not_count():
     """A run killed without a word stays RUNNING; its labels stop being renewed."""
     now = 1_000_000.0
-    runs = {"live": LLMRunUse("live", 2, 4, at=now - 20),
-            "dead": LLMRunUse("dead", 2, 4, at=now - 200),
-            "no-time": LLMRunUse("no-time", 1, 1)}
+    runs = {
+        "live": LLMRunUse("live", 2, 4, at=now - 20),
+        "dead": LLMRunUse("dead", 2, 4, at=now - 200),
+        "no-time": LLMRunUse("no-time", 1, 1),
+    }
     assert set(live_runs(runs, now)) == {"live", "no-time"}
     text = describe_llm_holders(5, {"dead": LLMRunUse("ghost", 3, 3, at=1.0)})
     assert text.startswith("flow run 'ghost' (dead) 3 slots (not heard from for ")
 
 
 # -- against the server ----------------------------------------------------------------------
+
 
 @flow(name="llm-slots-test-run")
 def _a_run() -> None:
@@ -274,18 +283,30 @@ async def test_a_refused_block_request_is_told_from_a_failure():
 
     await ensure_llm_limits(max_in_flight=2, requests_per_minute=60_000)
     try:
-        async with concurrency(LLM_IN_FLIGHT_LIMIT, occupy=2, timeout_seconds=30,
-                               strict=True, lease_duration=60):
+        async with concurrency(
+            LLM_IN_FLIGHT_LIMIT, occupy=2, timeout_seconds=30, strict=True, lease_duration=60
+        ):
             with pytest.raises(ConcurrencySlotAcquisitionError) as refused:
-                async with concurrency(LLM_IN_FLIGHT_LIMIT, occupy=1, timeout_seconds=30,
-                                       max_retries=0, strict=True, lease_duration=60):
+                async with concurrency(
+                    LLM_IN_FLIGHT_LIMIT,
+                    occupy=1,
+                    timeout_seconds=30,
+                    max_retries=0,
+                    strict=True,
+                    lease_duration=60,
+                ):
                     pytest.fail("granted a slot of a full limit")
         assert _is_refusal(refused.value), repr(refused.value.__cause__)
 
         with pytest.raises(ConcurrencySlotAcquisitionError) as failed:
-            async with concurrency(f"llm-no-such-limit-{uuid.uuid4().hex[:8]}", occupy=1,
-                                   timeout_seconds=30, max_retries=0, strict=True,
-                                   lease_duration=60):
+            async with concurrency(
+                f"llm-no-such-limit-{uuid.uuid4().hex[:8]}",
+                occupy=1,
+                timeout_seconds=30,
+                max_retries=0,
+                strict=True,
+                lease_duration=60,
+            ):
                 pytest.fail("granted a slot of a limit that does not exist")
         assert not _is_refusal(failed.value)
     finally:
@@ -365,14 +386,14 @@ async def test_two_runs_share_the_limit_and_the_later_one_is_not_starved():
             async with LLMSlots(4, timeout=120, flow_run_id=run_a.id, share_every=1.0) as a:
                 a_workers = [asyncio.create_task(a_worker(a)) for _ in range(8)]
                 await until(lambda: in_flight["a"] == 4, 15, "alone, A takes the whole limit")
-                async with LLMSlots(4, timeout=120, flow_run_id=run_b.id,
-                                    share_every=1.0) as b:
+                async with LLMSlots(4, timeout=120, flow_run_id=run_b.id, share_every=1.0) as b:
                     async with asyncio.timeout(60):  # starved, B would wait for A's end
                         await asyncio.gather(*(b_call(b) for _ in range(8)))
                 assert not any(worker.done() for worker in a_workers)
                 # B's labels now say it holds and wants nothing: A takes the limit again.
-                await until(lambda: in_flight["a"] == 4, 20,
-                            "with B gone, A takes the whole limit again")
+                await until(
+                    lambda: in_flight["a"] == 4, 20, "with B gone, A takes the whole limit again"
+                )
                 stop_a.set()
                 await asyncio.gather(*a_workers)
         finally:
@@ -398,7 +419,8 @@ async def test_a_run_killed_without_a_word_does_not_keep_its_share():
         ghost = await running_flow_run(client, "llm-ghost")
         live = await running_flow_run(client, "llm-live")
         await client.update_flow_run_labels(
-            ghost.id, {HELD_LABEL: 0, WANTED_LABEL: 4, AT_LABEL: int(time.time()) - 600})
+            ghost.id, {HELD_LABEL: 0, WANTED_LABEL: 4, AT_LABEL: int(time.time()) - 600}
+        )
         try:
             async with LLMSlots(4, timeout=60, flow_run_id=live.id, share_every=0.5) as slots:
                 calls = await hold_calls(slots, 4, "the live run got all 4 slots")
@@ -406,8 +428,11 @@ async def test_a_run_killed_without_a_word_does_not_keep_its_share():
                 assert slots.held == 4 and slots._cap == 4
                 # Said again now, the same labels count: the live run is capped at half.
                 await publish_llm_use(client, ghost.id, 0, 4)
-                await until(lambda: slots._cap == 2 and slots._kept() == 2, 10,
-                            "the live run gives back down to its share")
+                await until(
+                    lambda: slots._cap == 2 and slots._kept() == 2,
+                    10,
+                    "the live run gives back down to its share",
+                )
                 assert slots.held == 4  # once the calls on those slots have ended
                 await calls.end()
                 await until(lambda: slots.held <= 2, 10, "the live run gave back 2 slots")
@@ -446,9 +471,11 @@ async def test_a_run_waiting_for_slots_says_who_holds_them(caplog):
                     waiting = asyncio.create_task(wait_for_a_slot())
 
                     def reports() -> list[str]:
-                        return [r.getMessage() for r in caplog.records
-                                if r.levelno == logging.WARNING
-                                and r.getMessage().startswith("waited")]
+                        return [
+                            r.getMessage()
+                            for r in caplog.records
+                            if r.levelno == logging.WARNING and r.getMessage().startswith("waited")
+                        ]
 
                     await until(lambda: len(reports()) >= 2, 12, "two reports of the wait")
                     assert not waiting.done()
@@ -470,9 +497,10 @@ async def test_the_wait_report_never_breaks_the_wait(monkeypatch, caplog):
     async def unreadable(self, name):
         raise httpx.ConnectError("the server is gone")
 
-    monkeypatch.setattr(PrefectClient, "read_global_concurrency_limit_by_name",
-                        unreadable)
+    monkeypatch.setattr(PrefectClient, "read_global_concurrency_limit_by_name", unreadable)
     caplog.set_level(logging.WARNING, logger="tasks.orchestration.llm_slots")
     await report_llm_slot_wait(10.2)
-    assert "waited 10 s for LLM slots ('llm-in-flight' use unknown), held by unknown " \
-           "(ConnectError: the server is gone)" in caplog.text
+    assert (
+        "waited 10 s for LLM slots ('llm-in-flight' use unknown), held by unknown "
+        "(ConnectError: the server is gone)" in caplog.text
+    )

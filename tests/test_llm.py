@@ -13,9 +13,7 @@ from decimal import Decimal
 import pytest
 from pydantic import SecretStr
 
-from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer, strict_schema_problems
 from tasks.errors import ConfigurationError, InvoiceFailure
-from tasks.invoice import Invoice, LineItem
 from tasks.extract.llm import (
     INVOICE_SCHEMA,
     SYSTEM_PROMPT,
@@ -25,7 +23,9 @@ from tasks.extract.llm import (
     neutralise_delimiters,
     retry_after_seconds,
 )
+from tasks.invoice import Invoice, LineItem
 from tasks.pdf.parse import ParsedDocument
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer, strict_schema_problems
 
 KEY = "sk-proj-TESTKEY-do-not-leak-9f8e7d6c5b4a"
 
@@ -41,12 +41,24 @@ SAMPLE = Invoice(
     tax=Decimal("19.00"),
     total=Decimal("119.00"),
     line_items=[
-        LineItem(description="Widget", quantity=Decimal("2"), unit_price=Decimal("50.00"), amount=Decimal("100.00"))
+        LineItem(
+            description="Widget",
+            quantity=Decimal("2"),
+            unit_price=Decimal("50.00"),
+            amount=Decimal("100.00"),
+        )
     ],
 )
 DOC = ParsedDocument(pages=["ACME GmbH\nInvoice INV-2026-001\nTotal 119.00 EUR", "page two"])
 
-SECRET_LOGGERS = ("openai", "httpx2", "httpcore2", "tasks.extract.llm", "testing.fake_llm", "aiohttp")
+SECRET_LOGGERS = (
+    "openai",
+    "httpx2",
+    "httpcore2",
+    "tasks.extract.llm",
+    "testing.fake_llm",
+    "aiohttp",
+)
 
 
 @pytest.fixture
@@ -113,7 +125,10 @@ async def test_happy_path_fields_tokens_and_request(server):
 def test_schema_is_strict_mode_compatible():
     assert strict_schema_problems(INVOICE_SCHEMA) == []
     props = INVOICE_SCHEMA["properties"]
-    assert INVOICE_SCHEMA["required"] == list(props) and INVOICE_SCHEMA["additionalProperties"] is False
+    assert (
+        INVOICE_SCHEMA["required"] == list(props)
+        and INVOICE_SCHEMA["additionalProperties"] is False
+    )
     line = INVOICE_SCHEMA["$defs"]["LineItem"]
     assert line["required"] == list(line["properties"]) and line["additionalProperties"] is False
     assert props["total"]["anyOf"] == [{"type": "number"}, {"type": "null"}]  # Money: a JSON number
@@ -243,7 +258,9 @@ async def test_persistent_invalid_output_is_final_after_bounded_retries(server, 
     err = await failure(server, fault, 10, max_retries=4, max_invalid_output_retries=2)
     assert err.code == "llm_invalid_output"
     assert server.total_requests == 3
-    assert ("not JSON" if fault == "malformed" else "does not match the invoice schema") in err.message
+    assert (
+        "not JSON" if fault == "malformed" else "does not match the invoice schema"
+    ) in err.message
 
 
 async def test_hang_is_cut_by_the_timeout(server):
@@ -269,7 +286,9 @@ async def test_connection_refused_is_retried_then_final():
     dead = FakeLLMServer().start()
     base_url = dead.base_url
     dead.stop()
-    settings = LLMSettings(base_url=base_url, api_key=SecretStr(KEY), max_retries=1, backoff_base=0.01, timeout=2)
+    settings = LLMSettings(
+        base_url=base_url, api_key=SecretStr(KEY), max_retries=1, backoff_base=0.01, timeout=2
+    )
     async with OpenAIExtractor(settings) as ex:
         with pytest.raises(InvoiceFailure) as info:
             await ex.extract(DOC)
@@ -284,7 +303,9 @@ async def test_concurrency_is_bounded_by_the_call_guard(server):
     server.config.latency = 0.05
     sem = asyncio.Semaphore(5)
     async with make(server, guard=sem) as ex:
-        results = await asyncio.gather(*(ex.extract(ParsedDocument(pages=[f"invoice {i}"])) for i in range(50)))
+        results = await asyncio.gather(
+            *(ex.extract(ParsedDocument(pages=[f"invoice {i}"])) for i in range(50))
+        )
     assert all(r.invoice == SAMPLE for r in results)
     assert server.total_requests == 50
     assert server.max_in_flight <= 5
@@ -335,7 +356,10 @@ async def test_a_model_that_obeys_the_injection_is_rejected_by_the_schema(obeyin
 
 
 def test_neutralise_delimiters():
-    assert neutralise_delimiters("a </document> b <DOCUMENT x=1> c") == "a &lt;/document> b &lt;DOCUMENT x=1> c"
+    assert (
+        neutralise_delimiters("a </document> b <DOCUMENT x=1> c")
+        == "a &lt;/document> b &lt;DOCUMENT x=1> c"
+    )
     assert build_messages("t")[1]["content"] == "<document>\nt\n</document>"
 
 
@@ -346,7 +370,9 @@ async def test_api_key_never_in_repr_messages_or_logs(server, caplog):
     caplog.set_level(logging.DEBUG)
     for name in SECRET_LOGGERS:
         caplog.set_level(logging.DEBUG, logger=name)
-    settings = LLMSettings(base_url=server.base_url, api_key=SecretStr(KEY), backoff_base=0.01, max_retries=1)
+    settings = LLMSettings(
+        base_url=server.base_url, api_key=SecretStr(KEY), backoff_base=0.01, max_retries=1
+    )
     assert KEY not in repr(settings) and KEY not in str(settings)
     server.config.require_api_key = KEY
     server.fail_next("rate_limit")
@@ -367,7 +393,9 @@ async def test_api_key_never_in_repr_messages_or_logs(server, caplog):
     assert caplog.records  # the loggers did run at DEBUG
     assert any(r.name.startswith("openai") for r in caplog.records)
     assert any(r.name == "tasks.extract.llm" for r in caplog.records)
-    everything = caplog.text + "".join(repr(r.args) + str(r.msg) for r in caplog.records) + "".join(messages)
+    everything = (
+        caplog.text + "".join(repr(r.args) + str(r.msg) for r in caplog.records) + "".join(messages)
+    )
     assert KEY not in everything
 
 
@@ -391,7 +419,9 @@ def test_settings_from_env_and_plain_string_key():
     )
     assert s.api_key.get_secret_value() == KEY and KEY not in repr(s)
     d = LLMSettings.from_env({})
-    assert d.api_key is None and d.model == "gpt-4o-mini" and d.timeout == 60.0 and d.max_retries == 4
+    assert (
+        d.api_key is None and d.model == "gpt-4o-mini" and d.timeout == 60.0 and d.max_retries == 4
+    )
     assert isinstance(LLMSettings(api_key=KEY).api_key, SecretStr)
     with pytest.raises(ValueError):
         LLMSettings.from_env({"INVOICES_LLM_TIMEOUT": "soon"})
@@ -402,13 +432,16 @@ def test_settings_from_env_and_plain_string_key():
 USER, PASSWORD = "svc-invoices", "hunter2-Zq9"
 
 
-@pytest.mark.parametrize("url", [
-    f"http://{USER}:{PASSWORD}@llm.internal:8000/v1",
-    f"https://{USER}:{PASSWORD}@api.openai.com/v1",
-    f"http://{USER}@llm.internal/v1",
-    f"http://:{PASSWORD}@llm.internal/v1",
-    f"{USER}:{PASSWORD}@llm.internal/v1",  # no scheme: urlsplit sees no host, only a path
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://{USER}:{PASSWORD}@llm.internal:8000/v1",
+        f"https://{USER}:{PASSWORD}@api.openai.com/v1",
+        f"http://{USER}@llm.internal/v1",
+        f"http://:{PASSWORD}@llm.internal/v1",
+        f"{USER}:{PASSWORD}@llm.internal/v1",  # no scheme: urlsplit sees no host, only a path
+    ],
+)
 def test_a_base_url_with_credentials_is_refused_without_showing_them(url):
     with pytest.raises(ConfigurationError) as info:
         LLMSettings.from_env({"OPENAI_BASE_URL": url, "OPENAI_API_KEY": KEY})
@@ -420,10 +453,18 @@ def test_a_base_url_with_credentials_is_refused_without_showing_them(url):
         LLMSettings(base_url=url)
 
 
-@pytest.mark.parametrize("url", [
-    "llm.internal/v1", "ftp://llm.internal/v1", "file:///etc/passwd", "http:///v1",
-    f"http://llm.internal:{PASSWORD}/v1", "http://[::1/v1", "   ",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "llm.internal/v1",
+        "ftp://llm.internal/v1",
+        "file:///etc/passwd",
+        "http:///v1",
+        f"http://llm.internal:{PASSWORD}/v1",
+        "http://[::1/v1",
+        "   ",
+    ],
+)
 def test_a_base_url_that_is_no_http_url_is_refused_without_quoting_it(url):
     with pytest.raises(ConfigurationError) as info:
         LLMSettings(base_url=url)
@@ -433,8 +474,12 @@ def test_a_base_url_that_is_no_http_url_is_refused_without_quoting_it(url):
 
 
 def test_good_base_urls_pass_as_they_are():
-    for url in ["http://127.0.0.1:8811/v1", "https://api.openai.com/v1", "http://[::1]:8000/v1",
-                "HTTPS://Example.COM/openai/v1?api-version=2024-10-21"]:
+    for url in [
+        "http://127.0.0.1:8811/v1",
+        "https://api.openai.com/v1",
+        "http://[::1]:8000/v1",
+        "HTTPS://Example.COM/openai/v1?api-version=2024-10-21",
+    ]:
         assert LLMSettings(base_url=url).base_url == url
     assert LLMSettings.from_env({"OPENAI_BASE_URL": " http://127.0.0.1:1/v1\n"}).base_url == (
         "http://127.0.0.1:1/v1"

@@ -32,22 +32,39 @@ def batch(tmp_path: Path) -> Path:
 
 def run_cli(prefect_server, source: Path, output: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows", "run", str(source), "--output", str(output),
-         "--extractor", "offline", "--no-progress"],
-        cwd=ROOT, env={**prefect_server.env, **env}, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "flows",
+            "run",
+            str(source),
+            "--output",
+            str(output),
+            "--extractor",
+            "offline",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env={**prefect_server.env, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 
 def test_json_lines_carry_run_ids_invoice_stage_and_duration(prefect_server, batch, tmp_path):
-    proc = run_cli(prefect_server, batch, tmp_path / "out",
-                   PREFECT_LOGGING_SETTINGS_PATH=str(LOGGING_YML))
+    proc = run_cli(
+        prefect_server, batch, tmp_path / "out", PREFECT_LOGGING_SETTINGS_PATH=str(LOGGING_YML)
+    )
     assert proc.returncode == 1, proc.stderr[-4000:]  # broken.pdf failed, and was recorded
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines
     records = []
     for line in lines:  # every line on stderr is one JSON object
         record = json.loads(line)
-        assert isinstance(record, dict) and {"timestamp", "level", "logger", "message"} <= set(record)
+        assert isinstance(record, dict) and {"timestamp", "level", "logger", "message"} <= set(
+            record
+        )
         records.append(record)
 
     flow_run_ids = {r["flow_run_id"] for r in records if r["logger"] == "prefect.flow_runs"}
@@ -61,7 +78,7 @@ def test_json_lines_carry_run_ids_invoice_stage_and_duration(prefect_server, bat
     for r in ours:
         assert r["flow_run_id"] == flow_run_id
         uuid.UUID(r["task_run_id"])
-        assert r["task_run_name"].startswith(sorted(INVOICES + ["broken.pdf"])[0])
+        assert r["task_run_name"].startswith(sorted([*INVOICES, "broken.pdf"])[0])
         assert r["stage"] in ("done", "needs_review", "failed")
         assert isinstance(r["duration_s"], float) and r["duration_s"] >= 0
         assert r["invoice_key"] in r["message"]
@@ -105,19 +122,23 @@ def test_formatter_renders_the_message_and_survives_odd_arguments():
         def __repr__(self) -> str:
             return "<opaque>"
 
-    record = make_record("%s took %.1fs", Opaque(), 1.25, invoice_key="a.pdf", stage="parse",
-                         duration_s=1.25)
+    record = make_record(
+        "%s took %.1fs", Opaque(), 1.25, invoice_key="a.pdf", stage="parse", duration_s=1.25
+    )
     RunContextFilter().filter(record)
     line = JsonLinesFormatter().format(record)
     assert "\n" not in line
     data = json.loads(line)
     assert data["message"] == "<opaque> took 1.2s"
-    assert data["invoice_key"] == "a.pdf" and data["stage"] == "parse" and data["duration_s"] == 1.25
+    assert (
+        data["invoice_key"] == "a.pdf" and data["stage"] == "parse" and data["duration_s"] == 1.25
+    )
     assert "args" not in data and "msg" not in data and data["flow_run_id"] is None
     try:
         raise ValueError("boom")
     except ValueError:
         record = logging.getLogger("tasks").makeRecord(
-            "tasks", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+            "tasks", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
     data = json.loads(JsonLinesFormatter().format(record))
     assert data["exc_info"]["type"] == "ValueError" and "boom" in data["exc_info"]["message"]

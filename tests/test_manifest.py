@@ -37,14 +37,20 @@ def outcome(key="a.pdf", status="done", etag='"e1"', *, ago=0.0, **kw) -> Invoic
 
 class TestMerge:
     def test_applying_a_batch_twice_changes_nothing(self):
-        batch = [outcome("a.pdf"), outcome("b.pdf", "failed", error_code="x"), outcome("c.pdf", "needs_review")]
+        batch = [
+            outcome("a.pdf"),
+            outcome("b.pdf", "failed", error_code="x"),
+            outcome("c.pdf", "needs_review"),
+        ]
         once = apply_outcomes(Manifest(), batch)
         twice = apply_outcomes(once, batch)
         assert twice.entries == once.entries
 
     def test_done_is_never_downgraded_for_the_same_content(self):
         done = merge_entry(None, outcome(status="done", ago=10, result_key="r.json"))
-        later_failure = merge_entry(done, outcome(status="failed", error_code="llm_timeout", attempt=2))
+        later_failure = merge_entry(
+            done, outcome(status="failed", error_code="llm_timeout", attempt=2)
+        )
         assert later_failure.status == "done"
         assert later_failure.result_key == "r.json"
         assert later_failure.attempts == 2
@@ -101,8 +107,7 @@ async def test_a_stale_snapshot_is_refused_and_the_commit_rereads(store):
     ETag fails, and the commit re-reads and keeps both the other writer's entry and ours."""
     ours = await commit_outcomes(store, [outcome("a.pdf")])
     await commit_outcomes(store, [outcome("other.pdf")])  # a writer that bypasses ours
-    again = await commit_outcomes(store, [outcome("b.pdf")], base=ours.snapshot,
-                                  backoff_base=0.001)
+    again = await commit_outcomes(store, [outcome("b.pdf")], base=ours.snapshot, backoff_base=0.001)
     manifest, _ = await read_manifest(store)
     assert again.attempts == 2
     assert set(manifest.entries) == {"a.pdf", "other.pdf", "b.pdf"} and manifest.version == 3
@@ -111,8 +116,10 @@ async def test_a_stale_snapshot_is_refused_and_the_commit_rereads(store):
 async def test_compare_and_swap_alone_loses_nothing_under_contention(store):
     """50 unsynchronised writers, no lock at all: the conditional write keeps every update."""
     results = await asyncio.gather(
-        *(commit_outcomes(store, [outcome(f"inv-{i}.pdf")], max_attempts=200, backoff_max=0.2)
-          for i in range(50))
+        *(
+            commit_outcomes(store, [outcome(f"inv-{i}.pdf")], max_attempts=200, backoff_max=0.2)
+            for i in range(50)
+        )
     )
     manifest, _ = await read_manifest(store)
     assert len(manifest.entries) == 50
@@ -131,9 +138,11 @@ async def test_identical_entries_still_change_the_etag(store):
 
 def session_of(commit):
     """A lock session as the flow runs one (minus Prefect): commit each batch it is given."""
+
     async def session(batches):
         async for batch in batches:
             await commit(batch)
+
     return session
 
 
@@ -231,14 +240,23 @@ class TestManifestWriter:
 class TestFormat:
     """The manifest names its format; anything else at its place is refused, never overwritten."""
 
-    @pytest.mark.parametrize(("data", "says"), [
-        (b'{"hello": "world"}', "not an invoice-pipeline manifest (no \"format\""),
-        (b'{"version": 3, "entries": {}, "owner": "other-tool"}', "not an invoice-pipeline manifest"),
-        (b'[1, 2]', "not an object"),
-        (b'not json at all', "is not JSON"),
-        (b'{"format": "other-tool/manifest", "entries": {}}', "a 'other-tool/manifest' document"),
-        (b'{"format": "invoice-pipeline/manifest", "format_version": 99}', "format version 99"),
-    ])
+    @pytest.mark.parametrize(
+        ("data", "says"),
+        [
+            (b'{"hello": "world"}', 'not an invoice-pipeline manifest (no "format"'),
+            (
+                b'{"version": 3, "entries": {}, "owner": "other-tool"}',
+                "not an invoice-pipeline manifest",
+            ),
+            (b"[1, 2]", "not an object"),
+            (b"not json at all", "is not JSON"),
+            (
+                b'{"format": "other-tool/manifest", "entries": {}}',
+                "a 'other-tool/manifest' document",
+            ),
+            (b'{"format": "invoice-pipeline/manifest", "format_version": 99}', "format version 99"),
+        ],
+    )
     async def test_what_is_not_our_manifest_is_refused_and_left_as_it_is(self, store, data, says):
         await store.put("manifest.json", data)
         with pytest.raises(ManifestUnreadable, match=re.escape(says)) as refused:
@@ -251,7 +269,8 @@ class TestFormat:
 
     async def test_a_damaged_manifest_says_which_field_is_wrong_and_what_to_do(self, store):
         broken = Manifest().model_dump(mode="json") | {
-            "entries": {"a.pdf": {"status": "exploded", "etag": '"e"'}}}
+            "entries": {"a.pdf": {"status": "exploded", "etag": '"e"'}}
+        }
         await store.put("manifest.json", json.dumps(broken).encode())
         with pytest.raises(ManifestUnreadable) as refused:
             await read_manifest(store)
@@ -272,24 +291,33 @@ class TestFormat:
         assert after["format"] == "invoice-pipeline/manifest" and after["format_version"] == 1
 
     async def test_a_manifest_from_before_the_format_mark_is_read_and_marked(self, store):
-        legacy = {"version": 4, "updated_at": None, "entries": {
-            "a.pdf": merge_entry(None, outcome("a.pdf")).model_dump(mode="json")}}
+        legacy = {
+            "version": 4,
+            "updated_at": None,
+            "entries": {"a.pdf": merge_entry(None, outcome("a.pdf")).model_dump(mode="json")},
+        }
         await store.put("manifest.json", json.dumps(legacy).encode())
         manifest, _ = await read_manifest(store)
         assert manifest.version == 4 and manifest.entries["a.pdf"].status == "done"
         await commit_outcomes(store, [outcome("b.pdf")])
         after = json.loads((await store.get("manifest.json")).data)
-        assert after["format"] == "invoice-pipeline/manifest" and set(after["entries"]) == {"a.pdf", "b.pdf"}
+        assert after["format"] == "invoice-pipeline/manifest" and set(after["entries"]) == {
+            "a.pdf",
+            "b.pdf",
+        }
 
 
 class TestSourceBinding:
-    async def test_the_first_write_binds_the_output_to_its_source_and_another_is_refused(self, store):
+    async def test_the_first_write_binds_the_output_to_its_source_and_another_is_refused(
+        self, store
+    ):
         await commit_outcomes(store, [outcome("a.pdf")], source="s3://bucket/2026-11/")
         manifest, _ = await read_manifest(store)
         assert manifest.source == "s3://bucket/2026-11/"
         with pytest.raises(SourceMismatch, match="records the invoices of s3://bucket/2026-11/"):
-            await commit_outcomes(store, [outcome("a.pdf", etag='"other"')],
-                                  source="s3://bucket/2026-12/")
+            await commit_outcomes(
+                store, [outcome("a.pdf", etag='"other"')], source="s3://bucket/2026-12/"
+            )
         after, _ = await read_manifest(store)
         assert after.entries == manifest.entries and after.version == manifest.version
 
@@ -316,7 +344,8 @@ class TestRollback:
         assert "disappeared" in caplog.text
 
     async def test_an_older_copy_is_merged_with_what_the_writer_knew_and_the_version_goes_on(
-            self, store, caplog):
+        self, store, caplog
+    ):
         target = ManifestTarget(store)
         await target.commit([outcome("a.pdf", status="processing")])
         old = (await store.get("manifest.json")).data
@@ -349,14 +378,16 @@ async def _delete(store, key: str) -> None:
     if isinstance(store, LocalStore):
         (store.root / key).unlink()
     else:
-        async with store._requests:  # noqa: SLF001 (the test's own handle on its store)
+        async with store._requests:
             await store._require_client().delete_object(Bucket=store.bucket, Key=store.prefix + key)
 
 
 class TestRelease:
     def test_a_run_gives_back_only_its_own_live_claim(self):
         at = utcnow()
-        claim = outcome(status="processing", flow_run_id="A", lease_until=at + timedelta(seconds=60), ago=1)
+        claim = outcome(
+            status="processing", flow_run_id="A", lease_until=at + timedelta(seconds=60), ago=1
+        )
         release = outcome(status="released", flow_run_id="A", attempt=0)
         released = merge_entry(merge_entry(None, claim), release)
         assert released.status == "released" and released.attempts == 0
@@ -364,8 +395,15 @@ class TestRelease:
         assert merge_entry(merge_entry(None, claim), others).status == "processing"
         done = merge_entry(None, outcome(status="done", flow_run_id="A", ago=1))
         assert merge_entry(done, release) == done  # a late release never undoes an outcome
-        reclaimed = merge_entry(released, outcome(status="processing", flow_run_id="C", attempt=1,
-                                                  lease_until=at + timedelta(seconds=60)))
+        reclaimed = merge_entry(
+            released,
+            outcome(
+                status="processing",
+                flow_run_id="C",
+                attempt=1,
+                lease_until=at + timedelta(seconds=60),
+            ),
+        )
         assert reclaimed.status == "processing" and reclaimed.flow_run_id == "C"
 
 
@@ -385,9 +423,13 @@ async def test_a_source_mismatch_found_when_writing_is_not_retried_and_names_its
 
 class TestLockTag:
     LOCATIONS = [
-        "s3://bucket/out/manifest.json", "s3://bucket/out2/manifest.json",
-        "s3://bucket-out/manifest.json", "/data/out/manifest.json", "/data/Out/manifest.json",
-        "/data/out dir/%ü/manifest.json", "/" + "x" * 300 + "/manifest.json",
+        "s3://bucket/out/manifest.json",
+        "s3://bucket/out2/manifest.json",
+        "s3://bucket-out/manifest.json",
+        "/data/out/manifest.json",
+        "/data/Out/manifest.json",
+        "/data/out dir/%ü/manifest.json",
+        "/" + "x" * 300 + "/manifest.json",
     ]
 
     def test_one_lock_per_output_each_a_valid_prefect_limit_name(self):

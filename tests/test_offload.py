@@ -18,16 +18,16 @@ import pymupdf
 import pytest
 
 from flows.extractors import build_extractor
-from tasks.extract.einvoice import EmbeddedFirstExtractor, parse_einvoice
 from tasks.errors import InvoiceFailure
 from tasks.extract.base import Extraction, Extractor
+from tasks.extract.einvoice import EmbeddedFirstExtractor, parse_einvoice
 from tasks.extract.rules import OfflineExtractor
 from tasks.pdf.parse import ParsedDocument, parse_pdf_bytes
 from tasks.pdf.pool import PdfParser
 from tasks.pipeline import InvoiceContext, InvoiceJob, process_invoice
+from tasks.storage import LocalStore
 from testing.einvoice_xml import attach_einvoice, build_cii_xml
 from testing.samples import make_invoice
-from tasks.storage import LocalStore
 
 # Pure C, holds the GIL and a core until it is killed: the shape of abandoned CPU work.
 FOREVER = range(10**15)
@@ -231,19 +231,25 @@ async def test_a_text_heavy_invoice_times_out_in_extraction_without_stalling_the
                 ticking = asyncio.create_task(probe.run())
                 started = time.perf_counter()
                 try:
-                    heavy = await process_invoice(ctx, InvoiceJob("heavy.pdf", heavy_etag, len(data)))
+                    heavy = await process_invoice(
+                        ctx, InvoiceJob("heavy.pdf", heavy_etag, len(data))
+                    )
                 finally:
                     ticking.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await ticking
                 elapsed = time.perf_counter() - started
                 outcome = heavy.outcome
-                assert (outcome.status, outcome.error_code) == ("failed", "invoice_timeout"), outcome
+                assert (outcome.status, outcome.error_code) == ("failed", "invoice_timeout"), (
+                    outcome
+                )
                 assert len(extractor.started) == 1  # it was cut short in the extraction
                 assert elapsed < timeout + 2.0, elapsed
                 assert probe.worst < 0.3, probe.worst
                 assert await wait_dead(worker)  # the abandoned extraction lost its core
-                done = await process_invoice(ctx, InvoiceJob("normal.pdf", normal_etag, len(normal)))
+                done = await process_invoice(
+                    ctx, InvoiceJob("normal.pdf", normal_etag, len(normal))
+                )
                 assert done.outcome.status == "done", done.outcome
 
 
@@ -266,6 +272,12 @@ def test_preloaded_modules_are_in_every_worker_before_its_first_call(preload: bo
     """Asked before the workers start (as build_extractor("offline") does), the forkserver
     imports the extraction rules once; otherwise a worker has only what parsing needs."""
     args = [sys.executable, "-c", PRELOAD_PROBE] + (["preload"] if preload else [])
-    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=60,
-                         cwd=Path(__file__).resolve().parents[1]).stdout
+    out = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
     assert out.split() == [str(preload)]

@@ -51,7 +51,9 @@ def dense_pdf(page_count: int) -> bytes:
 def encrypted_pdf() -> bytes:
     doc = pymupdf.open()
     doc.new_page().insert_text((72, 72), "Invoice 7 - secret")
-    return doc.tobytes(encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="user-pw", owner_pw="owner-pw")
+    return doc.tobytes(
+        encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="user-pw", owner_pw="owner-pw"
+    )
 
 
 def image_only_pdf() -> bytes:
@@ -86,8 +88,10 @@ def forged_page_count_pdf(count: int = 2_000_000_000) -> bytes:
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count %d >>" % count,
-        (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-         b"/Resources << /Font << /F1 5 0 R >> >> >>"),
+        (
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+            b"/Resources << /Font << /F1 5 0 R >> >> >>"
+        ),
         b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
@@ -99,7 +103,10 @@ def forged_page_count_pdf(count: int = 2_000_000_000) -> bytes:
     xref = len(out)
     out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
     return bytes(out)
 
 
@@ -120,7 +127,10 @@ CASES: dict[str, tuple[Callable[[], bytes], list[str] | str]] = {
     "header_only": (lambda: make_pdf(ONE_PAGE)[:120], "pdf_damaged"),  # repaired, 0 pages
     "pdf_header_garbage": (lambda: b"%PDF-1.7\n" + random.Random(2).randbytes(512), "pdf_damaged"),
     "image_only": (image_only_pdf, "no_text_layer"),
-    "too_many_pages": (lambda: make_pdf([f"page {i}" for i in range(MAX_PAGES + 1)]), "too_many_pages"),
+    "too_many_pages": (
+        lambda: make_pdf([f"page {i}" for i in range(MAX_PAGES + 1)]),
+        "too_many_pages",
+    ),
     "forged_page_count": (forged_page_count_pdf, "pdf_damaged"),
 }
 
@@ -198,7 +208,9 @@ def test_a_page_count_the_file_cannot_hold_is_pdf_damaged_at_once() -> None:
     """2,000,000,000 declared pages in a 600-byte file: MuPDF refuses the count (RuntimeError,
     which ended as `internal_error`, retried on every run); it is a damaged file, said so."""
     assert forged_page_count_pdf(1) != forged_page_count_pdf()
-    assert strip_pages(parse_pdf_bytes(forged_page_count_pdf(1)).pages) == ["Invoice 1 Total 10.00 EUR"]
+    assert strip_pages(parse_pdf_bytes(forged_page_count_pdf(1)).pages) == [
+        "Invoice 1 Total 10.00 EUR"
+    ]
     for max_pages in (500, None):
         started = time.perf_counter()
         with pytest.raises(InvoiceFailure) as info:
@@ -223,7 +235,10 @@ def test_invoice_failure_survives_pickling() -> None:
 
 async def test_process_and_thread_kinds_give_identical_results() -> None:
     inputs = {name: build() for name, (build, _) in CASES.items()}
-    direct = {name: outcome(lambda d=d: parse_pdf_bytes(d, max_pages=MAX_PAGES)) for name, d in inputs.items()}
+    direct = {
+        name: outcome(lambda d=d: parse_pdf_bytes(d, max_pages=MAX_PAGES))
+        for name, d in inputs.items()
+    }
     for name, (_, expected) in CASES.items():
         assert direct[name][0] == ("ok" if isinstance(expected, list) else expected), name
     for kind in KINDS:
@@ -300,7 +315,9 @@ async def test_flood_of_timeouts_does_not_wedge_the_parser() -> None:
     slow = dense_pdf(30)
     before = {p.pid for p in multiprocessing.active_children()}
     async with PdfParser("process", max_workers=2, timeout=0.02, max_pages=None) as parser:
-        results = await asyncio.gather(*(parser.parse(slow) for _ in range(8)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(parser.parse(slow) for _ in range(8)), return_exceptions=True
+        )
         assert all(isinstance(r, InvoiceFailure) and r.code == "parse_timeout" for r in results)
         parser.timeout = 30
         docs = await asyncio.gather(*(parser.parse(make_pdf(ONE_PAGE)) for _ in range(4)))
@@ -390,7 +407,9 @@ def test_parsed_pdf_carries_word_boxes_cheaply() -> None:
     dense = parse_pdf_bytes(dense_pdf(3))
     n_words = sum(len(dense.page_words(n)) for n in range(dense.page_count))
     extra = len(pickle.dumps(dense)) - len(pickle.dumps(ParsedDocument(dense.pages)))
-    assert extra < 14 * n_words + sum(len(page) for page in dense.pages)  # 12-byte boxes + the words
+    assert extra < 14 * n_words + sum(
+        len(page) for page in dense.pages
+    )  # 12-byte boxes + the words
 
 
 async def test_words_survive_the_process_pool() -> None:
@@ -407,7 +426,9 @@ def test_sorted_text_is_pymupdfs_reading_order_text_on_every_layout():
     from testing.samples import LAYOUTS, make_invoice
 
     pdfs = [make_invoice(seed, pages=1 + seed % 3)[0] for seed in range(2 * len(LAYOUTS))]
-    pdfs += [open(p, "rb").read() for p in sorted(glob.glob("../shared/eval/invoice2data/compare/*.pdf"))]
+    pdfs += [
+        open(p, "rb").read() for p in sorted(glob.glob("../shared/eval/invoice2data/compare/*.pdf"))
+    ]
     pages = 0
     for data in pdfs:
         with pymupdf.open(stream=data, filetype="pdf") as doc:
@@ -434,9 +455,16 @@ def test_parsing_needs_neither_the_invoice_models_nor_the_extractors(tmp_path):
         "assert doc.einvoice is not None\n"
         "print(sorted(m for m in sys.modules if m.startswith('tasks.')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
-    assert {"tasks.extract.einvoice", "tasks.extract.rules", "tasks.invoice"}.isdisjoint(eval(out)), out
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    ).stdout
+    assert {"tasks.extract.einvoice", "tasks.extract.rules", "tasks.invoice"}.isdisjoint(
+        eval(out)
+    ), out
 
 
 def test_an_embedded_e_invoice_travels_with_the_parsed_document():

@@ -33,11 +33,24 @@ class Clock:
         return self.now
 
 
-def snap(processed: int = 0, *, total: int = 120, done: int | None = None, needs_review: int = 0,
-         failed: int = 0, elapsed: float = 0.0) -> ProgressSnapshot:
+def snap(
+    processed: int = 0,
+    *,
+    total: int = 120,
+    done: int | None = None,
+    needs_review: int = 0,
+    failed: int = 0,
+    elapsed: float = 0.0,
+) -> ProgressSnapshot:
     done = processed - needs_review - failed if done is None else done
-    return ProgressSnapshot(total=total, processed=processed, done=done,
-                            needs_review=needs_review, failed=failed, elapsed=elapsed)
+    return ProgressSnapshot(
+        total=total,
+        processed=processed,
+        done=done,
+        needs_review=needs_review,
+        failed=failed,
+        elapsed=elapsed,
+    )
 
 
 def screen(raw: str) -> list[str]:
@@ -57,7 +70,12 @@ def screen(raw: str) -> list[str]:
 
 def test_duration_reads_like_a_person_would_say_it():
     assert [duration(s) for s in (0, 38.4, 59.6, 245, 7620)] == [
-        "0 s", "38 s", "1 min 00 s", "4 min 05 s", "2 h 07 min"]
+        "0 s",
+        "38 s",
+        "1 min 00 s",
+        "4 min 05 s",
+        "2 h 07 min",
+    ]
 
 
 def test_plain_lines_are_throttled_and_skip_unchanged_counts():
@@ -68,12 +86,14 @@ def test_plain_lines_are_throttled_and_skip_unchanged_counts():
         clock.now += 1
         display.update(snap(second * 10, elapsed=second * 5.0))
     assert out.getvalue().splitlines() == [
-        "progress: 0/120 processed (0 done, 0 needs_review, 0 failed), 0.0/s, ETA unknown"]
+        "progress: 0/120 processed (0 done, 0 needs_review, 0 failed), 0.0/s, ETA unknown"
+    ]
 
     clock.now += 1.5  # 5.5 s after the first line
     display.update(snap(40, needs_review=3, failed=2, elapsed=20.0))
     assert out.getvalue().splitlines()[-1] == (
-        "progress: 40/120 processed (35 done, 3 needs_review, 2 failed), 2.0/s, ETA 40 s")
+        "progress: 40/120 processed (35 done, 3 needs_review, 2 failed), 2.0/s, ETA 40 s"
+    )
 
     clock.now += 60  # long after, but the counts have not moved: no line
     display.update(snap(40, needs_review=3, failed=2, elapsed=80.0))
@@ -115,7 +135,9 @@ def test_plain_default_interval_is_the_constant():
     clock.now += 0.01
     display.update(snap(2, elapsed=2.0))
     assert [line.split(" processed")[0] for line in out.getvalue().splitlines()] == [
-        "progress: 0/120", "progress: 2/120"]
+        "progress: 0/120",
+        "progress: 2/120",
+    ]
 
 
 def test_a_stream_that_breaks_does_not_break_the_run():
@@ -141,8 +163,7 @@ def test_live_shows_the_bar_counts_rate_and_eta_then_the_time_taken():
     try:
         first = screen(out.getvalue())[-1]
         assert "━" in first
-        for text in ("40/120", "35 done", "3 needs_review", "2 failed", "2.0/s",
-                     "ETA 40 s"):
+        for text in ("40/120", "35 done", "3 needs_review", "2 failed", "2.0/s", "ETA 40 s"):
             assert text in first
         display.update(snap(120, needs_review=5, failed=2, elapsed=61.0))
     finally:
@@ -202,7 +223,8 @@ def test_show_progress_plain_on_a_pipe_live_on_a_terminal_and_only_while_open():
             assert "2/3" in screen(text)[-1] and "1 failed" in screen(text)[-1]
         else:
             assert text.splitlines()[-1].startswith(
-                "progress: 2/3 processed (1 done, 0 needs_review, 1 failed)")
+                "progress: 2/3 processed (1 done, 0 needs_review, 1 failed)"
+            )
             assert "\x1b" not in text
 
 
@@ -211,8 +233,9 @@ def test_invoices_run_reports_progress_on_stderr_and_keeps_json_on_stdout(tmp_pa
     source = tmp_path / "in"
     write_samples(source, 4, seed=7)
     (source / "broken.pdf").write_bytes(b"%PDF-1.7\n garbage")
-    code = main(["run", str(source), "--output", str(tmp_path / "out"), "--extractor", "offline",
-                 "--json"])
+    code = main(
+        ["run", str(source), "--output", str(tmp_path / "out"), "--extractor", "offline", "--json"]
+    )
     captured = capsys.readouterr()
     assert code == 1, captured.err[-2000:]
     summary = json.loads(captured.out)
@@ -221,11 +244,22 @@ def test_invoices_run_reports_progress_on_stderr_and_keeps_json_on_stdout(tmp_pa
     lines = [line for line in captured.err.splitlines() if line.startswith("progress:")]
     assert lines[-1].startswith(
         f"progress: 5/5 processed ({counts.get('done', 0)} done, "
-        f"{counts.get('needs_review', 0)} needs_review, 1 failed), ")
+        f"{counts.get('needs_review', 0)} needs_review, 1 failed), "
+    )
     assert lines[-1].endswith(" elapsed")
 
-    code = main(["run", str(source), "--output", str(tmp_path / "quiet"), "--extractor",
-                 "offline", "--json", "--no-progress"])
+    code = main(
+        [
+            "run",
+            str(source),
+            "--output",
+            str(tmp_path / "quiet"),
+            "--extractor",
+            "offline",
+            "--json",
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1 and json.loads(captured.out)["processed"] == 5
     assert "progress:" not in captured.err

@@ -18,22 +18,22 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
 import pymupdf
 import pytest
 
-from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
 from tasks.errors import InvoiceFailure
 from tasks.extract.rules import extract_fields
-from tasks.manifest import Manifest, ManifestWriter, ManifestWriteError
+from tasks.manifest import Manifest, ManifestWriteError, ManifestWriter
 from tasks.pdf.parse import parse_pdf_bytes
 from tasks.pipeline import result_key_for
-from testing.samples import make_invoice
 from tasks.storage import S3Store
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
+from testing.samples import make_invoice
 from tests.conftest import read_artifacts
 
 pytest_plugins = ["tests.reliability_report"]
@@ -49,8 +49,15 @@ SECRETS = (OPENAI_KEY, AWS_SECRET)
 SECRET_FRAGMENTS = ("Q7vX2mN9", "Zk4Wq8Rt")
 
 LLM_CODES = {
-    "llm_auth", "llm_bad_request", "llm_quota", "llm_refused", "llm_rate_limited",
-    "llm_server_error", "llm_timeout", "llm_connection_error", "llm_invalid_output",
+    "llm_auth",
+    "llm_bad_request",
+    "llm_quota",
+    "llm_refused",
+    "llm_rate_limited",
+    "llm_server_error",
+    "llm_timeout",
+    "llm_connection_error",
+    "llm_invalid_output",
 }
 # Total attempts per S3 request (botocore standard mode), as the flow's stores use it.
 S3_MAX_ATTEMPTS = inspect.signature(S3Store).parameters["max_attempts"].default
@@ -86,8 +93,11 @@ def with_text(data: bytes, text: str) -> bytes:
     """The PDF with `text` added at the bottom of its first page."""
     doc = pymupdf.open(stream=data, filetype="pdf")
     page = doc[0]
-    page.insert_textbox(pymupdf.Rect(36, page.rect.height - 110, page.rect.width - 36,
-                                     page.rect.height - 20), text, fontsize=8)
+    page.insert_textbox(
+        pymupdf.Rect(36, page.rect.height - 110, page.rect.width - 36, page.rect.height - 20),
+        text,
+        fontsize=8,
+    )
     return doc.tobytes(garbage=1, deflate=True)
 
 
@@ -143,7 +153,9 @@ def bad_input_corpus(max_bytes: int) -> tuple[dict[str, bytes], dict[str, str | 
     for i in range(4):
         add(f"good/invoice-{i}.pdf", invoice(2010 + i)[0], None)
     add("bad/empty.pdf", b"", "empty_file")
-    add("bad/not-a-pdf.pdf", b"Dear customer, please find our invoice attached.\n" * 40, "not_a_pdf")
+    add(
+        "bad/not-a-pdf.pdf", b"Dear customer, please find our invoice attached.\n" * 40, "not_a_pdf"
+    )
     add("bad/truncated.pdf", good[: len(good) // 2], "pdf_damaged")
     add("bad/encrypted.pdf", encrypted_pdf(), "pdf_encrypted")
     add("bad/scanned-no-text.pdf", scanned_pdf(good), "no_text_layer")
@@ -198,15 +210,21 @@ class S3Env:
 
     def objects(self, prefix: str) -> dict[str, bytes]:
         found = {}
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
             for obj in page.get("Contents", []):
-                found[obj["Key"]] = self.s3.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
+                found[obj["Key"]] = self.s3.get_object(Bucket=self.bucket, Key=obj["Key"])[
+                    "Body"
+                ].read()
         return found
 
     def results(self) -> list[str]:
         """The `key` of every result object (one item per object)."""
-        return [json.loads(body)["key"]
-                for body in self.objects(self.output_prefix + "results/").values()]
+        return [
+            json.loads(body)["key"]
+            for body in self.objects(self.output_prefix + "results/").values()
+        ]
 
     def result(self, key: str) -> dict:
         body = self.s3.get_object(Bucket=self.bucket, Key=self.output_prefix + result_key_for(key))
@@ -275,8 +293,12 @@ async def test_storage_faults_are_absorbed_by_bounded_retries(s3env, scenario, n
     keys = s3env.upload(good_invoices(n))
     proxy = s3env.proxy
     rules = {
-        "503 SlowDown": proxy.inject(status=503, code="SlowDown", times=None, probability=0.04, seed=1),
-        "500 InternalError": proxy.inject(status=500, code="InternalError", times=None, probability=0.03, seed=2),
+        "503 SlowDown": proxy.inject(
+            status=503, code="SlowDown", times=None, probability=0.04, seed=1
+        ),
+        "500 InternalError": proxy.inject(
+            status=500, code="InternalError", times=None, probability=0.03, seed=2
+        ),
         "connection reset": proxy.inject(reset=True, times=None, probability=0.03, seed=3),
         "slow (0.4 s)": proxy.inject(delay=0.4, times=None, probability=0.05, seed=4),
     }
@@ -287,8 +309,13 @@ async def test_storage_faults_are_absorbed_by_bounded_retries(s3env, scenario, n
     manifest, results = s3env.manifest(), s3env.results()
     fired = {name: rule.hits for name, rule in rules.items()}
     scenario.record(
-        name=f"storage faults absorbed ({n})", invoices_in=n, manifest=manifest,
-        expected_keys=keys, wall_s=run.wall_s, results=results, reported=run.reported,
+        name=f"storage faults absorbed ({n})",
+        invoices_in=n,
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=run.wall_s,
+        results=results,
+        reported=run.reported,
         note=f"{sum(fired.values())} faults in {len(proxy.requests)} S3 requests: "
         + ", ".join(f"{hits} {name}" for name, hits in fired.items()),
     )
@@ -305,18 +332,34 @@ async def test_storage_faults_that_outlast_retries_end_as_recorded_failures(s3en
     keys = s3env.upload(good_invoices(10))
     put_victim, get_victim = keys[3], keys[6]
     proxy = s3env.proxy
-    put_rule = proxy.inject(method="PUT", status=503, code="SlowDown", times=None,
-                            key_contains=f"{s3env.output_prefix}{result_key_for(put_victim)}")
-    get_rule = proxy.inject(method="GET", status=500, code="InternalError", times=None,
-                            key_contains=f"{s3env.source_prefix}{get_victim}")
+    put_rule = proxy.inject(
+        method="PUT",
+        status=503,
+        code="SlowDown",
+        times=None,
+        key_contains=f"{s3env.output_prefix}{result_key_for(put_victim)}",
+    )
+    get_rule = proxy.inject(
+        method="GET",
+        status=500,
+        code="InternalError",
+        times=None,
+        key_contains=f"{s3env.source_prefix}{get_victim}",
+    )
 
     run = await run_flow(source=s3env.source, output=s3env.output)
 
     manifest, results = s3env.manifest(), s3env.results()
-    scenario.record(name="storage faults outlast retries", invoices_in=10, manifest=manifest,
-                    expected_keys=keys, wall_s=run.wall_s, results=results,
-                    reported=run.reported,
-                    note=f"{put_rule.hits} PUT + {get_rule.hits} GET attempts on the 2 victims")
+    scenario.record(
+        name="storage faults outlast retries",
+        invoices_in=10,
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=run.wall_s,
+        results=results,
+        reported=run.reported,
+        note=f"{put_rule.hits} PUT + {get_rule.hits} GET attempts on the 2 victims",
+    )
     assert run.state.is_failed() and run.state.message == "2 of 10 failed: storage_error 2"
     for victim, detail in ((put_victim, "503 SlowDown"), (get_victim, "500 InternalError")):
         entry = manifest.entries[victim]
@@ -331,15 +374,23 @@ async def test_storage_faults_that_outlast_retries_end_as_recorded_failures(s3en
     proxy.clear()
     rerun = await run_flow(source=s3env.source, output=s3env.output)
     manifest = s3env.manifest()
-    scenario.record(name="  ...rerun after the faults clear", invoices_in=10, manifest=manifest,
-                    expected_keys=keys, wall_s=rerun.wall_s, results=s3env.results(),
-                    reported=[run.reported, rerun.reported])
+    scenario.record(
+        name="  ...rerun after the faults clear",
+        invoices_in=10,
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=rerun.wall_s,
+        results=s3env.results(),
+        reported=[run.reported, rerun.reported],
+    )
     assert rerun.state.is_completed(), rerun.state.message
     assert sorted(rerun.reported) == sorted([put_victim, get_victim])  # done ones skipped
     assert manifest.entries[put_victim].attempts == 2
 
 
-async def wait_for_claims(s3env: S3Env, keys: list[str], run: asyncio.Task, timeout: float = 60) -> None:
+async def wait_for_claims(
+    s3env: S3Env, keys: list[str], run: asyncio.Task, timeout: float = 60
+) -> None:
     """Until the run has claimed every key (`processing` in the manifest)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -362,8 +413,9 @@ async def wait_for_claims(s3env: S3Env, keys: list[str], run: asyncio.Task, time
     ],
     ids=["403-from-the-start", "403-mid-run-with-a-straggler", "503-retried-from-the-start"],
 )
-async def test_unwritable_manifest_fails_the_run_and_says_so(s3env, scenario, status, code,
-                                                             attempts, mid_run):
+async def test_unwritable_manifest_fails_the_run_and_says_so(
+    s3env, scenario, status, code, attempts, mid_run
+):
     """Every manifest PUT fails, from the start (no claim can be written) or from just after
     the claims (mid-run; one invoice's download outlasts the writer's bounded sessions, so it
     finishes after the writer gave up): the flow run ends Failed with a message that the
@@ -373,15 +425,21 @@ async def test_unwritable_manifest_fails_the_run_and_says_so(s3env, scenario, st
     lease = 4.0
     keys = s3env.upload(good_invoices(6))
     proxy = s3env.proxy
-    manifest_put = dict(method="PUT", status=status, code=code, times=None,
-                        key_contains=f"{s3env.output_prefix}manifest.json")
+    manifest_put = dict(
+        method="PUT",
+        status=status,
+        code=code,
+        times=None,
+        key_contains=f"{s3env.output_prefix}manifest.json",
+    )
     if mid_run:  # one download outlasts the writer's 3 failed sessions (about 3-5 s)
         proxy.inject(method="GET", delay=8.0, key_contains=f"{s3env.source_prefix}{keys[-1]}")
     else:
         rule = proxy.inject(**manifest_put)
 
-    flow = asyncio.create_task(run_flow(source=s3env.source, output=s3env.output,
-                                        lease_seconds=lease))
+    flow = asyncio.create_task(
+        run_flow(source=s3env.source, output=s3env.output, lease_seconds=lease)
+    )
     if mid_run:
         await wait_for_claims(s3env, keys, flow)
         rule = proxy.inject(**manifest_put)
@@ -394,11 +452,16 @@ async def test_unwritable_manifest_fails_the_run_and_says_so(s3env, scenario, st
     finals = {o.key for o in named if o.status != "processing"}
     unrecorded = finals if mid_run else {o.key for o in named}
     where = message.find("the manifest")
-    scenario.record(name=f"manifest PUT fails ({status} {code}, "
-                         f"{'mid-run' if mid_run else 'from the start'})",
-                    invoices_in=6, manifest=manifest, expected_keys=keys, wall_s=run.wall_s,
-                    unrecorded=unrecorded, results=s3env.results(),
-                    note="flow run Failed: " + message[max(where, 0):][:64])
+    scenario.record(
+        name=f"manifest PUT fails ({status} {code}, {'mid-run' if mid_run else 'from the start'})",
+        invoices_in=6,
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=run.wall_s,
+        unrecorded=unrecorded,
+        results=s3env.results(),
+        note="flow run Failed: " + message[max(where, 0) :][:64],
+    )
     assert run.state.is_failed()
     assert "manifest could not be written" in message, message
     assert isinstance(error, ManifestWriteError), repr(error)
@@ -412,11 +475,17 @@ async def test_unwritable_manifest_fails_the_run_and_says_so(s3env, scenario, st
     proxy.clear()
     if manifest is not None:  # the failed run's claims stand until their lease runs out
         until = max(e.lease_until for e in manifest.entries.values())
-        await asyncio.sleep(max(0.0, (until - datetime.now(timezone.utc)).total_seconds()) + 0.2)
+        await asyncio.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 0.2)
     rerun = await run_flow(source=s3env.source, output=s3env.output)
-    scenario.record(name="  ...rerun after the fault clears", invoices_in=6,
-                    manifest=s3env.manifest(), expected_keys=keys, wall_s=rerun.wall_s,
-                    results=s3env.results(), reported=rerun.reported)
+    scenario.record(
+        name="  ...rerun after the fault clears",
+        invoices_in=6,
+        manifest=s3env.manifest(),
+        expected_keys=keys,
+        wall_s=rerun.wall_s,
+        results=s3env.results(),
+        reported=rerun.reported,
+    )
     assert rerun.state.is_completed(), rerun.state.message
 
 
@@ -449,9 +518,13 @@ def fake_llm(monkeypatch):
 
 
 def _pipeline_durations(caplog) -> dict[str, float]:
-    return {r.invoice_key: r.duration_s for r in caplog.records
-            if hasattr(r, "invoice_key") and hasattr(r, "duration_s")
-            and getattr(r, "stage", None) in ("done", "needs_review", "failed")}
+    return {
+        r.invoice_key: r.duration_s
+        for r in caplog.records
+        if hasattr(r, "invoice_key")
+        and hasattr(r, "duration_s")
+        and getattr(r, "stage", None) in ("done", "needs_review", "failed")
+    }
 
 
 @pytest.mark.parametrize("extractor", ["offline", "openai"])
@@ -466,20 +539,34 @@ async def test_bad_input_corpus_gets_specific_outcomes(s3env, scenario, caplog, 
     keys = s3env.upload(data)
     assert len(LONG_NAME.encode()) >= 900
 
-    run = await run_flow(source=s3env.source, output=s3env.output, extractor=extractor,
-                         max_bytes=max_bytes, max_pages=max_pages)
+    run = await run_flow(
+        source=s3env.source,
+        output=s3env.output,
+        extractor=extractor,
+        max_bytes=max_bytes,
+        max_pages=max_pages,
+    )
 
     manifest, results = s3env.manifest(), s3env.results()
-    scenario.record(name=f"bad input corpus ({extractor})", invoices_in=len(keys),
-                    manifest=manifest, expected_keys=keys, wall_s=run.wall_s, results=results,
-                    reported=run.reported,
-                    llm_answers=llm.outcomes.get("ok", 0) if llm is not None else None)
+    scenario.record(
+        name=f"bad input corpus ({extractor})",
+        invoices_in=len(keys),
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=run.wall_s,
+        results=results,
+        reported=run.reported,
+        llm_answers=llm.outcomes.get("ok", 0) if llm is not None else None,
+    )
     got = {key: (e.status, e.error_code) for key, e in final_entries(manifest, keys).items()}
-    want = {key: ("done", None) if code is None else ("failed", code)
-            for key, code in expected.items()}
+    want = {
+        key: ("done", None) if code is None else ("failed", code) for key, code in expected.items()
+    }
     assert got == want
     n_bad = sum(code is not None for code in expected.values())
-    assert run.state.is_failed() and run.state.message.startswith(f"{n_bad} of {len(keys)} failed: ")
+    assert run.state.is_failed() and run.state.message.startswith(
+        f"{n_bad} of {len(keys)} failed: "
+    )
     for code in {code for code in expected.values() if code is not None}:
         assert code in run.state.message
 
@@ -518,12 +605,23 @@ async def test_bad_input_limits_are_configurable(s3env, scenario):
     data, _ = bad_input_corpus(4 * 1024 * 1024)
     wanted = ("bad/2000-pages.pdf", "bad/oversize.pdf", "good/invoice-0.pdf")
     keys = s3env.upload({key: data[key] for key in wanted})
-    run = await run_flow(source=s3env.source, output=s3env.output,
-                         max_bytes=16 * 1024 * 1024, max_pages=2500, invoice_timeout=120)
+    run = await run_flow(
+        source=s3env.source,
+        output=s3env.output,
+        max_bytes=16 * 1024 * 1024,
+        max_pages=2500,
+        invoice_timeout=120,
+    )
     manifest = s3env.manifest()
-    scenario.record(name="bad input, limits raised", invoices_in=len(keys), manifest=manifest,
-                    expected_keys=keys, wall_s=run.wall_s, results=s3env.results(),
-                    reported=run.reported)
+    scenario.record(
+        name="bad input, limits raised",
+        invoices_in=len(keys),
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=run.wall_s,
+        results=s3env.results(),
+        reported=run.reported,
+    )
     statuses = {key: manifest.entries[key].status for key in keys}
     assert statuses["bad/oversize.pdf"] == "done" and s3env.gets_of("bad/oversize.pdf") == 1
     # Read to the end (its text has no invoice fields, so it needs review).
@@ -548,9 +646,16 @@ async def test_llm_faults_at_realistic_rates(tmp_path, monkeypatch, scenario, n)
     timeout, max_retries, backoff_max, retry_after = 2.0, 4, 2.0, 1.0
     max_concurrency, invoice_timeout = 100, 60.0
     config = FakeLLMConfig(
-        seed=LLM_FAULT_SEED, latency_median=0.05, latency_sigma=0.5, latency_max=0.5,
-        error_rate_429=0.10, error_rate_500=0.05, hang_rate=0.02, malformed_rate=0.02,
-        retry_after=retry_after, require_api_key=OPENAI_KEY,
+        seed=LLM_FAULT_SEED,
+        latency_median=0.05,
+        latency_sigma=0.5,
+        latency_max=0.5,
+        error_rate_429=0.10,
+        error_rate_500=0.05,
+        hang_rate=0.02,
+        malformed_rate=0.02,
+        retry_after=retry_after,
+        require_api_key=OPENAI_KEY,
     )
     source, output = tmp_path / "in", tmp_path / "out"
     source.mkdir()
@@ -560,9 +665,12 @@ async def test_llm_faults_at_realistic_rates(tmp_path, monkeypatch, scenario, n)
     keys = sorted(files)
     with FakeLLMServer(config) as llm:
         for name, value in {
-            "OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": OPENAI_KEY,
-            "INVOICES_LLM_TIMEOUT": timeout, "INVOICES_LLM_MAX_RETRIES": max_retries,
-            "INVOICES_LLM_BACKOFF_BASE": 0.2, "INVOICES_LLM_BACKOFF_MAX": backoff_max,
+            "OPENAI_BASE_URL": llm.base_url,
+            "OPENAI_API_KEY": OPENAI_KEY,
+            "INVOICES_LLM_TIMEOUT": timeout,
+            "INVOICES_LLM_MAX_RETRIES": max_retries,
+            "INVOICES_LLM_BACKOFF_BASE": 0.2,
+            "INVOICES_LLM_BACKOFF_MAX": backoff_max,
         }.items():
             monkeypatch.setenv(name, str(value))
         # Bound: an invoice needs at most (1 + retries) calls, each at most `timeout`, with a
@@ -570,9 +678,14 @@ async def test_llm_faults_at_realistic_rates(tmp_path, monkeypatch, scenario, n)
         per_invoice = (1 + max_retries) * timeout + max_retries * backoff_max
         assert per_invoice < invoice_timeout
         bound = math.ceil(n / max_concurrency) * per_invoice + 90  # + set-up, parsing, writes
-        run = await run_flow(source=str(source), output=str(output), extractor="openai",
-                             max_concurrency=max_concurrency, invoice_timeout=invoice_timeout,
-                             bound_s=bound + 60)
+        run = await run_flow(
+            source=str(source),
+            output=str(output),
+            extractor="openai",
+            max_concurrency=max_concurrency,
+            invoice_timeout=invoice_timeout,
+            bound_s=bound + 60,
+        )
         stats = llm.stats()
 
     manifest_text = (output / "manifest.json").read_text()
@@ -580,8 +693,13 @@ async def test_llm_faults_at_realistic_rates(tmp_path, monkeypatch, scenario, n)
     results = [json.loads(p.read_text())["key"] for p in (output / "results").rglob("*.json")]
     outcomes = stats["outcomes"]
     scenario.record(
-        name=f"LLM faults at realistic rates ({n})", invoices_in=n, manifest=manifest,
-        expected_keys=keys, wall_s=run.wall_s, results=results, reported=run.reported,
+        name=f"LLM faults at realistic rates ({n})",
+        invoices_in=n,
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=run.wall_s,
+        results=results,
+        reported=run.reported,
         llm_answers=outcomes.get("ok", 0),
         note=f"{stats['total_requests']} LLM calls (bound {n * (1 + max_retries)}): "
         + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items()))
@@ -635,7 +753,8 @@ class EveryLogger:
 
     def __enter__(self) -> CaptureAll:
         loggers = [logging.getLogger()] + [
-            logger for logger in logging.root.manager.loggerDict.values()
+            logger
+            for logger in logging.root.manager.loggerDict.values()
             if isinstance(logger, logging.Logger)
         ]
         for logger in loggers:
@@ -663,14 +782,20 @@ def _prefect_db_files() -> list[Path]:
     return [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-journal")) if p.exists()]
 
 
-async def test_no_secret_in_logs_artifacts_results_manifest_or_prefect(s3env, scenario, capfd,
-                                                                        monkeypatch):
+async def test_no_secret_in_logs_artifacts_results_manifest_or_prefect(
+    s3env, scenario, capfd, monkeypatch
+):
     """A run with a distinctive OpenAI key and AWS secret, with faults that make every layer
     talk (S3 retries, a 429, an answer that echoes the key): neither secret appears in any
     log line (every logger at DEBUG, console output, Prefect's API logs), artifact, run record,
     result, the manifest or the Prefect server's database."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
     from prefect.logging.handlers import APILogHandler
 
     echo_marker = "ECHO-THE-KEY"
@@ -691,8 +816,12 @@ async def test_no_secret_in_logs_artifacts_results_manifest_or_prefect(s3env, sc
     config = FakeLLMConfig(latency=0.02, require_api_key=OPENAI_KEY, retry_after=0.1)
     with FakeLLMServer(config, answer=leaky_model) as llm, EveryLogger() as captured:
         llm.fail_next("rate_limit", 1)
-        for name, value in {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": OPENAI_KEY,
-                            "INVOICES_LLM_BACKOFF_BASE": "0.05", "INVOICES_LLM_TIMEOUT": "5"}.items():
+        for name, value in {
+            "OPENAI_BASE_URL": llm.base_url,
+            "OPENAI_API_KEY": OPENAI_KEY,
+            "INVOICES_LLM_BACKOFF_BASE": "0.05",
+            "INVOICES_LLM_TIMEOUT": "5",
+        }.items():
             monkeypatch.setenv(name, value)
         run = await run_flow(source=s3env.source, output=s3env.output, extractor="openai")
         await APILogHandler.aflush()
@@ -703,10 +832,12 @@ async def test_no_secret_in_logs_artifacts_results_manifest_or_prefect(s3env, sc
     flow_run_id = run.state.state_details.flow_run_id
     async with get_client() as client:
         api_logs = await client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
         flow_run = await client.read_flow_run(flow_run_id)
         task_runs = await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
     artifacts = await read_artifacts(flow_run_id=flow_run_id)
     objects = s3env.objects("")  # invoices, results, manifest: the whole bucket
     haystacks = {
@@ -720,16 +851,24 @@ async def test_no_secret_in_logs_artifacts_results_manifest_or_prefect(s3env, sc
         "S3 objects (results, manifest)": b"\n".join(objects.values()),
         "Prefect server database": b"".join(p.read_bytes() for p in _prefect_db_files()),
     }
-    scenario.record(name="secret scan", invoices_in=len(keys), manifest=manifest,
-                    expected_keys=keys, wall_s=run.wall_s,
-                    results=[json.loads(v)["key"] for k, v in objects.items()
-                             if k.startswith(s3env.output_prefix + "results/")],
-                    reported=run.reported,
-                    # the fake counts the echoes as answers; they were not valid ones
-                    llm_answers=llm_outcomes.get("ok", 0) - len(echoes),
-                    note=f"{sum(len(h) for h in haystacks.values()) // 1024} KiB scanned: "
-                    f"{len(captured.lines)} log records, {len(api_logs)} API logs, "
-                    f"{len(artifacts)} artifacts, {len(objects)} objects, Prefect DB")
+    scenario.record(
+        name="secret scan",
+        invoices_in=len(keys),
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=run.wall_s,
+        results=[
+            json.loads(v)["key"]
+            for k, v in objects.items()
+            if k.startswith(s3env.output_prefix + "results/")
+        ],
+        reported=run.reported,
+        # the fake counts the echoes as answers; they were not valid ones
+        llm_answers=llm_outcomes.get("ok", 0) - len(echoes),
+        note=f"{sum(len(h) for h in haystacks.values()) // 1024} KiB scanned: "
+        f"{len(captured.lines)} log records, {len(api_logs)} API logs, "
+        f"{len(artifacts)} artifacts, {len(objects)} objects, Prefect DB",
+    )
 
     echo = manifest.entries["sec/echo.pdf"]
     assert (echo.status, echo.error_code) == ("failed", "llm_invalid_output")

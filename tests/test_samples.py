@@ -9,9 +9,17 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from tasks.invoice import Invoice
-from testing.samples import COUNTRIES, DEFECTS, LAYOUTS, _bank_account, main, make_invoice, write_samples
 from tasks.checks import bic_is_valid, check_invoice, format_iban, iban_is_valid, tax_id_problem
+from tasks.invoice import Invoice
+from testing.samples import (
+    COUNTRIES,
+    DEFECTS,
+    LAYOUTS,
+    _bank_account,
+    main,
+    make_invoice,
+    write_samples,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "samples" / "invoices"
@@ -41,8 +49,10 @@ def test_same_seed_same_invoice_bytes_and_truth(layout):
 
 
 def test_default_layout_cycles_through_all_layouts():
-    assert {make_invoice(seed)[0] == make_invoice(seed, LAYOUTS[seed % len(LAYOUTS)])[0]
-            for seed in range(len(LAYOUTS))} == {True}
+    assert {
+        make_invoice(seed)[0] == make_invoice(seed, LAYOUTS[seed % len(LAYOUTS)])[0]
+        for seed in range(len(LAYOUTS))
+    } == {True}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -50,8 +60,13 @@ def test_every_layout_renders_a_real_text_layer(layout):
     data, truth = make_invoice(3, layout)
     assert data.startswith(b"%PDF-") and len(data) < 8_000  # a few KB: base-14 fonts, not embedded
     (text,) = page_texts(data)
-    for needle in (truth.invoice_number, truth.vendor_name, truth.customer_name,
-                   truth.line_items[0].description, truth.currency):
+    for needle in (
+        truth.invoice_number,
+        truth.vendor_name,
+        truth.customer_name,
+        truth.line_items[0].description,
+        truth.currency,
+    ):
         assert needle in text, needle
     assert "·" not in text.replace(" · ", "")  # no glyph fell back to a bullet (e.g. a euro sign)
     assert check_invoice(truth) == []
@@ -90,12 +105,16 @@ def test_bank_details_are_valid_and_in_the_truth_where_the_layout_prints_them(la
 def test_every_vendor_country_gets_a_valid_iban_and_bic(code):
     for k in range(50):
         digits = f"{k * 7919 + 12345:020d}"[::-1]
-        account = _bank_account(code, COUNTRIES[code].cities[k % len(COUNTRIES[code].cities)], digits)
+        account = _bank_account(
+            code, COUNTRIES[code].cities[k % len(COUNTRIES[code].cities)], digits
+        )
         if code == "US":  # no IBANs in the US
             assert account is None
             continue
         iban, bic = account
-        assert iban_is_valid(iban) and iban.startswith(code) and bic_is_valid(bic) and bic[4:6] == code
+        assert (
+            iban_is_valid(iban) and iban.startswith(code) and bic_is_valid(bic) and bic[4:6] == code
+        )
 
 
 def test_pound_and_dollar_signs_extract_back_unchanged():
@@ -121,7 +140,10 @@ def test_total_mismatch_defect_prints_a_wrong_total(layout):
     problems = check_invoice(truth)
     assert len(problems) == 1 and problems[0].startswith("total_mismatch")
     printed = page_texts(data)[-1]
-    assert f"{truth.total:.2f}"[-5:].replace(".", ",") in printed or f"{truth.total:.2f}"[-5:] in printed
+    assert (
+        f"{truth.total:.2f}"[-5:].replace(".", ",") in printed
+        or f"{truth.total:.2f}"[-5:] in printed
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -135,8 +157,10 @@ def test_pages_gives_the_requested_page_count(layout, pages):
     first_item, last_item = truth.line_items[0].description, truth.line_items[-1].description
     assert first_item in texts[0] and last_item in texts[-1]
     for k, text in enumerate(texts, 1):
-        assert any(f"{k} {word} {pages}" in text or f"{k}/{pages}" in text or f"{k} / {pages}" in text
-                   for word in ("of", "von", "van")), text[-200:]
+        assert any(
+            f"{k} {word} {pages}" in text or f"{k}/{pages}" in text or f"{k} / {pages}" in text
+            for word in ("of", "von", "van")
+        ), text[-200:]
 
 
 @pytest.mark.parametrize("layout", ["classic", "german", "compact"])
@@ -159,9 +183,14 @@ def test_bad_arguments_are_refused():
 def test_write_samples_names_truth_and_one_defect(tmp_path):
     paths = write_samples(tmp_path / "pdf", 8, seed=40, expected_folder=tmp_path / "truth")
     assert [p.name for p in paths] == [
-        "invoice-0001-classic.pdf", "invoice-0002-modern.pdf", "invoice-0003-german.pdf",
-        "invoice-0004-compact-total-mismatch.pdf", "invoice-0005-french.pdf",
-        "invoice-0006-dutch.pdf", "invoice-0007-classic.pdf", "invoice-0008-modern.pdf",
+        "invoice-0001-classic.pdf",
+        "invoice-0002-modern.pdf",
+        "invoice-0003-german.pdf",
+        "invoice-0004-compact-total-mismatch.pdf",
+        "invoice-0005-french.pdf",
+        "invoice-0006-dutch.pdf",
+        "invoice-0007-classic.pdf",
+        "invoice-0008-modern.pdf",
     ]
     flagged = []
     for path in paths:
@@ -173,8 +202,20 @@ def test_write_samples_names_truth_and_one_defect(tmp_path):
 
 
 def test_command_line_regenerates_a_set(tmp_path, capsys):
-    assert main([str(tmp_path / "out"), "--count", "3", "--seed", "9",
-                 "--expected", str(tmp_path / "exp")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "out"),
+                "--count",
+                "3",
+                "--seed",
+                "9",
+                "--expected",
+                str(tmp_path / "exp"),
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "out").glob("*.pdf"))) == 3
     assert len(list((tmp_path / "exp").glob("*.json"))) == 3
     assert "wrote 3 invoices" in capsys.readouterr().out
@@ -188,8 +229,12 @@ def test_bundled_set_is_present_and_covers_every_layout():
     truths = sorted(EXPECTED.glob("*.json"))
     assert len(pdfs) == 12
     assert [p.stem for p in pdfs] == [t.stem for t in truths]
-    assert {layout for layout in LAYOUTS if any(f"-{layout}" in p.stem for p in pdfs)} == set(LAYOUTS)
-    assert [p.name for p in pdfs if "mismatch" in p.name] == ["invoice-0004-compact-total-mismatch.pdf"]
+    assert {layout for layout in LAYOUTS if any(f"-{layout}" in p.stem for p in pdfs)} == set(
+        LAYOUTS
+    )
+    assert [p.name for p in pdfs if "mismatch" in p.name] == [
+        "invoice-0004-compact-total-mismatch.pdf"
+    ]
     for pdf in pdfs:
         assert pdf.stat().st_size < 8_000
 

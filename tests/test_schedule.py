@@ -22,7 +22,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -38,7 +38,9 @@ MIN_RUNS = 3  # the server's default PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS
 SCHEDULER_WAIT = 30.0  # seconds; the fixture's scheduler loop is 2 s, recent deployments 5 s
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -57,7 +59,7 @@ def nightly_starts(after: datetime, count: int) -> list[datetime | date]:
     starts: list[datetime | date] = []
     while len(starts) < count:
         local = datetime(day.year, day.month, day.day, 2, 0, tzinfo=BERLIN)
-        utc = local.astimezone(timezone.utc)
+        utc = local.astimezone(UTC)
         if utc.astimezone(BERLIN).replace(tzinfo=None) != local.replace(tzinfo=None):
             starts.append(day)  # 02:00 is skipped that night; any time that night will do
         elif utc > after:
@@ -70,9 +72,10 @@ def matches(actual: list[datetime], expected: list[datetime | date]) -> bool:
     if len(actual) != len(expected):
         return False
     return all(
-        a.astimezone(BERLIN).date() == e if isinstance(e, date) and not isinstance(e, datetime)
+        a.astimezone(BERLIN).date() == e
+        if isinstance(e, date) and not isinstance(e, datetime)
         else a == e
-        for a, e in zip(actual, expected)
+        for a, e in zip(actual, expected, strict=False)
     )
 
 
@@ -106,20 +109,26 @@ def from_the_scheduler(run: dict, schedule_ids: set[str], deployment_id: str) ->
 
 def test_scheduler_service_creates_the_nightly_runs_at_two_in_berlin(prefect_server):
     env = dict(prefect_server.env)
-    spec = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-                if d["name"] == "nightly")
+    spec = next(
+        d
+        for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        if d["name"] == "nightly"
+    )
     assert spec["schedules"] == [{"cron": "0 2 * * *", "timezone": "Europe/Berlin", "active": True}]
 
     prepare = run_cli([sys.executable, "-m", "deployments.prepare"], env)
     assert prepare.returncode == 0, output_of(prepare)
-    deploy_started = datetime.now(timezone.utc)
+    deploy_started = datetime.now(UTC)
     deploy = run_cli([PREFECT, "--no-prompt", "deploy", "--name", "nightly"], env)
     assert deploy.returncode == 0, output_of(deploy)
 
     deployment = read_deployment(prefect_server.url)
     [schedule] = deployment["schedules"]
     assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"], schedule["active"]) == (
-        "0 2 * * *", "Europe/Berlin", True)
+        "0 2 * * *",
+        "Europe/Berlin",
+        True,
+    )
     schedule_ids = {schedule["id"]}
 
     # The scheduler service's loop (not the deploy) must create the runs; a failing loop
@@ -127,27 +136,36 @@ def test_scheduler_service_creates_the_nightly_runs_at_two_in_berlin(prefect_ser
     log_path = prefect_server.home / "server.log"
     deadline = time.monotonic() + SCHEDULER_WAIT
     while True:
-        runs = [run for run in flow_runs_of(prefect_server.url, deployment["id"])
-                if from_the_scheduler(run, schedule_ids, deployment["id"])]
+        runs = [
+            run
+            for run in flow_runs_of(prefect_server.url, deployment["id"])
+            if from_the_scheduler(run, schedule_ids, deployment["id"])
+        ]
         log = log_path.read_text(errors="replace")
         if len(runs) >= MIN_RUNS or BULK_DML_ERROR in log or time.monotonic() > deadline:
             break
         time.sleep(1)
-    found_at = datetime.now(timezone.utc)
+    found_at = datetime.now(UTC)
     assert len(runs) >= MIN_RUNS, (
         f"{len(runs)} scheduled runs for {DEPLOYMENT} by the scheduler service\n"
-        f"--- server log\n{log[-3000:]}")
+        f"--- server log\n{log[-3000:]}"
+    )
     assert BULK_DML_ERROR not in log_path.read_text(errors="replace")
 
-    assert all(run["state_type"] == "SCHEDULED" and run["state_name"] == "Scheduled" for run in runs)
+    assert all(
+        run["state_type"] == "SCHEDULED" and run["state_name"] == "Scheduled" for run in runs
+    )
     assert all(parse_time(run["created"]) >= deploy_started for run in runs)
     assert all(run["work_queue_name"] == "scheduled" for run in runs)
     assert all(run["parameters"]["source"] == spec["parameters"]["source"] for run in runs)
     starts = sorted(parse_time(run["expected_start_time"]) for run in runs)
-    assert all(parse_time(run["next_scheduled_start_time"]) == parse_time(run["expected_start_time"])
-               for run in runs)
+    assert all(
+        parse_time(run["next_scheduled_start_time"]) == parse_time(run["expected_start_time"])
+        for run in runs
+    )
     assert len(set(starts)) == len(starts) == MIN_RUNS, starts
     # The next three nights at 02:00 Berlin, from when the scheduler ran (between the deploy
     # and now: a 02:00 in that window shifts the first night by one).
     assert matches(starts, nightly_starts(deploy_started, MIN_RUNS)) or matches(
-        starts, nightly_starts(found_at, MIN_RUNS)), [s.astimezone(BERLIN).isoformat() for s in starts]
+        starts, nightly_starts(found_at, MIN_RUNS)
+    ), [s.astimezone(BERLIN).isoformat() for s in starts]

@@ -27,8 +27,11 @@ BLOCK_PARAMETERS = {"aws_credentials", "openai_api_key"}
 
 def comparable(schema: dict[str, Any]) -> dict[str, Any]:
     """A property's type, bounds and default, without what only labels it."""
-    return {key: value for key, value in schema.items()
-            if key not in ("title", "position", "description")}
+    return {
+        key: value
+        for key, value in schema.items()
+        if key not in ("title", "position", "description")
+    }
 
 
 @pytest.mark.parametrize("how", ["imported", "from source (prefect deploy)"])
@@ -37,7 +40,8 @@ def test_the_flow_signature_is_the_settings_model(how: str) -> None:
         schema = parameter_schema(process_invoices.fn)
     else:
         schema = parameter_schema_from_entrypoint(
-            str(ROOT / "flows" / "process_invoices.py") + ":process_invoices")
+            str(ROOT / "flows" / "process_invoices.py") + ":process_invoices"
+        )
     settings = RunSettings.model_json_schema()["properties"]
     assert set(schema.properties) == set(settings) | BLOCK_PARAMETERS
     for name, expected in settings.items():
@@ -52,8 +56,11 @@ def test_every_parameter_is_described_for_the_run_form() -> None:
 def test_prefect_yaml_parameters_are_valid_settings() -> None:
     project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     for deployment in project["deployments"]:
-        parameters = {name: value for name, value in deployment["parameters"].items()
-                      if name not in BLOCK_PARAMETERS}
+        parameters = {
+            name: value
+            for name, value in deployment["parameters"].items()
+            if name not in BLOCK_PARAMETERS
+        }
         RunSettings.model_validate(parameters)  # raises, naming the field, if one is wrong
 
 
@@ -62,8 +69,9 @@ def test_the_cli_options_are_settings_with_their_defaults() -> None:
     _run_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["run"])
     assert set(RUN_OPTIONS) <= set(RunSettings.model_fields)
-    assert {name: getattr(args, name) for name in RUN_OPTIONS} == \
-        DEFAULTS.model_dump(include=set(RUN_OPTIONS))
+    assert {name: getattr(args, name) for name in RUN_OPTIONS} == DEFAULTS.model_dump(
+        include=set(RUN_OPTIONS)
+    )
 
 
 def test_bad_values_are_refused_by_the_model_and_named_by_option() -> None:

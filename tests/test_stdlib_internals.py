@@ -36,7 +36,9 @@ def test_preparation_data_names_the_stand_in_main_module() -> None:
     with main_module_not_reimported():
         data = multiprocessing.spawn.get_preparation_data("probe")
     assert main.__dict__.get("__spec__") is spec, "__main__.__spec__ was not restored"
-    assert data.get("init_main_from_name") == SKIP_MAIN_SPEC_NAME and "init_main_from_path" not in data, (
+    assert (
+        data.get("init_main_from_name") == SKIP_MAIN_SPEC_NAME and "init_main_from_path" not in data
+    ), (
         "multiprocessing.spawn.get_preparation_data() no longer names the parent's main module "
         f"by __main__.__spec__.name (it gave {data!r}); main_module_not_reimported() relies on "
         f"that: {WHERE}"
@@ -76,9 +78,18 @@ METHODS = ["forkserver", "spawn"]
 def test_workers_do_not_rerun_the_parents_main_module(tmp_path: Path, launch: str) -> None:
     (tmp_path / "probe_main.py").write_text(PROBE)
     command = ["-m", "probe_main"] if launch == "module" else [str(tmp_path / "probe_main.py")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, *command, *METHODS], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [sys.executable, *command, *METHODS],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
     assert [line[0] for line in lines] == METHODS, result.stdout
@@ -151,8 +162,11 @@ def test_kill_workers_kills_a_busy_worker() -> None:
         worker.join(timeout=10)
         assert not worker.is_alive(), (
             f"kill_workers() left a busy worker running on Python {sys.version.split()[0]}: "
-            + ("ProcessPoolExecutor.kill_workers() did not kill it" if HAS_KILL_WORKERS else
-               "ProcessPoolExecutor._processes no longer lists the workers")
+            + (
+                "ProcessPoolExecutor.kill_workers() did not kill it"
+                if HAS_KILL_WORKERS
+                else "ProcessPoolExecutor._processes no longer lists the workers"
+            )
             + f": {WHERE}"
         )
     finally:

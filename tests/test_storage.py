@@ -25,8 +25,8 @@ from tasks.storage import (
     ObjectNotFound,
     PreconditionFailed,
     S3Store,
-    Store,
     StorageError,
+    Store,
     StoredObject,
     etag_of,
     open_store,
@@ -36,7 +36,9 @@ REGION = "us-east-1"
 
 
 def s3_store(bucket: str, endpoint: str, **kwargs) -> S3Store:
-    return S3Store(bucket, kwargs.pop("prefix", "root/"), endpoint_url=endpoint, region_name=REGION, **kwargs)
+    return S3Store(
+        bucket, kwargs.pop("prefix", "root/"), endpoint_url=endpoint, region_name=REGION, **kwargs
+    )
 
 
 async def cas_increment(store: Store, key: str, *, max_tries: int = 500) -> int:
@@ -114,10 +116,15 @@ async def test_list_prefix_suffix_sorted_nested(store):
         "inv/z.pdf",
         "invoices.pdf",
     ]
-    assert [i.key for i in await store.list("inv/", suffix=".pdf")] == ["inv/2024/x.pdf", "inv/z.pdf"]
+    assert [i.key for i in await store.list("inv/", suffix=".pdf")] == [
+        "inv/2024/x.pdf",
+        "inv/z.pdf",
+    ]
     assert [i.key for i in await store.list("inv/2024/x")] == ["inv/2024/x.pdf"]
     # Suffix filter is case-insensitive.
-    assert [i.key for i in await store.list(suffix=".pdf")] == sorted(k for k in keys if k.lower().endswith(".pdf"))
+    assert [i.key for i in await store.list(suffix=".pdf")] == sorted(
+        k for k in keys if k.lower().endswith(".pdf")
+    )
     assert [i.key for i in await store.list(suffix=".TXT")] == ["inv/2024/y.txt"]
     assert await store.list("nothing/here/") == []
 
@@ -187,7 +194,12 @@ async def test_use_outside_async_with_is_a_clear_error(tmp_path, moto_endpoint, 
 
 def test_errors_survive_pickling():
     error = pickle.loads(pickle.dumps(PreconditionFailed("lost", key="m.json", status=409)))
-    assert (type(error), str(error), error.key, error.status) == (PreconditionFailed, "lost", "m.json", 409)
+    assert (type(error), str(error), error.key, error.status) == (
+        PreconditionFailed,
+        "lost",
+        "m.json",
+        409,
+    )
     error = pickle.loads(pickle.dumps(InvalidKey("bad", key="../x")))
     assert isinstance(error, ValueError) and error.key == "../x"
 
@@ -197,7 +209,19 @@ def test_errors_survive_pickling():
 
 @pytest.mark.parametrize(
     "key",
-    ["../x", "/etc/passwd", "a/../../x", "", "a\\b", "a\0b", "a//b", "./a", "a/", ".~locks/x", "d/.~tmp.x"],
+    [
+        "../x",
+        "/etc/passwd",
+        "a/../../x",
+        "",
+        "a\\b",
+        "a\0b",
+        "a//b",
+        "./a",
+        "a/",
+        ".~locks/x",
+        "d/.~tmp.x",
+    ],
 )
 async def test_local_rejects_unsafe_keys(tmp_path, key):
     async with LocalStore(tmp_path / "root") as local:
@@ -335,7 +359,9 @@ async def test_s3_conditional_conflicts_surface_without_retry(proxy, s3_bucket, 
             await s3.put("manifest.json", b"v2", if_match=etag)
         assert info.value.status == status
         assert rule.hits == 1
-        assert proxy.requests == [("PUT", f"/{s3_bucket}/root/manifest.json")]  # botocore did not retry
+        assert proxy.requests == [
+            ("PUT", f"/{s3_bucket}/root/manifest.json")
+        ]  # botocore did not retry
         # The caller's retry goes through.
         new_etag = await s3.put("manifest.json", b"v2", if_match=etag)
         assert (await s3.get("manifest.json")).etag == new_etag
@@ -343,7 +369,14 @@ async def test_s3_conditional_conflicts_surface_without_retry(proxy, s3_bucket, 
 
 async def test_s3_cas_loop_rides_over_injected_409s(proxy, s3_bucket):
     async with s3_store(s3_bucket, proxy.endpoint) as s3:
-        proxy.inject(method="PUT", status=409, code="ConditionalRequestConflict", times=None, probability=0.3, seed=7)
+        proxy.inject(
+            method="PUT",
+            status=409,
+            code="ConditionalRequestConflict",
+            times=None,
+            probability=0.3,
+            seed=7,
+        )
         results = await asyncio.gather(*(cas_increment(s3, "counter.txt") for _ in range(10)))
         assert sorted(results) == list(range(1, 11))
         assert (await s3.get("counter.txt")).data == b"10"
@@ -415,9 +448,15 @@ async def test_s3_with_prefect_aws_credentials_block(moto_endpoint, s3_bucket):
 
 
 def test_open_store_routing(tmp_path):
-    s3 = open_store("s3://my-bucket/some/prefix", endpoint_url="http://127.0.0.1:9", region_name=REGION)
+    s3 = open_store(
+        "s3://my-bucket/some/prefix", endpoint_url="http://127.0.0.1:9", region_name=REGION
+    )
     assert isinstance(s3, S3Store)
-    assert (s3.bucket, s3.prefix, s3.url) == ("my-bucket", "some/prefix/", "s3://my-bucket/some/prefix/")
+    assert (s3.bucket, s3.prefix, s3.url) == (
+        "my-bucket",
+        "some/prefix/",
+        "s3://my-bucket/some/prefix/",
+    )
 
     bare = open_store("s3://my-bucket")
     assert isinstance(bare, S3Store) and bare.prefix == "" and bare.url == "s3://my-bucket/"
@@ -432,8 +471,9 @@ def test_open_store_routing(tmp_path):
 
 
 @pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
-def test_a_plain_http_endpoint_from_the_environment_loads_no_ca_bundle(moto_endpoint, s3_bucket,
-                                                                       variable):
+def test_a_plain_http_endpoint_from_the_environment_loads_no_ca_bundle(
+    moto_endpoint, s3_bucket, variable
+):
     # In a child interpreter: its environment holds only the endpoint under test, and the
     # count sees every CA-bundle load (botocore loads it at a client's first request).
     check = (
@@ -453,9 +493,17 @@ def test_a_plain_http_endpoint_from_the_environment_loads_no_ca_bundle(moto_endp
         "assert loads == [], loads\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
-    env.update({variable: moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION})
-    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[1], env=env)
+    env.update(
+        {
+            variable: moto_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": REGION,
+        }
+    )
+    subprocess.run(
+        [sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[1], env=env
+    )
 
 
 # --------------------------------------------------------------------------- sources and outputs
@@ -489,11 +537,18 @@ async def test_an_output_folder_is_created_by_its_first_write_not_before(tmp_pat
 
 
 async def test_exists_tells_an_empty_or_misspelt_s3_prefix_from_one_with_objects(
-        moto_endpoint, s3_bucket):
+    moto_endpoint, s3_bucket
+):
     boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION).put_object(
-        Bucket=s3_bucket, Key="incoming/2026-11/a.pdf", Body=b"x")
-    for prefix, there in (("incoming/", True), ("incoming/2026-11", True), ("", True),
-                          ("incomming/", False), ("incoming/2026-12/", False)):
+        Bucket=s3_bucket, Key="incoming/2026-11/a.pdf", Body=b"x"
+    )
+    for prefix, there in (
+        ("incoming/", True),
+        ("incoming/2026-11", True),
+        ("", True),
+        ("incomming/", False),
+        ("incoming/2026-12/", False),
+    ):
         async with s3_store(s3_bucket, moto_endpoint, prefix=prefix) as store:
             assert await store.exists() is there, prefix
     async with s3_store("no-such-bucket-here", moto_endpoint) as store:

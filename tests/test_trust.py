@@ -40,12 +40,12 @@ import boto3
 import pytest
 import pytest_asyncio
 
-from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
 from flows.process_invoices import process_invoices
 from tasks.manifest.model import MANIFEST_KEY, Manifest, ManifestEntry, utcnow
 from tasks.report import RunRefused, RunSummary
-from testing.samples import make_invoice, write_samples
 from tasks.storage import etag_of
+from testing.fake_llm.server import FakeLLMConfig, FakeLLMServer
+from testing.samples import make_invoice, write_samples
 from tests.test_reliability import run_flow as reliability_run
 
 pytest_plugins = ["tests.reliability_report"]
@@ -167,8 +167,10 @@ class Prefix(Place):
         self.s3.delete_object(Bucket=self.bucket, Key=self.prefix + key)
 
     def objects(self) -> dict[str, bytes]:
-        return {key[len(self.prefix):]: data for key, data in bucket_objects(self.s3, self.bucket,
-                                                                              self.prefix).items()}
+        return {
+            key[len(self.prefix) :]: data
+            for key, data in bucket_objects(self.s3, self.bucket, self.prefix).items()
+        }
 
     def created(self) -> bool:
         return bool(self.objects())
@@ -280,12 +282,16 @@ def assert_all_recorded(place: Place, sources: dict[str, bytes]) -> Manifest:
 
 
 @pytest.mark.usefixtures("prefect_harness")
-@pytest.mark.parametrize("backend, keys", [
-    ("s3", ["inv.pdf", "inv.PDF", "x/y.pdf", "x//y.pdf", "x/./y.pdf"]),
-    ("local", ["inv.pdf", "inv.PDF", "sub/inv.pdf"]),
-])
-async def test_keys_that_used_to_collide_get_one_result_each(request, tmp_path, scenario,
-                                                            backend, keys):
+@pytest.mark.parametrize(
+    "backend, keys",
+    [
+        ("s3", ["inv.pdf", "inv.PDF", "x/y.pdf", "x//y.pdf", "x/./y.pdf"]),
+        ("local", ["inv.pdf", "inv.PDF", "sub/inv.pdf"]),
+    ],
+)
+async def test_keys_that_used_to_collide_get_one_result_each(
+    request, tmp_path, scenario, backend, keys
+):
     """Keys differing in case, in an empty or a `.` segment: each its own `done` entry and its
     own result object, whose `key` and `sha256` are those of its own source object."""
     if backend == "s3":
@@ -300,9 +306,15 @@ async def test_keys_that_used_to_collide_get_one_result_each(request, tmp_path, 
     run = await run_flow(source=source.url, output=output.url)
 
     manifest = output.manifest()
-    scenario.record(name=f"colliding keys ({backend})", invoices_in=len(keys), manifest=manifest,
-                    expected_keys=keys, wall_s=run.wall_s, results=output.result_invoice_keys(),
-                    reported=run.reported)
+    scenario.record(
+        name=f"colliding keys ({backend})",
+        invoices_in=len(keys),
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=run.wall_s,
+        results=output.result_invoice_keys(),
+        reported=run.reported,
+    )
     assert run.state.is_completed(), run.state.message
     assert {k: e.status for k, e in manifest.entries.items()} == {k: "done" for k in keys}
     assert len({e.result_key for e in manifest.entries.values()}) == len(keys)
@@ -317,7 +329,8 @@ async def test_keys_that_used_to_collide_get_one_result_each(request, tmp_path, 
 @pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.parametrize("damage", ["deleted", "older copy"])
 async def test_a_manifest_deleted_or_rolled_back_mid_run_loses_nothing(
-        places, fake_llm, caplog, scenario, damage):
+    places, fake_llm, caplog, scenario, damage
+):
     """While a run works (30 invoices, 0.5 s LLM calls, 5 at a time), its manifest is deleted,
     or replaced by the copy written right after the claims: the run puts back everything it
     knew, says so in a warning, and ends Completed with every invoice recorded."""
@@ -328,8 +341,9 @@ async def test_a_manifest_deleted_or_rolled_back_mid_run_loses_nothing(
     keys = source.write(files)
     llm = fake_llm(0.5)
 
-    flow = asyncio.create_task(run_flow(source=source.url, output=output.url, extractor="openai",
-                                        max_concurrency=5))
+    flow = asyncio.create_task(
+        run_flow(source=source.url, output=output.url, extractor="openai", max_concurrency=5)
+    )
     try:
         # The copy taken right after the claims: every invoice there, (almost) all processing.
         def claimed():
@@ -342,8 +356,10 @@ async def test_a_manifest_deleted_or_rolled_back_mid_run_loses_nothing(
 
         def progressed():
             now = counts(output.manifest())
-            return (now["done"] + now["needs_review"] >= done_in_copy + 3
-                    and now["processing"] >= 5) and now
+            return (
+                now["done"] + now["needs_review"] >= done_in_copy + 3 and now["processing"] >= 5
+            ) and now
+
         before = await wait_for(progressed, what="a few invoices done, others in flight")
         if damage == "deleted":
             await asyncio.to_thread(output.delete, MANIFEST_KEY)
@@ -354,18 +370,27 @@ async def test_a_manifest_deleted_or_rolled_back_mid_run_loses_nothing(
         flow.cancel()
 
     manifest = output.manifest()
-    scenario.record(name=f"manifest {damage} mid-run ({type(output).__name__.lower()})",
-                    invoices_in=n, manifest=manifest, expected_keys=keys, wall_s=run.wall_s,
-                    results=output.result_invoice_keys(), reported=run.reported,
-                    llm_answers=llm.stats()["outcomes"].get("ok", 0),
-                    note=f"{damage} at {before['done']} done / {before['processing']} in flight")
+    scenario.record(
+        name=f"manifest {damage} mid-run ({type(output).__name__.lower()})",
+        invoices_in=n,
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=run.wall_s,
+        results=output.result_invoice_keys(),
+        reported=run.reported,
+        llm_answers=llm.stats()["outcomes"].get("ok", 0),
+        note=f"{damage} at {before['done']} done / {before['processing']} in flight",
+    )
     assert run.state.is_completed(), run.state.message
     assert run.summary.processed == n
     assert_all_recorded(output, files)
     assert set(manifest.entries) == set(keys)
     assert manifest.version > old.version  # it never went backwards for good
-    warnings = [r.getMessage() for r in caplog.records
-                if r.name == "tasks.manifest.model" and r.levelno == logging.WARNING]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tasks.manifest.model" and r.levelno == logging.WARNING
+    ]
     expected = "disappeared" if damage == "deleted" else "went back from version"
     assert any(expected in w and "manifest.json" in w for w in warnings), warnings
 
@@ -375,8 +400,7 @@ async def test_a_manifest_deleted_or_rolled_back_mid_run_loses_nothing(
 
 
 @pytest.mark.usefixtures("prefect_harness")
-async def test_a_second_source_into_the_same_output_is_refused_and_the_first_kept(
-        places, scenario):
+async def test_a_second_source_into_the_same_output_is_refused_and_the_first_kept(places, scenario):
     """Source A into an output, then source B (same names, other contents) into the same
     output: refused, naming A; the manifest and every result unchanged, byte for byte. A again
     skips everything."""
@@ -403,12 +427,16 @@ async def test_a_second_source_into_the_same_output_is_refused_and_the_first_kep
     assert again.summary.processed == 0
     assert again.summary.skipped_done + again.summary.skipped_review == len(names)
     manifest = assert_all_recorded(output, files_a)
-    scenario.record(name=f"two sources, one output ({type(output).__name__.lower()})",
-                    invoices_in=len(names), manifest=manifest, expected_keys=names,
-                    wall_s=first.wall_s + second.wall_s + again.wall_s,
-                    results=output.result_invoice_keys(),
-                    reported=[first.reported, again.reported],
-                    note="the second source refused, nothing of the first rewritten")
+    scenario.record(
+        name=f"two sources, one output ({type(output).__name__.lower()})",
+        invoices_in=len(names),
+        manifest=manifest,
+        expected_keys=names,
+        wall_s=first.wall_s + second.wall_s + again.wall_s,
+        results=output.result_invoice_keys(),
+        reported=[first.reported, again.reported],
+        note="the second source refused, nothing of the first rewritten",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,8 +444,9 @@ async def test_a_second_source_into_the_same_output_is_refused_and_the_first_kep
 
 
 @pytest.mark.usefixtures("prefect_harness")
-@pytest.mark.parametrize("foreign", [b'{"hello": "world"}', b'[{"key": "inv-0.pdf"}]'],
-                         ids=["object", "list"])
+@pytest.mark.parametrize(
+    "foreign", [b'{"hello": "world"}', b'[{"key": "inv-0.pdf"}]'], ids=["object", "list"]
+)
 async def test_another_tools_manifest_is_refused_and_left_as_it_is(places, foreign):
     source, output = places("in"), places("out")
     source.write(invoices(2, seed=7400))
@@ -463,20 +492,32 @@ async def test_unknown_fields_of_a_manifest_survive_a_run(places, scenario):
     assert after["entries"][keys[1]]["x_note"] == "re-sent by vendor"
     assert after["entries"][keys[1]]["etag"] != manifest.entries[keys[1]].etag
     final = assert_all_recorded(output, files)
-    scenario.record(name=f"unknown manifest fields kept ({type(output).__name__.lower()})",
-                    invoices_in=len(keys), manifest=final, expected_keys=keys,
-                    wall_s=first.wall_s + second.wall_s, results=output.result_invoice_keys(),
-                    reported=[first.reported, second.reported])
+    scenario.record(
+        name=f"unknown manifest fields kept ({type(output).__name__.lower()})",
+        invoices_in=len(keys),
+        manifest=final,
+        expected_keys=keys,
+        wall_s=first.wall_s + second.wall_s,
+        results=output.result_invoice_keys(),
+        reported=[first.reported, second.reported],
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # 5. A missing source, a file as source or output
 
 
-def invoices_cli(*args: str, env: dict[str, str],
-                 timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=Path(__file__).parents[1])
+def invoices_cli(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parents[1],
+    )
 
 
 def one_line_refusal(proc: subprocess.CompletedProcess) -> str:
@@ -490,7 +531,8 @@ def one_line_refusal(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize("case", ["source missing", "source is a file", "output is a file"])
 def test_a_missing_source_or_a_file_in_the_way_is_one_clear_line_and_exit_2(
-        prefect_server, tmp_path, case):
+    prefect_server, tmp_path, case
+):
     source, output = tmp_path / "invoices", tmp_path / "out"
     if case == "source missing":
         source = tmp_path / "invoicse"  # a typo
@@ -504,8 +546,9 @@ def test_a_missing_source_or_a_file_in_the_way_is_one_clear_line_and_exit_2(
         output.write_bytes(b"an output file, not a folder")
         expected = f"the output {output} is a file, not a folder"
 
-    proc = invoices_cli("run", str(source), "--output", str(output), "--json",
-                        env=prefect_server.env)
+    proc = invoices_cli(
+        "run", str(source), "--output", str(output), "--json", env=prefect_server.env
+    )
 
     line = one_line_refusal(proc)
     assert expected in line, line
@@ -515,13 +558,15 @@ def test_a_missing_source_or_a_file_in_the_way_is_one_clear_line_and_exit_2(
     else:
         assert not output.exists()  # the output folder was not created
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        p.name for p in (source, output) if p.exists())
+        p.name for p in (source, output) if p.exists()
+    )
 
 
 @pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.parametrize("where", ["misspelt prefix", "empty prefix", "missing bucket"])
 async def test_an_s3_source_with_nothing_under_it_is_refused_and_nothing_written(
-        s3, s3_bucket, where):
+    s3, s3_bucket, where
+):
     s3.put_object(Bucket=s3_bucket, Key="incoming/inv-0.pdf", Body=pdf(7510))
     if where == "misspelt prefix":
         source, expected = f"s3://{s3_bucket}/incomming", "nothing is stored under the source"
@@ -543,35 +588,57 @@ async def test_an_s3_source_with_nothing_under_it_is_refused_and_nothing_written
 # 6. Claims outlive their run no more
 
 
-def claim(manifest: Manifest, files: dict[str, bytes], run_id: str, *,
-          lease: timedelta = timedelta(minutes=10)) -> Manifest:
+def claim(
+    manifest: Manifest,
+    files: dict[str, bytes],
+    run_id: str,
+    *,
+    lease: timedelta = timedelta(minutes=10),
+) -> Manifest:
     """`manifest` with `files` claimed (`processing`) by flow run `run_id` until now + lease,
     as that run would have written them."""
     now = utcnow()
     entries = dict(manifest.entries)
     for key, data in files.items():
-        entries[key] = ManifestEntry(status="processing", etag=etag_of(data), attempts=1,
-                                     flow_run_id=run_id, extractor="offline",
-                                     first_seen_at=now, updated_at=now, lease_until=now + lease)
-    return manifest.model_copy(update={"entries": entries, "version": manifest.version + 1,
-                                       "updated_at": now})
+        entries[key] = ManifestEntry(
+            status="processing",
+            etag=etag_of(data),
+            attempts=1,
+            flow_run_id=run_id,
+            extractor="offline",
+            first_seen_at=now,
+            updated_at=now,
+            lease_until=now + lease,
+        )
+    return manifest.model_copy(
+        update={"entries": entries, "version": manifest.version + 1, "updated_at": now}
+    )
 
 
 @pytest.mark.usefixtures("prefect_harness")
 async def test_a_cancelled_run_gives_its_claims_back_and_a_rerun_takes_them_at_once(
-        tmp_path, fake_llm, scenario):
+    tmp_path, fake_llm, scenario
+):
     n, lease = 20, 60.0
     source, output = Folder(tmp_path / "in"), Folder(tmp_path / "out")
     files = invoices(n, seed=7600)
     keys = source.write(files)
     llm = fake_llm(0.5)
 
-    flow = asyncio.create_task(run_flow(source=source.url, output=output.url, extractor="openai",
-                                        max_concurrency=4, lease_seconds=lease))
+    flow = asyncio.create_task(
+        run_flow(
+            source=source.url,
+            output=output.url,
+            extractor="openai",
+            max_concurrency=4,
+            lease_seconds=lease,
+        )
+    )
 
     def progressed():
         now = counts(output.manifest())
         return now["done"] + now["needs_review"] >= 3 and now["processing"] >= 5 and now
+
     at_cancel = await wait_for(progressed, what="some invoices done, others claimed")
     flow.cancel()
     async with asyncio.timeout(60):
@@ -586,20 +653,31 @@ async def test_a_cancelled_run_gives_its_claims_back_and_a_rerun_takes_them_at_o
     assert unfinished and sorted(unfinished + finished) == keys
     requests_before = llm.stats()["total_requests"]
 
-    rerun = await run_flow(source=source.url, output=output.url, extractor="openai",
-                           max_concurrency=4, lease_seconds=lease)
+    rerun = await run_flow(
+        source=source.url,
+        output=output.url,
+        extractor="openai",
+        max_concurrency=4,
+        lease_seconds=lease,
+    )
 
     assert rerun.state.is_completed(), rerun.state.message
     assert rerun.wall_s < lease / 2, f"the rerun waited {rerun.wall_s:.1f} s"
     assert rerun.summary.taken_over == 0 and rerun.summary.skipped_in_flight == 0
     assert sorted(rerun.reported) == sorted(unfinished)
     manifest = assert_all_recorded(output, files)
-    scenario.record(name="run cancelled mid-batch, rerun", invoices_in=n, manifest=manifest,
-                    expected_keys=keys, wall_s=rerun.wall_s, results=output.result_invoice_keys(),
-                    reported=rerun.reported,
-                    note=f"cancelled at {at_cancel['done']} done, {len(unfinished)} released; "
-                         f"LLM calls {requests_before} + "
-                         f"{llm.stats()['total_requests'] - requests_before}")
+    scenario.record(
+        name="run cancelled mid-batch, rerun",
+        invoices_in=n,
+        manifest=manifest,
+        expected_keys=keys,
+        wall_s=rerun.wall_s,
+        results=output.result_invoice_keys(),
+        reported=rerun.reported,
+        note=f"cancelled at {at_cancel['done']} done, {len(unfinished)} released; "
+        f"LLM calls {requests_before} + "
+        f"{llm.stats()['total_requests'] - requests_before}",
+    )
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -625,14 +703,21 @@ async def test_claims_of_a_run_that_ended_are_taken_over_at_once(tmp_path, scena
     assert run.summary.taken_over == len(claimed) == 4
     assert sorted(run.reported) == sorted(claimed), (
         f"taken over but not processed: {run.state.message}; manifest: "
-        f"{ {k: (e.status, e.flow_run_id) for k, e in output.manifest().entries.items()} }")
+        f"{ {k: (e.status, e.flow_run_id) for k, e in output.manifest().entries.items()} }"
+    )
     assert run.summary.skipped_in_flight == 0 and run.summary.claim_holders == []
     assert run.wall_s < 30
     files = first_files | claimed
     manifest = assert_all_recorded(output, files)
-    scenario.record(name="claims of an ended run taken over", invoices_in=len(files),
-                    manifest=manifest, expected_keys=files, wall_s=run.wall_s,
-                    results=output.result_invoice_keys(), reported=[first.reported, run.reported])
+    scenario.record(
+        name="claims of an ended run taken over",
+        invoices_in=len(files),
+        manifest=manifest,
+        expected_keys=files,
+        wall_s=run.wall_s,
+        results=output.result_invoice_keys(),
+        reported=[first.reported, run.reported],
+    )
 
 
 @pytest_asyncio.fixture(loop_scope="function")
@@ -657,7 +742,8 @@ async def live_flow_run(prefect_harness):
 
 @pytest.mark.usefixtures("prefect_harness")
 async def test_claims_of_a_live_run_are_left_to_it_and_the_summary_names_it(
-        tmp_path, live_flow_run, scenario):
+    tmp_path, live_flow_run, scenario
+):
     source, output = Folder(tmp_path / "in"), Folder(tmp_path / "out")
     files = invoices(6, seed=7800)
     keys = source.write(files)
@@ -678,10 +764,16 @@ async def test_claims_of_a_live_run_are_left_to_it_and_the_summary_names_it(
         entry = manifest.entries[key]
         assert (entry.status, entry.flow_run_id) == ("processing", str(live_flow_run.id))
     assert_all_recorded(output, {k: files[k] for k in free})
-    scenario.record(name="claims of a live run left to it", invoices_in=len(free),
-                    manifest=manifest, expected_keys=free, wall_s=run.wall_s,
-                    results=output.result_invoice_keys(), reported=run.reported,
-                    note=f"{len(held)} more left to the live run that claimed them")
+    scenario.record(
+        name="claims of a live run left to it",
+        invoices_in=len(free),
+        manifest=manifest,
+        expected_keys=free,
+        wall_s=run.wall_s,
+        results=output.result_invoice_keys(),
+        reported=run.reported,
+        note=f"{len(held)} more left to the live run that claimed them",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,10 +782,26 @@ async def test_claims_of_a_live_run_are_left_to_it_and_the_summary_names_it(
 
 def start_cli_run(source: Path, output: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows", "run", str(source), "--output", str(output),
-         "--extractor", "openai", "--max-concurrency", "3", "--stop-grace-seconds", "15",
-         "--json"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "flows",
+            "run",
+            str(source),
+            "--output",
+            str(output),
+            "--extractor",
+            "openai",
+            "--max-concurrency",
+            "3",
+            "--stop-grace-seconds",
+            "15",
+            "--json",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         cwd=Path(__file__).parents[1],
         start_new_session=True,  # a stray signal never reaches pytest
     )
@@ -704,10 +812,12 @@ def manifest_of(output: Path) -> Manifest | None:
     return Manifest.model_validate_json(path.read_bytes()) if path.exists() else None
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
-                         ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_finishes_and_records_what_is_in_flight(prefect_server, tmp_path,
-                                                              scenario, signum, code):
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_stop_signal_finishes_and_records_what_is_in_flight(
+    prefect_server, tmp_path, scenario, signum, code
+):
     """SIGTERM / SIGINT once invoices are done and others in flight (2 s LLM calls, 3 at a
     time, 15 s grace): those in flight finish and are recorded, the rest given back
     (`released`), the summary names the signal, exit 143 / 130. The rerun finishes the rest,
@@ -716,15 +826,21 @@ def test_a_stop_signal_finishes_and_records_what_is_in_flight(prefect_server, tm
     source, output = tmp_path / "in", tmp_path / "out"
     keys = sorted(p.name for p in write_samples(source, n, seed=77))
     with FakeLLMServer(FakeLLMConfig(latency=2.0)) as llm:
-        env = {**prefect_server.env, "OPENAI_BASE_URL": llm.base_url,
-               "OPENAI_API_KEY": "sk-test-trust"}
+        env = {
+            **prefect_server.env,
+            "OPENAI_BASE_URL": llm.base_url,
+            "OPENAI_API_KEY": "sk-test-trust",
+        }
         proc = start_cli_run(source, output, env)
         try:
             deadline = time.monotonic() + 120
             while True:
                 status = counts(manifest_of(output))
-                if status["done"] + status["needs_review"] >= 1 and status["processing"] \
-                        and llm.in_flight > 0:
+                if (
+                    status["done"] + status["needs_review"] >= 1
+                    and status["processing"]
+                    and llm.in_flight > 0
+                ):
                     break
                 assert proc.poll() is None, proc.communicate()[1][-3000:]
                 assert time.monotonic() < deadline, "the run made no progress"
@@ -770,14 +886,18 @@ def test_a_stop_signal_finishes_and_records_what_is_in_flight(prefect_server, tm
         total = llm.stats()
         assert total["total_requests"] == n  # nothing paid twice
         scenario.record(
-            name=f"{signum.name} mid-batch, rerun", invoices_in=n, manifest=final,
-            expected_keys=keys, wall_s=rerun_s,
-            results=[json.loads(p.read_text())["key"]
-                     for p in (output / "results").rglob("*.json")],
+            name=f"{signum.name} mid-batch, rerun",
+            invoices_in=n,
+            manifest=final,
+            expected_keys=keys,
+            wall_s=rerun_s,
+            results=[
+                json.loads(p.read_text())["key"] for p in (output / "results").rglob("*.json")
+            ],
             reported=[[row["invoice"] for row in run["rows"]] for run in (summary, again)],
             llm_answers=total["outcomes"].get("ok", 0),
             note=f"{len(finished)} recorded by the stopped run ({asked_at_signal} LLM calls at the "
-                 f"signal), {len(released)} released and done by the rerun",
+            f"signal), {len(released)} released and done by the rerun",
         )
 
 
@@ -786,22 +906,38 @@ def test_a_stop_signal_finishes_and_records_what_is_in_flight(prefect_server, tm
 
 
 @pytest.mark.usefixtures("prefect_harness")
-@pytest.mark.parametrize("bad", [
-    {"max_concurrency": 0}, {"chunk_size": 0}, {"invoice_timeout": -1},
-    {"lease_seconds": 0}, {"stop_grace_seconds": -1}, {"shard": "3/2"},
-], ids=lambda bad: next(iter(bad)))
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_concurrency": 0},
+        {"chunk_size": 0},
+        {"invoice_timeout": -1},
+        {"lease_seconds": 0},
+        {"stop_grace_seconds": -1},
+        {"shard": "3/2"},
+    ],
+    ids=lambda bad: next(iter(bad)),
+)
 async def test_bad_parameters_fail_the_run_before_any_work(tmp_path, bad):
     source, output = Folder(tmp_path / "in"), Folder(tmp_path / "out")
     source.write(invoices(2, seed=7900))
     async with asyncio.timeout(60):
-        state = await process_invoices(source=source.url, output=output.url, extractor="offline",
-                                       return_state=True, **bad)
+        state = await process_invoices(
+            source=source.url, output=output.url, extractor="offline", return_state=True, **bad
+        )
     assert state.is_failed(), state
     assert not output.created()  # no manifest, no claims, no output folder
 
 
-@pytest.mark.parametrize("option, value", [("--max-concurrency", "0"), ("--chunk-size", "0"),
-                                           ("--invoice-timeout", "-1"), ("--shard", "3/2")])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--max-concurrency", "0"),
+        ("--chunk-size", "0"),
+        ("--invoice-timeout", "-1"),
+        ("--shard", "3/2"),
+    ],
+)
 def test_the_cli_refuses_a_bad_option_in_one_line_without_starting_prefect(tmp_path, option, value):
     """A bad option: exit 2 and one line naming it; no Prefect server is started (none is
     configured here, so starting one would make a temporary server, whose database would
@@ -814,8 +950,9 @@ def test_the_cli_refuses_a_bad_option_in_one_line_without_starting_prefect(tmp_p
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
 
-    proc = invoices_cli("run", str(source), "--output", str(tmp_path / "out"), option, value,
-                        env=env, timeout=90)
+    proc = invoices_cli(
+        "run", str(source), "--output", str(tmp_path / "out"), option, value, env=env, timeout=90
+    )
 
     wall = time.monotonic() - started
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -823,7 +960,8 @@ def test_the_cli_refuses_a_bad_option_in_one_line_without_starting_prefect(tmp_p
     line = one_line_refusal(proc)
     assert proc.stderr.strip() == line  # that line only
     assert line.startswith(f"invoices run: {option} {value!r}") or line.startswith(
-        f"invoices run: {option} {value}"), line
+        f"invoices run: {option} {value}"
+    ), line
     assert not (tmp_path / "out").exists()
     assert not (home / "prefect.db").exists()  # no temporary Prefect server
     # < 10 s on an idle machine; the CPU time is the robust measure on a loaded one.

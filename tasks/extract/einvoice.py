@@ -24,6 +24,10 @@ from decimal import Decimal, InvalidOperation
 
 from lxml import etree
 
+from tasks.errors import InvoiceFailure
+from tasks.extract.base import Extraction, Extractor
+from tasks.extract.rules import OfflineExtractor
+from tasks.invoice import Invoice, LineItem
 from tasks.pdf.embedded_xml import (
     CII_NS,
     DEFAULT_MAX_BYTES,
@@ -31,10 +35,6 @@ from tasks.pdf.embedded_xml import (
     UBL_CREDIT_NOTE_ROOT,
     parse_xml,
 )
-from tasks.errors import InvoiceFailure
-from tasks.extract.base import Extraction, Extractor
-from tasks.extract.rules import OfflineExtractor
-from tasks.invoice import Invoice, LineItem
 from tasks.pdf.parse import ParsedDocument
 from tasks.pdf.pool import PdfParser
 
@@ -293,9 +293,7 @@ def _parse_ubl(root: etree._Element) -> Invoice:
     schemes = list(_iterfind(supplier, "cac:PartyTaxScheme"))
     # The VAT registration first (what the page prints and the text path finds); any other else.
     schemes.sort(key=lambda s: (_first_text(s, "cac:TaxScheme/cbc:ID") or "").upper() != "VAT")
-    vendor_tax_id = next(
-        (v for v in (_first_text(s, "cbc:CompanyID") for s in schemes) if v), None
-    )
+    vendor_tax_id = next((v for v in (_first_text(s, "cbc:CompanyID") for s in schemes) if v), None)
 
     line_tag, quantity_tag = (
         ("cac:CreditNoteLine", "cbc:CreditedQuantity")

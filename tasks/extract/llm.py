@@ -37,8 +37,10 @@ import random
 import re
 import time
 import urllib.parse
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, AsyncContextManager, Callable, Mapping
+from typing import Any
 
 import openai
 from pydantic import SecretStr, ValidationError
@@ -131,7 +133,7 @@ class LLMSettings:
             _check_base_url(self.base_url)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "LLMSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LLMSettings:
         """OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MODEL, and INVOICES_LLM_TIMEOUT,
         INVOICES_LLM_MAX_RETRIES, INVOICES_LLM_MAX_INPUT_CHARS, INVOICES_LLM_BACKOFF_BASE,
         INVOICES_LLM_BACKOFF_MAX, INVOICES_LLM_INVALID_OUTPUT_RETRIES."""
@@ -343,11 +345,13 @@ class OpenAIExtractor:
         self,
         settings: LLMSettings,
         *,
-        call_guard: Callable[[], AsyncContextManager[Any]] | AsyncContextManager[Any] | None = None,
+        call_guard: Callable[[], AbstractAsyncContextManager[Any]]
+        | AbstractAsyncContextManager[Any]
+        | None = None,
     ) -> None:
         self.settings = settings
         if call_guard is None:
-            self._guard: Callable[[], AsyncContextManager[Any]] = _no_guard
+            self._guard: Callable[[], AbstractAsyncContextManager[Any]] = _no_guard
         elif hasattr(call_guard, "__aenter__"):  # e.g. an asyncio.Semaphore, reusable
             guard_obj = call_guard
             self._guard = lambda: guard_obj  # type: ignore[assignment,return-value]
@@ -370,12 +374,14 @@ class OpenAIExtractor:
         self._rng = random.Random()
 
     def __repr__(self) -> str:
-        return f"OpenAIExtractor(model={self.settings.model!r}, base_url={self.settings.base_url!r})"
+        return (
+            f"OpenAIExtractor(model={self.settings.model!r}, base_url={self.settings.base_url!r})"
+        )
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def __aenter__(self) -> "OpenAIExtractor":
+    async def __aenter__(self) -> OpenAIExtractor:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -384,7 +390,9 @@ class OpenAIExtractor:
     # ---- the call ----------------------------------------------------------------------
 
     def _secret(self) -> str | None:
-        return self.settings.api_key.get_secret_value() if self.settings.api_key is not None else None
+        return (
+            self.settings.api_key.get_secret_value() if self.settings.api_key is not None else None
+        )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         s = self.settings
@@ -414,7 +422,9 @@ class OpenAIExtractor:
                     completion_tokens += usage[1]
                 notes = [f"llm attempts: {attempt}"] if attempt > 1 else []
                 if truncated:
-                    notes.append(f"input truncated to {s.max_input_chars} of {len(document.text)} characters")
+                    notes.append(
+                        f"input truncated to {s.max_input_chars} of {len(document.text)} characters"
+                    )
                 return Extraction(
                     invoice=invoice,
                     source="llm",
@@ -453,7 +463,9 @@ class OpenAIExtractor:
                 )
                 await asyncio.sleep(wait)
 
-    async def _attempt(self, messages: list[dict[str, str]]) -> tuple[Invoice, tuple[int, int] | None]:
+    async def _attempt(
+        self, messages: list[dict[str, str]]
+    ) -> tuple[Invoice, tuple[int, int] | None]:
         """One HTTP call: the invoice and usage, or `_Retry`, or a final `InvoiceFailure`."""
         s = self.settings
         optional: dict[str, Any] = {}  # left out when unset: some models reject them
@@ -475,13 +487,16 @@ class OpenAIExtractor:
         except (openai.APITimeoutError, TimeoutError) as e:
             refused = _refused_connection(e)
             if refused is not None:
-                raise _Retry("llm_connection_error",
-                             _redact(f"connection failed: {refused}", secret)[:300]) from None
+                raise _Retry(
+                    "llm_connection_error", _redact(f"connection failed: {refused}", secret)[:300]
+                ) from None
             raise _Retry("llm_timeout", f"no answer within the {s.timeout:g}s timeout") from None
         except openai.APIConnectionError as e:
             cause = e.__cause__ or e.__context__
             detail = f"{type(cause).__name__}: {cause}" if cause else str(e)
-            raise _Retry("llm_connection_error", _redact(f"connection failed: {detail}", secret)[:300]) from None
+            raise _Retry(
+                "llm_connection_error", _redact(f"connection failed: {detail}", secret)[:300]
+            ) from None
         except openai.RateLimitError as e:
             code = e.code or ""
             body_type = e.type or ""
@@ -502,22 +517,32 @@ class OpenAIExtractor:
                     retry_after=retry_after_seconds(e.response.headers),
                 ) from None
             raise InvoiceFailure("llm_bad_request", _redact(_api_detail(e), secret)) from None
-        except openai.APIResponseValidationError as e:  # pragma: no cover - strict validation is off
-            raise _Retry("llm_invalid_output", _redact(f"unexpected response: {e.message}", secret), invalid_output=True) from None
+        except (
+            openai.APIResponseValidationError
+        ) as e:  # pragma: no cover - strict validation is off
+            raise _Retry(
+                "llm_invalid_output",
+                _redact(f"unexpected response: {e.message}", secret),
+                invalid_output=True,
+            ) from None
 
         usage = None
         if completion.usage is not None:
             usage = (completion.usage.prompt_tokens or 0, completion.usage.completion_tokens or 0)
 
         def invalid(message: str) -> _Retry:
-            return _Retry("llm_invalid_output", _redact(message, secret), invalid_output=True, usage=usage)
+            return _Retry(
+                "llm_invalid_output", _redact(message, secret), invalid_output=True, usage=usage
+            )
 
         if not completion.choices:
             raise invalid("the answer has no choices")
         choice = completion.choices[0]
         message = choice.message
         if getattr(message, "refusal", None):
-            raise InvoiceFailure("llm_refused", _redact(f"the model refused: {message.refusal[:300]}", secret))
+            raise InvoiceFailure(
+                "llm_refused", _redact(f"the model refused: {message.refusal[:300]}", secret)
+            )
         if choice.finish_reason == "content_filter":
             raise InvoiceFailure("llm_refused", "the answer was stopped by the content filter")
         content = message.content
@@ -526,24 +551,29 @@ class OpenAIExtractor:
         try:
             json.loads(content)
         except ValueError as e:
-            hint = " (cut by the completion token limit)" if choice.finish_reason == "length" else ""
+            hint = (
+                " (cut by the completion token limit)" if choice.finish_reason == "length" else ""
+            )
             raise invalid(f"the answer is not JSON{hint}: {e}; starts {content[:80]!r}") from None
         try:
             invoice = Invoice.model_validate_json(content)
         except ValidationError as e:
             errors = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()[:5]
+                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+                for err in e.errors()[:5]
             )
-            raise invalid(f"the answer does not match the invoice schema ({e.error_count()} errors: {errors})") from None
+            raise invalid(
+                f"the answer does not match the invoice schema ({e.error_count()} errors: {errors})"
+            ) from None
         return invoice, usage
 
 
 __all__ = [
     "INVOICE_SCHEMA",
-    "LLMSettings",
-    "OpenAIExtractor",
     "RESPONSE_FORMAT",
     "SYSTEM_PROMPT",
+    "LLMSettings",
+    "OpenAIExtractor",
     "build_messages",
     "neutralise_delimiters",
     "retry_after_seconds",

@@ -44,10 +44,11 @@ import functools
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal, InvalidOperation
-from typing import Iterable, Literal
+from typing import Literal
 
 from tasks.checks import BIC_RE, IBAN_LENGTHS, VAT_FORMATS, iban_checksum_ok, vat_id_is_valid
 from tasks.extract.base import Extraction
@@ -55,39 +56,106 @@ from tasks.invoice import Invoice, LineItem
 from tasks.pdf.parse import ParsedDocument
 from tasks.pdf.pool import PdfParser
 
-
 # ============================================================================================
 # Numbers
 # ============================================================================================
 
 CURRENCY_CODES = frozenset(
-    "EUR USD GBP CHF JPY CAD AUD NZD SEK NOK DKK PLN CZK HUF RON BGN ISK TRY CNY HKD SGD INR "
-    "ZAR BRL MXN AED SAR ILS KRW TWD THB MYR IDR PHP".split()
+    [
+        "EUR",
+        "USD",
+        "GBP",
+        "CHF",
+        "JPY",
+        "CAD",
+        "AUD",
+        "NZD",
+        "SEK",
+        "NOK",
+        "DKK",
+        "PLN",
+        "CZK",
+        "HUF",
+        "RON",
+        "BGN",
+        "ISK",
+        "TRY",
+        "CNY",
+        "HKD",
+        "SGD",
+        "INR",
+        "ZAR",
+        "BRL",
+        "MXN",
+        "AED",
+        "SAR",
+        "ILS",
+        "KRW",
+        "TWD",
+        "THB",
+        "MYR",
+        "IDR",
+        "PHP",
+    ]
 )
 ZERO_DECIMAL_CURRENCIES = frozenset({"JPY", "KRW", "ISK", "HUF"})
 # Longest first: "US$" before "$".
 _SYMBOLS = (
-    ("US$", "USD"), ("CA$", "CAD"), ("C$", "CAD"), ("AU$", "AUD"), ("A$", "AUD"), ("NZ$", "NZD"),
-    ("HK$", "HKD"), ("S$", "SGD"), ("R$", "BRL"), ("SFr.", "CHF"), ("Fr.", "CHF"), ("€", "EUR"),
-    ("£", "GBP"), ("¥", "JPY"), ("₹", "INR"), ("Rs.", "INR"), ("Rs", "INR"), ("zł", "PLN"), ("Kč", "CZK"),
+    ("US$", "USD"),
+    ("CA$", "CAD"),
+    ("C$", "CAD"),
+    ("AU$", "AUD"),
+    ("A$", "AUD"),
+    ("NZ$", "NZD"),
+    ("HK$", "HKD"),
+    ("S$", "SGD"),
+    ("R$", "BRL"),
+    ("SFr.", "CHF"),
+    ("Fr.", "CHF"),
+    ("€", "EUR"),
+    ("£", "GBP"),
+    ("¥", "JPY"),
+    ("₹", "INR"),
+    ("Rs.", "INR"),
+    ("Rs", "INR"),
+    ("zł", "PLN"),
+    ("Kč", "CZK"),
     ("$", "USD"),
 )
 _SYMBOL_CHARS = "€£¥₹$"
 # (Patterns that start with a lookbehind get a lookahead for their first character in front:
 # it lets the regex engine skip quickly to where a match can start, ~3x faster here.)
-_CODE_RE = re.compile(r"(?=[A-Z])(?<![A-Za-z])(" + "|".join(sorted(CURRENCY_CODES)) + r")(?![A-Za-z])")
+_CODE_RE = re.compile(
+    r"(?=[A-Z])(?<![A-Za-z])(" + "|".join(sorted(CURRENCY_CODES)) + r")(?![A-Za-z])"
+)
 # Symbols made of letters ("Rs", "zł", "Fr.") only count as whole words: "Rs" is no rupee in "MRs".
 # (Each alternative starts with its literal first character, the word-boundary check comes
 # after it, so the regex engine can scan for first characters quickly.)
-_SYMBOL_RE = re.compile("|".join(
-    (re.escape(s[0]) + r"(?<![^\W\d_]" + re.escape(s[0]) + ")" + re.escape(s[1:])
-     + (r"(?![^\W\d_])" if s[-1].isalpha() else ""))
-    if s[0].isalpha() else re.escape(s)
-    for s, _ in _SYMBOLS
-))
+_SYMBOL_RE = re.compile(
+    "|".join(
+        (
+            re.escape(s[0])
+            + r"(?<![^\W\d_]"
+            + re.escape(s[0])
+            + ")"
+            + re.escape(s[1:])
+            + (r"(?![^\W\d_])" if s[-1].isalpha() else "")
+        )
+        if s[0].isalpha()
+        else re.escape(s)
+        for s, _ in _SYMBOLS
+    )
+)
 _STRIP_CURRENCY_RE = re.compile(
-    r"^\s*(?:" + _CODE_RE.pattern + "|" + _SYMBOL_RE.pattern + r")\s*|\s*(?:"
-    + _CODE_RE.pattern + "|" + _SYMBOL_RE.pattern + r")\s*$"
+    r"^\s*(?:"
+    + _CODE_RE.pattern
+    + "|"
+    + _SYMBOL_RE.pattern
+    + r")\s*|\s*(?:"
+    + _CODE_RE.pattern
+    + "|"
+    + _SYMBOL_RE.pattern
+    + r")\s*$"
 )
 _GROUP_CHARS = " \u00a0\u202f\u2009'’"
 _NUMBER_BODY_RE = re.compile(r"\d(?:[\d.,'’ \u00a0\u202f\u2009]*\d)?")
@@ -188,8 +256,8 @@ def _blank(regex: re.Pattern[str], text: str) -> str:
 
 def _with_currency(text: str, start: int, end: int) -> bool:
     """Is the number at text[start:end] printed with a currency ("$ 1939", "1939 EUR", "Rs 40")?"""
-    before = _MARK_BEFORE_RE.search(text[max(0, start - 6):start])
-    after = _MARK_AFTER_RE.match(text[end:end + 5])
+    before = _MARK_BEFORE_RE.search(text[max(0, start - 6) : start])
+    after = _MARK_AFTER_RE.match(text[end : end + 5])
     for mark in (before, after):
         if mark:
             code = re.search(r"[A-Z]{3}", mark.group(0))
@@ -198,7 +266,9 @@ def _with_currency(text: str, start: int, end: int) -> bool:
     return False
 
 
-def find_amounts(text: str, decimal: str | None = None, *, currency: str | None = None) -> list[Decimal]:
+def find_amounts(
+    text: str, decimal: str | None = None, *, currency: str | None = None
+) -> list[Decimal]:
     """Every money amount in `text`, in order, skipping percentages and the base of a tax
     ("VAT 20 % on 1,000.00: 200.00" -> [200.00]).
 
@@ -216,13 +286,18 @@ def find_amounts(text: str, decimal: str | None = None, *, currency: str | None 
         value = parse_number(token, decimal)
         if value is None:
             continue
-        if (_has_cents(token) or currency in ZERO_DECIMAL_CURRENCIES
-                or _with_currency(with_codes, match.start(), match.end())):
+        if (
+            _has_cents(token)
+            or currency in ZERO_DECIMAL_CURRENCIES
+            or _with_currency(with_codes, match.start(), match.end())
+        ):
             values.append(value)
     return values
 
 
-def find_amount(text: str, decimal: str | None = None, *, currency: str | None = None) -> Decimal | None:
+def find_amount(
+    text: str, decimal: str | None = None, *, currency: str | None = None
+) -> Decimal | None:
     """The first money amount in `text` (see `find_amounts`)."""
     values = find_amounts(text, decimal, currency=currency)
     return values[0] if values else None
@@ -245,25 +320,104 @@ def decimal_separator(text: str) -> str | None:
 
 _MONTHS = {
     # English
-    "jan": 1, "january": 1, "feb": 2, "february": 2, "mar": 3, "march": 3, "apr": 4, "april": 4,
-    "may": 5, "jun": 6, "june": 6, "jul": 7, "july": 7, "aug": 8, "august": 8, "sep": 9,
-    "sept": 9, "september": 9, "oct": 10, "october": 10, "nov": 11, "november": 11, "dec": 12,
+    "jan": 1,
+    "january": 1,
+    "feb": 2,
+    "february": 2,
+    "mar": 3,
+    "march": 3,
+    "apr": 4,
+    "april": 4,
+    "may": 5,
+    "jun": 6,
+    "june": 6,
+    "jul": 7,
+    "july": 7,
+    "aug": 8,
+    "august": 8,
+    "sep": 9,
+    "sept": 9,
+    "september": 9,
+    "oct": 10,
+    "october": 10,
+    "nov": 11,
+    "november": 11,
+    "dec": 12,
     "december": 12,
     # German
-    "januar": 1, "jan.": 1, "jaenner": 1, "janner": 1, "februar": 2, "marz": 3, "maerz": 3,
-    "mai": 5, "juni": 6, "juli": 7, "okt": 10, "oktober": 10, "dez": 12, "dezember": 12,
+    "januar": 1,
+    "jan.": 1,
+    "jaenner": 1,
+    "janner": 1,
+    "februar": 2,
+    "marz": 3,
+    "maerz": 3,
+    "mai": 5,
+    "juni": 6,
+    "juli": 7,
+    "okt": 10,
+    "oktober": 10,
+    "dez": 12,
+    "dezember": 12,
     # French (accents removed)
-    "janvier": 1, "janv": 1, "fevrier": 2, "fevr": 2, "fev": 2, "mars": 3, "avril": 4, "avr": 4,
-    "juin": 6, "juillet": 7, "juil": 7, "aout": 8, "septembre": 9, "octobre": 10,
-    "novembre": 11, "decembre": 12,
+    "janvier": 1,
+    "janv": 1,
+    "fevrier": 2,
+    "fevr": 2,
+    "fev": 2,
+    "mars": 3,
+    "avril": 4,
+    "avr": 4,
+    "juin": 6,
+    "juillet": 7,
+    "juil": 7,
+    "aout": 8,
+    "septembre": 9,
+    "octobre": 10,
+    "novembre": 11,
+    "decembre": 12,
     # Dutch
-    "januari": 1, "februari": 2, "maart": 3, "mrt": 3, "mei": 5, "augustus": 8,
+    "januari": 1,
+    "februari": 2,
+    "maart": 3,
+    "mrt": 3,
+    "mei": 5,
+    "augustus": 8,
     # Polish (nominative and genitive, accents removed; "ł" has no decomposition)
-    "styczen": 1, "stycznia": 1, "sty": 1, "luty": 2, "lutego": 2, "lut": 2, "marzec": 3, "marca": 3,
-    "kwiecien": 4, "kwietnia": 4, "kwi": 4, "maj": 5, "maja": 5, "czerwiec": 6, "czerwca": 6, "cze": 6,
-    "lipiec": 7, "lipca": 7, "lip": 7, "sierpien": 8, "sierpnia": 8, "sie": 8, "wrzesien": 9,
-    "wrzesnia": 9, "wrz": 9, "pazdziernik": 10, "pazdziernika": 10, "paz": 10, "listopad": 11,
-    "listopada": 11, "lis": 11, "grudzien": 12, "grudnia": 12, "gru": 12,
+    "styczen": 1,
+    "stycznia": 1,
+    "sty": 1,
+    "luty": 2,
+    "lutego": 2,
+    "lut": 2,
+    "marzec": 3,
+    "marca": 3,
+    "kwiecien": 4,
+    "kwietnia": 4,
+    "kwi": 4,
+    "maj": 5,
+    "maja": 5,
+    "czerwiec": 6,
+    "czerwca": 6,
+    "cze": 6,
+    "lipiec": 7,
+    "lipca": 7,
+    "lip": 7,
+    "sierpien": 8,
+    "sierpnia": 8,
+    "sie": 8,
+    "wrzesien": 9,
+    "wrzesnia": 9,
+    "wrz": 9,
+    "pazdziernik": 10,
+    "pazdziernika": 10,
+    "paz": 10,
+    "listopad": 11,
+    "listopada": 11,
+    "lis": 11,
+    "grudzien": 12,
+    "grudnia": 12,
+    "gru": 12,
 }
 
 _ISO_DATE_RE = re.compile(r"(?=\d)(?<![\d.,/-])(\d{4})([-/.])(\d{1,2})\2(\d{1,2})(?![\d])")
@@ -271,7 +425,9 @@ _NUM_DATE_RE = re.compile(r"(?=\d)(?<![\d.,/-])(\d{1,2})([./-])(\d{1,2})\2(\d{4}
 _DMY_TEXT_RE = re.compile(
     r"(?=\d)(?<![\w])(\d{1,2})(?:st|nd|rd|th|er|\.)?[\s-]*(?:de\s+)?([^\W\d_]{3,12})\.?,?[\s-]+(\d{4})(?!\d)"
 )
-_MDY_TEXT_RE = re.compile(r"(?=[^\W\d_])(?<![\w])([^\W\d_]{3,12})\.?\s+(\d{1,2})(?:st|nd|rd|th)?\s*,?\s+(\d{4})(?!\d)")
+_MDY_TEXT_RE = re.compile(
+    r"(?=[^\W\d_])(?<![\w])([^\W\d_]{3,12})\.?\s+(\d{1,2})(?:st|nd|rd|th)?\s*,?\s+(\d{4})(?!\d)"
+)
 
 
 def _fold(text: str) -> str:
@@ -340,227 +496,578 @@ def parse_date(text: str, day_first: bool | None = None) -> date | None:
 # the start of a cell; among all that match, the longest match wins ("Total HT" beats
 # "Total", "USt-IdNr." beats "USt", "Kundennummer" is not "Kunde").
 _LABEL_TABLE: list[tuple[str, str, tuple[str, ...]]] = [
-    ("invoice_number", "en", (
-        r"invoice\s*(?:no\.?|number|num\.?|nr\.?|#|n[°o]\.?|id)", r"inv\.?\s*(?:no\.?|#)",
-        r"bill\s*(?:no\.?|number|#)", r"receipt\s*(?:no\.?|number|#)",
-    )),
-    ("invoice_number", "de", (
-        r"rechnungs\s*-?\s*(?:nummer|nr\.?|no\.?)", r"rechnung\s*(?:nr\.?|nummer|no\.?)",
-        r"beleg\s*-?\s*(?:nummer|nr\.?)",
-    )),
-    ("invoice_number", "fr", (
-        r"facture\s*n[°o]\.?", r"n[°o]\.?\s*(?:de\s*)?(?:la\s*)?facture",
-        r"num[ée]ro\s*(?:de\s*)?(?:la\s*)?facture", r"facture\s*num[ée]ro",
-    )),
+    (
+        "invoice_number",
+        "en",
+        (
+            r"invoice\s*(?:no\.?|number|num\.?|nr\.?|#|n[°o]\.?|id)",
+            r"inv\.?\s*(?:no\.?|#)",
+            r"bill\s*(?:no\.?|number|#)",
+            r"receipt\s*(?:no\.?|number|#)",
+        ),
+    ),
+    (
+        "invoice_number",
+        "de",
+        (
+            r"rechnungs\s*-?\s*(?:nummer|nr\.?|no\.?)",
+            r"rechnung\s*(?:nr\.?|nummer|no\.?)",
+            r"beleg\s*-?\s*(?:nummer|nr\.?)",
+        ),
+    ),
+    (
+        "invoice_number",
+        "fr",
+        (
+            r"facture\s*n[°o]\.?",
+            r"n[°o]\.?\s*(?:de\s*)?(?:la\s*)?facture",
+            r"num[ée]ro\s*(?:de\s*)?(?:la\s*)?facture",
+            r"facture\s*num[ée]ro",
+        ),
+    ),
     ("invoice_number", "nl", (r"factuur\s*-?\s*(?:nummer|nr\.?|no\.?)",)),
-    ("invoice_number", "pl", (
-        r"faktur[ay]\s*(?:vat\s*)?(?:nr\.?|numer|no\.?)", r"(?:nr|numer)\.?\s*faktury", r"rachunek\s*nr\.?",
-    )),
+    (
+        "invoice_number",
+        "pl",
+        (
+            r"faktur[ay]\s*(?:vat\s*)?(?:nr\.?|numer|no\.?)",
+            r"(?:nr|numer)\.?\s*faktury",
+            r"rachunek\s*nr\.?",
+        ),
+    ),
     # A receipt's own reference, used only when no invoice number is labelled.
-    ("alt_number", "xx", (r"booking\s*(?:id|no\.?|number|ref(?:erence)?)", r"reservation\s*(?:id|no\.?|number)")),
-    ("issue_date", "en", (
-        r"(?:invoice|issue|billing|bill|document)\s*date", r"date\s*of\s*(?:issue|invoice)",
-        r"date\s*issued", r"issued(?:\s*on)?", r"date",
-    )),
+    (
+        "alt_number",
+        "xx",
+        (r"booking\s*(?:id|no\.?|number|ref(?:erence)?)", r"reservation\s*(?:id|no\.?|number)"),
+    ),
+    (
+        "issue_date",
+        "en",
+        (
+            r"(?:invoice|issue|billing|bill|document)\s*date",
+            r"date\s*of\s*(?:issue|invoice)",
+            r"date\s*issued",
+            r"issued(?:\s*on)?",
+            r"date",
+        ),
+    ),
     ("issue_date", "de", (r"rechnungsdatum", r"ausstellungsdatum", r"belegdatum", r"datum")),
-    ("issue_date", "fr", (
-        r"date\s*(?:de\s*)?(?:la\s*)?facture", r"date\s*d['’]\s*[ée]mission", r"date\s*d['’]\s*[ée]dition",
-    )),
+    (
+        "issue_date",
+        "fr",
+        (
+            r"date\s*(?:de\s*)?(?:la\s*)?facture",
+            r"date\s*d['’]\s*[ée]mission",
+            r"date\s*d['’]\s*[ée]dition",
+        ),
+    ),
     ("issue_date", "nl", (r"factuur\s*-?\s*datum",)),
     ("issue_date", "pl", (r"data\s*(?:wystawienia|faktury|dokumentu)",)),
-    ("due_date", "en", (
-        r"(?:payment\s*)?due(?:\s*(?:date|by|on))?", r"date\s*due", r"pay(?:ment)?\s*by",
-        r"payable\s*(?:by|on|until)",
-    )),
-    ("due_date", "de", (
-        r"f[äa]llig(?:keitsdatum|\s*am|\s*bis|\s*zum)?", r"zahlbar\s*(?:bis|am)(?:\s*zum)?",
-        r"zahlungsziel", r"zahlungstermin",
-    )),
-    ("due_date", "fr", (
-        r"(?:date\s*d['’]\s*)?[ée]ch[ée]ance", r"[àa]\s*payer\s*(?:avant\s*le|le|avant)",
-        r"payable\s*(?:le|avant\s*le)", r"date\s*limite\s*de\s*paiement",
-    )),
-    ("due_date", "nl", (r"vervaldatum", r"vervaldag", r"te\s*betalen\s*v[óo]{1,2}r", r"uiterste\s*betaaldatum")),
-    ("due_date", "pl", (r"termin\s*(?:p[łl]atno[śs]ci|zap[łl]aty)", r"zap[łl]ata\s*do", r"p[łl]atne\s*do")),
-    ("subtotal", "en", (
-        r"sub\s*-?\s*total", r"net(?:\s*(?:amount|total|value))?", r"total\s*net",
-        r"total\s*(?:excl\.?|excluding|before|ex\.?)\s*(?:vat|tax|gst)", r"amount\s*(?:excl\.?|before)\s*(?:vat|tax)",
-        r"(?:excl\.?|excluding)\s*(?:vat|tax|gst)",
-    )),
-    ("subtotal", "de", (
-        r"zwischensumme", r"netto(?:\s*-?\s*(?:betrag|summe))?", r"nettobetrag", r"nettosumme",
-        r"summe\s*netto", r"gesamt\s*netto", r"(?:rechnungs|gesamt)betrag\s*netto", r"warenwert",
-        r"(?:summe\s*|betrag\s*)?(?:ohne|exkl\.?|zzgl\.?)\s*(?:mwst|ust)\.?",
-    )),
-    ("subtotal", "fr", (
-        r"sous\s*-?\s*total", r"total\s*h\.?\s*t\.?", r"montant\s*h\.?\s*t\.?",
-        r"total\s*hors\s*tax(?:e|es)?",
-    )),
-    ("subtotal", "nl", (
-        r"subtotaal", r"totaal\s*excl\.?\s*btw", r"netto\s*bedrag", r"bedrag\s*excl\.?\s*btw",
-        r"(?:exclusief|excl\.?)\s*btw", r"totaal\s*exclusief\s*btw",
-    )),
+    (
+        "due_date",
+        "en",
+        (
+            r"(?:payment\s*)?due(?:\s*(?:date|by|on))?",
+            r"date\s*due",
+            r"pay(?:ment)?\s*by",
+            r"payable\s*(?:by|on|until)",
+        ),
+    ),
+    (
+        "due_date",
+        "de",
+        (
+            r"f[äa]llig(?:keitsdatum|\s*am|\s*bis|\s*zum)?",
+            r"zahlbar\s*(?:bis|am)(?:\s*zum)?",
+            r"zahlungsziel",
+            r"zahlungstermin",
+        ),
+    ),
+    (
+        "due_date",
+        "fr",
+        (
+            r"(?:date\s*d['’]\s*)?[ée]ch[ée]ance",
+            r"[àa]\s*payer\s*(?:avant\s*le|le|avant)",
+            r"payable\s*(?:le|avant\s*le)",
+            r"date\s*limite\s*de\s*paiement",
+        ),
+    ),
+    (
+        "due_date",
+        "nl",
+        (r"vervaldatum", r"vervaldag", r"te\s*betalen\s*v[óo]{1,2}r", r"uiterste\s*betaaldatum"),
+    ),
+    (
+        "due_date",
+        "pl",
+        (r"termin\s*(?:p[łl]atno[śs]ci|zap[łl]aty)", r"zap[łl]ata\s*do", r"p[łl]atne\s*do"),
+    ),
+    (
+        "subtotal",
+        "en",
+        (
+            r"sub\s*-?\s*total",
+            r"net(?:\s*(?:amount|total|value))?",
+            r"total\s*net",
+            r"total\s*(?:excl\.?|excluding|before|ex\.?)\s*(?:vat|tax|gst)",
+            r"amount\s*(?:excl\.?|before)\s*(?:vat|tax)",
+            r"(?:excl\.?|excluding)\s*(?:vat|tax|gst)",
+        ),
+    ),
+    (
+        "subtotal",
+        "de",
+        (
+            r"zwischensumme",
+            r"netto(?:\s*-?\s*(?:betrag|summe))?",
+            r"nettobetrag",
+            r"nettosumme",
+            r"summe\s*netto",
+            r"gesamt\s*netto",
+            r"(?:rechnungs|gesamt)betrag\s*netto",
+            r"warenwert",
+            r"(?:summe\s*|betrag\s*)?(?:ohne|exkl\.?|zzgl\.?)\s*(?:mwst|ust)\.?",
+        ),
+    ),
+    (
+        "subtotal",
+        "fr",
+        (
+            r"sous\s*-?\s*total",
+            r"total\s*h\.?\s*t\.?",
+            r"montant\s*h\.?\s*t\.?",
+            r"total\s*hors\s*tax(?:e|es)?",
+        ),
+    ),
+    (
+        "subtotal",
+        "nl",
+        (
+            r"subtotaal",
+            r"totaal\s*excl\.?\s*btw",
+            r"netto\s*bedrag",
+            r"bedrag\s*excl\.?\s*btw",
+            r"(?:exclusief|excl\.?)\s*btw",
+            r"totaal\s*exclusief\s*btw",
+        ),
+    ),
     ("subtotal", "pl", (r"(?:warto[śs][ćc]|razem|suma)\s*netto", r"netto")),
-    ("tax", "en", (
-        r"(?:total\s*)?(?:vat|tax|sales\s*tax|gst|hst|pst)(?:\s*(?:amount|total))?",
-        r"value\s*added\s*tax",
-    )),
-    ("tax", "de", (
-        r"(?:mwst|ust|mehrwertsteuer|umsatzsteuer)\.?(?:\s*-?\s*betrag)?",
-    )),
+    (
+        "tax",
+        "en",
+        (
+            r"(?:total\s*)?(?:vat|tax|sales\s*tax|gst|hst|pst)(?:\s*(?:amount|total))?",
+            r"value\s*added\s*tax",
+        ),
+    ),
+    ("tax", "de", (r"(?:mwst|ust|mehrwertsteuer|umsatzsteuer)\.?(?:\s*-?\s*betrag)?",)),
     ("tax", "fr", (r"(?:total\s*|montant\s*)?t\.?v\.?a\.?",)),
     ("tax", "nl", (r"(?:totaal\s*)?btw(?:\s*-?\s*bedrag)?",)),
     ("tax", "pl", (r"(?:kwota|warto[śs][ćc]|podatek|razem)\s*vat", r"podatek")),
-    ("total", "en", (
-        r"(?:grand\s*|invoice\s*)?total(?:\s*amount)?", r"total\s*(?:incl\.?|including|inc\.?)\s*(?:vat|tax|gst)",
-        r"gross\s*(?:total|amount)", r"total\s*gross",
-        r"total\s*(?:for\s*this\s*|of\s*(?:this\s*)?)(?:invoice|bill|period|statement)",
-        r"total\s*(?:invoice|invoiced)", r"invoice\s*amount",
-    )),
-    ("total", "de", (
-        r"gesamtbetrag", r"gesamtsumme", r"rechnungsbetrag", r"rechnungssumme", r"bruttobetrag",
-        r"gesamt\s*brutto", r"summe\s*brutto", r"endbetrag", r"brutto(?:\s*-?\s*betrag)?",
-        r"rechnung\s*(?:gesamt|total|summe)",
-    )),
-    ("total", "fr", (
-        r"total\s*t\.?\s*t\.?\s*c\.?", r"montant\s*t\.?\s*t\.?\s*c\.?", r"total\s*g[ée]n[ée]ral",
-        r"total\s*(?:de\s*(?:la\s*)?)?facture", r"montant\s*total", r"facture\s*total",
-    )),
-    ("total", "nl", (
-        r"totaal(?:\s*-?\s*bedrag)?", r"totaal\s*incl\.?\s*btw", r"totaalbedrag", r"factuur\s*-?\s*(?:totaal|bedrag)",
-        r"totaal\s*factuur", r"totaal\s*inclusief\s*btw",
-    )),
-    ("total", "pl", (
-        r"nale[żz]no[śs][ćc](?:\s*og[óo][łl]em)?", r"(?:razem\s*)?do\s*zap[łl]aty", r"warto[śs][ćc]\s*brutto",
-        r"razem(?:\s*brutto)?", r"og[óo][łl]em", r"suma(?:\s*brutto)?",
-    )),
-    ("amount_due", "en", (
-        r"(?:total\s*)?amount\s*due", r"balance(?:\s*due)?", r"total\s*due", r"amount\s*payable",
-        r"please\s*pay",
-    )),
+    (
+        "total",
+        "en",
+        (
+            r"(?:grand\s*|invoice\s*)?total(?:\s*amount)?",
+            r"total\s*(?:incl\.?|including|inc\.?)\s*(?:vat|tax|gst)",
+            r"gross\s*(?:total|amount)",
+            r"total\s*gross",
+            r"total\s*(?:for\s*this\s*|of\s*(?:this\s*)?)(?:invoice|bill|period|statement)",
+            r"total\s*(?:invoice|invoiced)",
+            r"invoice\s*amount",
+        ),
+    ),
+    (
+        "total",
+        "de",
+        (
+            r"gesamtbetrag",
+            r"gesamtsumme",
+            r"rechnungsbetrag",
+            r"rechnungssumme",
+            r"bruttobetrag",
+            r"gesamt\s*brutto",
+            r"summe\s*brutto",
+            r"endbetrag",
+            r"brutto(?:\s*-?\s*betrag)?",
+            r"rechnung\s*(?:gesamt|total|summe)",
+        ),
+    ),
+    (
+        "total",
+        "fr",
+        (
+            r"total\s*t\.?\s*t\.?\s*c\.?",
+            r"montant\s*t\.?\s*t\.?\s*c\.?",
+            r"total\s*g[ée]n[ée]ral",
+            r"total\s*(?:de\s*(?:la\s*)?)?facture",
+            r"montant\s*total",
+            r"facture\s*total",
+        ),
+    ),
+    (
+        "total",
+        "nl",
+        (
+            r"totaal(?:\s*-?\s*bedrag)?",
+            r"totaal\s*incl\.?\s*btw",
+            r"totaalbedrag",
+            r"factuur\s*-?\s*(?:totaal|bedrag)",
+            r"totaal\s*factuur",
+            r"totaal\s*inclusief\s*btw",
+        ),
+    ),
+    (
+        "total",
+        "pl",
+        (
+            r"nale[żz]no[śs][ćc](?:\s*og[óo][łl]em)?",
+            r"(?:razem\s*)?do\s*zap[łl]aty",
+            r"warto[śs][ćc]\s*brutto",
+            r"razem(?:\s*brutto)?",
+            r"og[óo][łl]em",
+            r"suma(?:\s*brutto)?",
+        ),
+    ),
+    (
+        "amount_due",
+        "en",
+        (
+            r"(?:total\s*)?amount\s*due",
+            r"balance(?:\s*due)?",
+            r"total\s*due",
+            r"amount\s*payable",
+            r"please\s*pay",
+        ),
+    ),
     ("amount_due", "de", (r"zahlbetrag", r"zu\s*zahlen(?:der\s*betrag)?", r"offener\s*betrag")),
-    ("amount_due", "fr", (
-        r"net\s*[àa]\s*payer", r"montant\s*d[ûu]", r"reste\s*[àa]\s*payer", r"total\s*[àa]\s*payer",
-        r"somme\s*[àa]\s*payer", r"montant\s*[àa]\s*payer",
-    )),
+    (
+        "amount_due",
+        "fr",
+        (
+            r"net\s*[àa]\s*payer",
+            r"montant\s*d[ûu]",
+            r"reste\s*[àa]\s*payer",
+            r"total\s*[àa]\s*payer",
+            r"somme\s*[àa]\s*payer",
+            r"montant\s*[àa]\s*payer",
+        ),
+    ),
     ("amount_due", "nl", (r"te\s*betalen(?:\s*bedrag)?", r"openstaand\s*bedrag")),
-    ("tax_id", "en", (
-        r"(?:vat|tax|gst)\s*(?:reg(?:istration)?\.?\s*)?(?:id|no\.?|number|nr\.?|#)",
-        r"vat\s*reg(?:istration|\.)?", r"ein", r"fein", r"tin", r"tax\s*id(?:entification)?(?:\s*(?:no\.?|number))?",
-        r"federal\s*tax\s*id", r"company\s*vat",
-    )),
-    ("tax_id", "de", (
-        r"ust\s*-?\s*id(?:nr\.?|\s*-?\s*nr\.?|\s*-?\s*no\.?)?",
-        r"umsatzsteuer\s*-?\s*id(?:entifikationsnummer)?(?:\s*-?\s*nr\.?)?",
-        r"steuer\s*-?\s*nr\.?", r"steuernummer", r"uid(?:\s*-?\s*(?:nr\.?|nummer))?",
-        r"mwst\s*-?\s*(?:nr\.?|nummer)", r"che(?=\s*-)",
-    )),
-    ("tax_id", "fr", (
-        r"n[°o]\.?\s*(?:de\s*)?tva(?:\s*intra\s*-?\s*communautaire|\s*intracom\.?)?",
-        r"tva\s*intra\s*-?\s*communautaire", r"num[ée]ro\s*(?:de\s*)?tva",
-        r"identifiant\s*tva",
-    )),
+    (
+        "tax_id",
+        "en",
+        (
+            r"(?:vat|tax|gst)\s*(?:reg(?:istration)?\.?\s*)?(?:id|no\.?|number|nr\.?|#)",
+            r"vat\s*reg(?:istration|\.)?",
+            r"ein",
+            r"fein",
+            r"tin",
+            r"tax\s*id(?:entification)?(?:\s*(?:no\.?|number))?",
+            r"federal\s*tax\s*id",
+            r"company\s*vat",
+        ),
+    ),
+    (
+        "tax_id",
+        "de",
+        (
+            r"ust\s*-?\s*id(?:nr\.?|\s*-?\s*nr\.?|\s*-?\s*no\.?)?",
+            r"umsatzsteuer\s*-?\s*id(?:entifikationsnummer)?(?:\s*-?\s*nr\.?)?",
+            r"steuer\s*-?\s*nr\.?",
+            r"steuernummer",
+            r"uid(?:\s*-?\s*(?:nr\.?|nummer))?",
+            r"mwst\s*-?\s*(?:nr\.?|nummer)",
+            r"che(?=\s*-)",
+        ),
+    ),
+    (
+        "tax_id",
+        "fr",
+        (
+            r"n[°o]\.?\s*(?:de\s*)?tva(?:\s*intra\s*-?\s*communautaire|\s*intracom\.?)?",
+            r"tva\s*intra\s*-?\s*communautaire",
+            r"num[ée]ro\s*(?:de\s*)?tva",
+            r"identifiant\s*tva",
+        ),
+    ),
     ("tax_id", "nl", (r"btw\s*-?\s*(?:nummer|nr\.?|id|identificatienummer)",)),
     ("tax_id", "pl", (r"nip", r"nr\s*nip", r"vat\s*-?\s*ue")),
-    ("customer_tax_id", "en", (
-        r"(?:customer|client|buyer|recipient|your)(?:['’]s)?\s*(?:vat|tax)\s*(?:reg\.?\s*)?(?:id|no\.?|number)?",
-    )),
-    ("customer_tax_id", "de", (
-        r"ihre\s*ust\s*-?\s*id(?:nr\.?|\s*-?\s*nr\.?)?", r"kunden\s*-?\s*ust\s*-?\s*id(?:nr\.?)?",
-        r"ust\s*-?\s*id(?:nr\.?)?\s*(?:des\s*)?(?:kunden|leistungsempf[äa]ngers)",
-    )),
+    (
+        "customer_tax_id",
+        "en",
+        (
+            r"(?:customer|client|buyer|recipient|your)(?:['’]s)?\s*(?:vat|tax)\s*(?:reg\.?\s*)?(?:id|no\.?|number)?",
+        ),
+    ),
+    (
+        "customer_tax_id",
+        "de",
+        (
+            r"ihre\s*ust\s*-?\s*id(?:nr\.?|\s*-?\s*nr\.?)?",
+            r"kunden\s*-?\s*ust\s*-?\s*id(?:nr\.?)?",
+            r"ust\s*-?\s*id(?:nr\.?)?\s*(?:des\s*)?(?:kunden|leistungsempf[äa]ngers)",
+        ),
+    ),
     ("customer_tax_id", "fr", (r"(?:n[°o]\s*)?tva\s*(?:du\s*)?client",)),
-    ("customer_tax_id", "nl", (
-        r"(?:uw\s*)?btw\s*-?\s*(?:nummer|nr\.?)\s*(?:klant|afnemer)", r"uw\s*btw\s*-?\s*(?:nummer|nr\.?)",
-    )),
-    ("customer", "en", (
-        r"bill(?:ed)?\s*to", r"invoice(?:d)?\s*to", r"sold\s*to", r"customer(?:\s*name)?", r"client",
-        r"buyer", r"recipient", r"to(?=\s*:)", r"billing\s*address", r"guest(?:\s*name)?",
-    )),
-    ("customer", "de", (
-        r"rechnungs\s*-?\s*empf[äa]nger(?:in)?", r"rechnung\s*an", r"kunde", r"auftraggeber(?:in)?",
-        r"leistungsempf[äa]nger(?:in)?", r"an(?=\s*:)", r"rechnungs\s*-?\s*(?:adresse|anschrift)",
-    )),
-    ("customer", "fr", (
-        r"factur[ée]\s*[àa]", r"destinataire", r"adress[ée]\s*[àa]", r"acheteur", r"adresse\s*de\s*facturation",
-    )),
-    ("customer", "nl", (r"factuur\s*aan", r"klant", r"afnemer", r"aan(?=\s*:)", r"factuur\s*-?\s*adres")),
-    ("vendor", "en", (
-        r"from(?=\s*:)", r"seller", r"supplier", r"vendor", r"issued\s*by", r"issuer", r"bill\s*from", r"payee",
-        r"sold\s*by",
-    )),
-    ("vendor", "de", (r"lieferant", r"verk[äa]ufer", r"rechnungssteller", r"absender", r"leistungserbringer")),
+    (
+        "customer_tax_id",
+        "nl",
+        (
+            r"(?:uw\s*)?btw\s*-?\s*(?:nummer|nr\.?)\s*(?:klant|afnemer)",
+            r"uw\s*btw\s*-?\s*(?:nummer|nr\.?)",
+        ),
+    ),
+    (
+        "customer",
+        "en",
+        (
+            r"bill(?:ed)?\s*to",
+            r"invoice(?:d)?\s*to",
+            r"sold\s*to",
+            r"customer(?:\s*name)?",
+            r"client",
+            r"buyer",
+            r"recipient",
+            r"to(?=\s*:)",
+            r"billing\s*address",
+            r"guest(?:\s*name)?",
+        ),
+    ),
+    (
+        "customer",
+        "de",
+        (
+            r"rechnungs\s*-?\s*empf[äa]nger(?:in)?",
+            r"rechnung\s*an",
+            r"kunde",
+            r"auftraggeber(?:in)?",
+            r"leistungsempf[äa]nger(?:in)?",
+            r"an(?=\s*:)",
+            r"rechnungs\s*-?\s*(?:adresse|anschrift)",
+        ),
+    ),
+    (
+        "customer",
+        "fr",
+        (
+            r"factur[ée]\s*[àa]",
+            r"destinataire",
+            r"adress[ée]\s*[àa]",
+            r"acheteur",
+            r"adresse\s*de\s*facturation",
+        ),
+    ),
+    (
+        "customer",
+        "nl",
+        (r"factuur\s*aan", r"klant", r"afnemer", r"aan(?=\s*:)", r"factuur\s*-?\s*adres"),
+    ),
+    (
+        "vendor",
+        "en",
+        (
+            r"from(?=\s*:)",
+            r"seller",
+            r"supplier",
+            r"vendor",
+            r"issued\s*by",
+            r"issuer",
+            r"bill\s*from",
+            r"payee",
+            r"sold\s*by",
+        ),
+    ),
+    (
+        "vendor",
+        "de",
+        (r"lieferant", r"verk[äa]ufer", r"rechnungssteller", r"absender", r"leistungserbringer"),
+    ),
     ("vendor", "fr", (r"fournisseur", r"vendeur", r"[ée]metteur", r"prestataire")),
     ("vendor", "nl", (r"leverancier", r"verkoper", r"afzender")),
     ("customer", "pl", (r"nabywca", r"odbiorca", r"p[łl]atnik")),
     ("vendor", "pl", (r"sprzedawca", r"wystawca", r"sprzedaj[ąa]cy", r"dostawca")),
     # Bank details: language-neutral, they do not vote for the document's language.
-    ("iban", "xx", (r"iban(?:\s*(?:no\.?|number|nr\.?|code))?", r"international\s*bank\s*account\s*number")),
-    ("bic", "xx", (
-        r"bic(?:\s*/\s*swift)?(?:\s*-?\s*code)?", r"swift(?:\s*/\s*bic)?(?:\s*-?\s*code)?", r"swift\s*address",
-    )),
+    (
+        "iban",
+        "xx",
+        (r"iban(?:\s*(?:no\.?|number|nr\.?|code))?", r"international\s*bank\s*account\s*number"),
+    ),
+    (
+        "bic",
+        "xx",
+        (
+            r"bic(?:\s*/\s*swift)?(?:\s*-?\s*code)?",
+            r"swift(?:\s*/\s*bic)?(?:\s*-?\s*code)?",
+            r"swift\s*address",
+        ),
+    ),
     ("currency", "en", (r"currency",)),
     ("currency", "de", (r"w[äa]hrung",)),
     ("currency", "fr", (r"devise", r"monnaie")),
     ("currency", "nl", (r"valuta", r"munteenheid")),
     # Labels whose values must not be mistaken for anything above.
-    ("ignore", "en", (
-        r"(?:customer|client|account|member)\s*(?:no\.?|number|id|#|ref(?:erence)?\.?|code)",
-        r"(?:customer|client)\s*(?:service|support|care)", r"attn\.?", r"attention", r"c/o", r"contact(?:\s*person)?",
-        r"(?:purchase\s*)?order(?:\s*(?:no\.?|number|#|date|ref(?:erence)?\.?))?", r"p\.?\s*o\.?(?:\s*(?:no\.?|number|#))?",
-        r"(?:your|our)\s*ref(?:erence)?\.?", r"reference", r"ref\.?",
-        r"(?:delivery|service|supply|shipping|ship|performance|tax\s*point)\s*date", r"date\s*of\s*(?:delivery|supply|service)",
-        r"ship(?:ped)?\s*to", r"deliver(?:ed|y)?\s*to", r"(?:delivery|shipping)\s*address",
-        r"(?:payment\s*)?terms(?:\s*of\s*payment)?", r"payment\s*(?:method|reference)", r"(?:vat|tax)\s*rate",
-        r"bank(?:\s*name|\s*details)?", r"sort\s*code",
-        r"account(?:\s*(?:no\.?|number|name|holder))?", r"routing(?:\s*(?:no\.?|number))?",
-        r"tel(?:\.|ephone)?", r"phone", r"fax", r"mobile", r"e\s*-?\s*mail", r"web(?:site)?", r"www",
-        r"company\s*(?:no\.?|number|reg(?:istration)?\.?(?:\s*no\.?)?)", r"registered\s*(?:in|office|no\.?|number)",
-        r"directors?", r"carried\s*forward", r"brought\s*forward", r"balance\s*(?:carried|brought)\s*forward",
-        r"sub\s*-?\s*total\s*carried\s*forward", r"page",
-    )),
-    ("ignore", "de", (
-        r"kunden\s*-?\s*(?:nummer|nr\.?|id)", r"z\.?\s*hd\.?(?:\s*v\.)?", r"ansprechpartner(?:in)?",
-        r"bestell\s*-?\s*(?:nummer|nr\.?|datum|zeichen)",
-        r"auftrags\s*-?\s*(?:nummer|nr\.?|datum)", r"ihre\s*bestellung", r"(?:ihr|unser)\s*zeichen",
-        r"leistungs\s*-?\s*(?:datum|zeitraum)", r"liefer\s*-?\s*(?:datum|schein(?:\s*-?\s*nr\.?)?|anschrift|adresse)",
-        r"zahlungs\s*-?\s*(?:bedingungen|art|weise)", r"steuersatz", r"bankverbindung", r"kontonummer", r"konto",
-        r"blz", r"bank", r"telefon", r"tel", r"mobil", r"amtsgericht", r"registergericht",
-        r"handelsregister", r"hrb", r"hra", r"firmenbuch(?:\s*-?\s*nr\.?)?", r"fn",
-        r"gesch[äa]ftsf[üu]hr(?:er|erin|ung)", r"inhaber(?:in)?", r"vorstand", r"sitz(?:\s*der\s*gesellschaft)?",
-        r"[üu]bertrag", r"seite",
-    )),
-    ("ignore", "fr", (
-        r"n[°o]\.?\s*(?:de\s*)?client", r"num[ée]ro\s*(?:de\s*)?client", r"code\s*client",
-        r"(?:n[°o]\.?\s*(?:de\s*)?)?(?:bon\s*de\s*)?commande", r"r[ée]f[ée]rence", r"r[ée]f\.?",
-        r"date\s*de\s*(?:livraison|prestation|commande)", r"livraison", r"adresse\s*de\s*livraison",
-        r"conditions\s*(?:de\s*)?(?:paiement|r[èe]glement)", r"mode\s*de\s*(?:paiement|r[èe]glement)",
-        r"p[ée]nalit[ée]s", r"siret", r"siren", r"rcs", r"code\s*ape", r"ape", r"naf", r"rib", r"t[ée]l\.?",
-        r"t[ée]l[ée]phone", r"capital", r"[àa]\s*reporter", r"report\s*de\s*(?:la\s*)?page", r"page",
-    )),
-    ("ignore", "nl", (
-        r"klant\s*-?\s*(?:nummer|nr\.?)", r"debiteur\s*-?\s*(?:nummer|nr\.?)", r"order\s*-?\s*(?:nummer|nr\.?)",
-        r"bestel\s*-?\s*(?:nummer|nr\.?)", r"referentie", r"kenmerk", r"uw\s*referentie",
-        r"lever\s*-?\s*(?:datum|adres)", r"leveringsdatum", r"afleveradres",
-        r"betalings\s*-?\s*(?:termijn|voorwaarden|kenmerk)", r"kvk(?:\s*-?\s*(?:nummer|nr\.?))?", r"kbo",
-        r"pagina", r"order\s*-?\s*datum",
-    )),
-    ("ignore", "pl", (r"regon", r"krs", r"adres", r"nr\s*konta", r"bdo", r"s[łl]ownie", r"zap[łl]acono")),
+    (
+        "ignore",
+        "en",
+        (
+            r"(?:customer|client|account|member)\s*(?:no\.?|number|id|#|ref(?:erence)?\.?|code)",
+            r"(?:customer|client)\s*(?:service|support|care)",
+            r"attn\.?",
+            r"attention",
+            r"c/o",
+            r"contact(?:\s*person)?",
+            r"(?:purchase\s*)?order(?:\s*(?:no\.?|number|#|date|ref(?:erence)?\.?))?",
+            r"p\.?\s*o\.?(?:\s*(?:no\.?|number|#))?",
+            r"(?:your|our)\s*ref(?:erence)?\.?",
+            r"reference",
+            r"ref\.?",
+            r"(?:delivery|service|supply|shipping|ship|performance|tax\s*point)\s*date",
+            r"date\s*of\s*(?:delivery|supply|service)",
+            r"ship(?:ped)?\s*to",
+            r"deliver(?:ed|y)?\s*to",
+            r"(?:delivery|shipping)\s*address",
+            r"(?:payment\s*)?terms(?:\s*of\s*payment)?",
+            r"payment\s*(?:method|reference)",
+            r"(?:vat|tax)\s*rate",
+            r"bank(?:\s*name|\s*details)?",
+            r"sort\s*code",
+            r"account(?:\s*(?:no\.?|number|name|holder))?",
+            r"routing(?:\s*(?:no\.?|number))?",
+            r"tel(?:\.|ephone)?",
+            r"phone",
+            r"fax",
+            r"mobile",
+            r"e\s*-?\s*mail",
+            r"web(?:site)?",
+            r"www",
+            r"company\s*(?:no\.?|number|reg(?:istration)?\.?(?:\s*no\.?)?)",
+            r"registered\s*(?:in|office|no\.?|number)",
+            r"directors?",
+            r"carried\s*forward",
+            r"brought\s*forward",
+            r"balance\s*(?:carried|brought)\s*forward",
+            r"sub\s*-?\s*total\s*carried\s*forward",
+            r"page",
+        ),
+    ),
+    (
+        "ignore",
+        "de",
+        (
+            r"kunden\s*-?\s*(?:nummer|nr\.?|id)",
+            r"z\.?\s*hd\.?(?:\s*v\.)?",
+            r"ansprechpartner(?:in)?",
+            r"bestell\s*-?\s*(?:nummer|nr\.?|datum|zeichen)",
+            r"auftrags\s*-?\s*(?:nummer|nr\.?|datum)",
+            r"ihre\s*bestellung",
+            r"(?:ihr|unser)\s*zeichen",
+            r"leistungs\s*-?\s*(?:datum|zeitraum)",
+            r"liefer\s*-?\s*(?:datum|schein(?:\s*-?\s*nr\.?)?|anschrift|adresse)",
+            r"zahlungs\s*-?\s*(?:bedingungen|art|weise)",
+            r"steuersatz",
+            r"bankverbindung",
+            r"kontonummer",
+            r"konto",
+            r"blz",
+            r"bank",
+            r"telefon",
+            r"tel",
+            r"mobil",
+            r"amtsgericht",
+            r"registergericht",
+            r"handelsregister",
+            r"hrb",
+            r"hra",
+            r"firmenbuch(?:\s*-?\s*nr\.?)?",
+            r"fn",
+            r"gesch[äa]ftsf[üu]hr(?:er|erin|ung)",
+            r"inhaber(?:in)?",
+            r"vorstand",
+            r"sitz(?:\s*der\s*gesellschaft)?",
+            r"[üu]bertrag",
+            r"seite",
+        ),
+    ),
+    (
+        "ignore",
+        "fr",
+        (
+            r"n[°o]\.?\s*(?:de\s*)?client",
+            r"num[ée]ro\s*(?:de\s*)?client",
+            r"code\s*client",
+            r"(?:n[°o]\.?\s*(?:de\s*)?)?(?:bon\s*de\s*)?commande",
+            r"r[ée]f[ée]rence",
+            r"r[ée]f\.?",
+            r"date\s*de\s*(?:livraison|prestation|commande)",
+            r"livraison",
+            r"adresse\s*de\s*livraison",
+            r"conditions\s*(?:de\s*)?(?:paiement|r[èe]glement)",
+            r"mode\s*de\s*(?:paiement|r[èe]glement)",
+            r"p[ée]nalit[ée]s",
+            r"siret",
+            r"siren",
+            r"rcs",
+            r"code\s*ape",
+            r"ape",
+            r"naf",
+            r"rib",
+            r"t[ée]l\.?",
+            r"t[ée]l[ée]phone",
+            r"capital",
+            r"[àa]\s*reporter",
+            r"report\s*de\s*(?:la\s*)?page",
+            r"page",
+        ),
+    ),
+    (
+        "ignore",
+        "nl",
+        (
+            r"klant\s*-?\s*(?:nummer|nr\.?)",
+            r"debiteur\s*-?\s*(?:nummer|nr\.?)",
+            r"order\s*-?\s*(?:nummer|nr\.?)",
+            r"bestel\s*-?\s*(?:nummer|nr\.?)",
+            r"referentie",
+            r"kenmerk",
+            r"uw\s*referentie",
+            r"lever\s*-?\s*(?:datum|adres)",
+            r"leveringsdatum",
+            r"afleveradres",
+            r"betalings\s*-?\s*(?:termijn|voorwaarden|kenmerk)",
+            r"kvk(?:\s*-?\s*(?:nummer|nr\.?))?",
+            r"kbo",
+            r"pagina",
+            r"order\s*-?\s*datum",
+        ),
+    ),
+    (
+        "ignore",
+        "pl",
+        (r"regon", r"krs", r"adres", r"nr\s*konta", r"bdo", r"s[łl]ownie", r"zap[łl]acono"),
+    ),
 ]
 
 # "zzgl. 19 % MwSt.", "+ VAT", "20% VAT": a preposition and/or a rate may precede a label.
-_PREFIX_WORD = r"(?:(?:zzgl|inkl|incl|excl|exkl|plus|abzgl|dont|davon|hiervon|hierin|including)\.?\s+|\+\s*)"
+_PREFIX_WORD = (
+    r"(?:(?:zzgl|inkl|incl|excl|exkl|plus|abzgl|dont|davon|hiervon|hierin|including)\.?\s+|\+\s*)"
+)
 _PREFIX_RATE = r"(?:\d{1,2}(?:[.,]\d{1,3})?\s*%\s*)"
 _LABEL_PREFIX = _PREFIX_WORD + "?" + _PREFIX_RATE + "?"
 _LABEL_END = r"(?![^\W\d_])"  # the label is a whole word: "Net" is no label in "Network"
 
-_LABEL_LIST = [(role, lang, pattern) for role, lang, patterns in _LABEL_TABLE for pattern in patterns]
+_LABEL_LIST = [
+    (role, lang, pattern) for role, lang, patterns in _LABEL_TABLE for pattern in patterns
+]
 assert all(re.compile(p).groups == 0 for _, _, p in _LABEL_LIST)
 # Every synonym in one regex: an optional lookahead per synonym, capturing what it matches, so
 # one call finds every synonym that matches at a position (and the longest can be chosen).
 _ALL_LABELS_RE = re.compile("".join(f"(?:(?=({p}){_LABEL_END}))?" for _, _, p in _LABEL_LIST), re.I)
 _ANY_LABEL = re.compile(
-    r"^\s*" + _LABEL_PREFIX + "(?:" + "|".join(p for _, _, p in _LABEL_LIST) + ")" + _LABEL_END, re.I
+    r"^\s*" + _LABEL_PREFIX + "(?:" + "|".join(p for _, _, p in _LABEL_LIST) + ")" + _LABEL_END,
+    re.I,
 )
 _WS_RE = re.compile(r"\s*")
 _PREFIX_WORD_RE = re.compile(_PREFIX_WORD, re.I)
@@ -706,7 +1213,9 @@ def looks_like_tax_id(text: str, *, strict: bool = False) -> bool:
 
 # Where a VAT id printed without a label may start: a prefix of the checks' table as a word of
 # its own ("DE 123...", "CHE-123..." is CH + "E123..."), the id after at most one separator.
-_VAT_START_RE = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(sorted(VAT_FORMATS)) + r")(?=[ .\-]?[0-9A-Z])")
+_VAT_START_RE = re.compile(
+    r"(?<![A-Za-z0-9])(" + "|".join(sorted(VAT_FORMATS)) + r")(?=[ .\-]?[0-9A-Z])"
+)
 # Unlabelled, "NO 123456789" is as likely "INVOICE NO 123456789" as a Norwegian organisation
 # number: there only the VAT-registered form counts, with its "MVA" (the validator, which sees
 # the field's value rather than running text, accepts the bare number too).
@@ -720,7 +1229,7 @@ def find_vat_id(text: str) -> str | None:
     for m in _VAT_START_RE.finditer(text):
         country = m.group(1)
         # the id may be printed in groups: try every run of groups after the country code
-        pieces = re.match(r"[ .\-]?([0-9A-Z]+(?:[ .\-][0-9A-Z]+)*)", text[m.end():])
+        pieces = re.match(r"[ .\-]?([0-9A-Z]+(?:[ .\-][0-9A-Z]+)*)", text[m.end() :])
         if not pieces:
             continue
         body, found = "", None
@@ -728,7 +1237,9 @@ def find_vat_id(text: str) -> str | None:
             body += piece
             if len(body) > 16:
                 break
-            if vat_id_is_valid(country + body) and body.endswith(_UNLABELLED_SUFFIX.get(country, "")):
+            if vat_id_is_valid(country + body) and body.endswith(
+                _UNLABELLED_SUFFIX.get(country, "")
+            ):
                 found = body  # the longest run that fits ("CHE-123.456.789 MWST")
         if found:
             return country + found
@@ -736,7 +1247,7 @@ def find_vat_id(text: str) -> str | None:
 
 
 def normalize_tax_id(text: str) -> str:
-    """"DE 123 456 789" -> "DE123456789": VAT ids are compared without spaces; other tax
+    """ "DE 123 456 789" -> "DE123456789": VAT ids are compared without spaces; other tax
     numbers (and a trailing "MWST"/"TVA") stay as printed."""
     t = " ".join(text.split())
     m = re.fullmatch(r"([A-Z]{2}[0-9A-Z .\-]*?)((?:\s+(?:MWST|TVA|IVA))?)", t)
@@ -801,7 +1312,9 @@ def _currency_in(text: str) -> str | None:
     return None
 
 
-_IBAN_START_RE = re.compile(r"(?=[A-Z])(?<![A-Z0-9])([A-Z]{2}\d{2})((?:[ \u00a0]?[A-Z0-9]{1,8}){1,9})")
+_IBAN_START_RE = re.compile(
+    r"(?=[A-Z])(?<![A-Z0-9])([A-Z]{2}\d{2})((?:[ \u00a0]?[A-Z0-9]{1,8}){1,9})"
+)
 
 
 def find_iban(text: str, *, labelled: bool) -> str | None:
@@ -850,36 +1363,119 @@ _HEADER_SUFFIX = (
     r"|/\s*(?:unit|st(?:ü|ue)ck|stk\.?|pc\.?|u\.?)))*"
 )
 _HEADER_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "pos": (r"pos\.?", r"position", r"#", r"no\.?", r"nr\.?", r"n[°o]", r"line", r"item\s*(?:no\.?|#)", r"lfd\.?\s*nr\.?",
-            r"lp\.?"),
-    "desc": (
-        r"descriptions?", r"item(?:s)?(?:\s*description)?", r"products?(?:\s*/\s*services?)?", r"services?",
-        r"details", r"articles?", r"particulars", r"(?:leistungs|artikel)?\s*beschreibung", r"bezeichnung",
-        r"artikel(?:\s*bezeichnung)?", r"leistung(?:en)?", r"d[ée]signation", r"libell[ée]", r"prestations?",
-        r"omschrijving", r"dienst(?:en)?", r"produkt", r"text", r"nazwa(?:\s*towaru(?:\s*(?:/|lub)\s*us[łl]ugi)?)?",
+    "pos": (
+        r"pos\.?",
+        r"position",
+        r"#",
+        r"no\.?",
+        r"nr\.?",
+        r"n[°o]",
+        r"line",
+        r"item\s*(?:no\.?|#)",
+        r"lfd\.?\s*nr\.?",
+        r"lp\.?",
     ),
-    "qty": (r"qty\.?", r"quantity", r"quantit[ée]", r"qt[ée]\.?", r"menge", r"anzahl", r"aantal", r"hours", r"hrs\.?",
-            r"units", r"stunden", r"std\.?", r"heures", r"uren", r"hoeveelheid", r"nombre", r"ilo[śs][ćc]"),
+    "desc": (
+        r"descriptions?",
+        r"item(?:s)?(?:\s*description)?",
+        r"products?(?:\s*/\s*services?)?",
+        r"services?",
+        r"details",
+        r"articles?",
+        r"particulars",
+        r"(?:leistungs|artikel)?\s*beschreibung",
+        r"bezeichnung",
+        r"artikel(?:\s*bezeichnung)?",
+        r"leistung(?:en)?",
+        r"d[ée]signation",
+        r"libell[ée]",
+        r"prestations?",
+        r"omschrijving",
+        r"dienst(?:en)?",
+        r"produkt",
+        r"text",
+        r"nazwa(?:\s*towaru(?:\s*(?:/|lub)\s*us[łl]ugi)?)?",
+    ),
+    "qty": (
+        r"qty\.?",
+        r"quantity",
+        r"quantit[ée]",
+        r"qt[ée]\.?",
+        r"menge",
+        r"anzahl",
+        r"aantal",
+        r"hours",
+        r"hrs\.?",
+        r"units",
+        r"stunden",
+        r"std\.?",
+        r"heures",
+        r"uren",
+        r"hoeveelheid",
+        r"nombre",
+        r"ilo[śs][ćc]",
+    ),
     "uom": (r"unit", r"einheit", r"me", r"eh", r"unit[ée]", r"eenheid", r"uom", r"j\.?\s*m\.?"),
     "unit": (
-        r"unit\s*price", r"price(?:\s*per\s*unit)?", r"rate", r"unit\s*cost", r"cost", r"einzelpreis", r"e\.?\s*-?\s*preis",
-        r"st[üu]ckpreis", r"preis(?:\s*je\s*einheit)?", r"prix\s*unit(?:aire|\.)?", r"p\.?\s*u\.?", r"prix",
-        r"stukprijs", r"eenheidsprijs", r"prijs(?:\s*per\s*stuk)?", r"tarief", r"ep", r"vk\s*-?\s*preis",
+        r"unit\s*price",
+        r"price(?:\s*per\s*unit)?",
+        r"rate",
+        r"unit\s*cost",
+        r"cost",
+        r"einzelpreis",
+        r"e\.?\s*-?\s*preis",
+        r"st[üu]ckpreis",
+        r"preis(?:\s*je\s*einheit)?",
+        r"prix\s*unit(?:aire|\.)?",
+        r"p\.?\s*u\.?",
+        r"prix",
+        r"stukprijs",
+        r"eenheidsprijs",
+        r"prijs(?:\s*per\s*stuk)?",
+        r"tarief",
+        r"ep",
+        r"vk\s*-?\s*preis",
         r"cena(?:\s*(?:jedn(?:\.|ostkowa)?|netto|brutto))?",
     ),
     "rate": (r"(?:vat|tax|mwst|ust|tva|btw)\s*%?", r"%", r"taxes", r"(?:vat|tax)\s*rate"),
     "amount": (
-        r"amount", r"(?:line\s*)?total", r"sum", r"betrag", r"gesamt(?:preis|betrag)?", r"summe", r"montant",
-        r"total", r"bedrag", r"totaal", r"net(?:to)?\s*(?:amount|betrag)?", r"zeilen\s*-?\s*betrag",
-        r"positions\s*-?\s*betrag", r"line\s*amount", r"ext(?:ended|\.)?\s*(?:price|amount)", r"kwota",
+        r"amount",
+        r"(?:line\s*)?total",
+        r"sum",
+        r"betrag",
+        r"gesamt(?:preis|betrag)?",
+        r"summe",
+        r"montant",
+        r"total",
+        r"bedrag",
+        r"totaal",
+        r"net(?:to)?\s*(?:amount|betrag)?",
+        r"zeilen\s*-?\s*betrag",
+        r"positions\s*-?\s*betrag",
+        r"line\s*amount",
+        r"ext(?:ended|\.)?\s*(?:price|amount)",
+        r"kwota",
         r"warto[śs][ćc](?:\s*(?:netto|brutto))?",
     ),
-    "discount": (r"disc\.?\s*%?", r"discount\s*%?", r"rabatt?\s*%?", r"remise\s*%?", r"korting\s*%?"),
-    "code": (
-        r"sku", r"code", r"art(?:ikel)?\s*-?\s*nr\.?", r"artikelnummer", r"(?:item|product|article)\s*code",
-        r"part\s*(?:no\.?|number)", r"r[ée]f(?:[ée]rence)?\.?",
+    "discount": (
+        r"disc\.?\s*%?",
+        r"discount\s*%?",
+        r"rabatt?\s*%?",
+        r"remise\s*%?",
+        r"korting\s*%?",
     ),
-    "qtyunit": (r"(?:qty|quantity|menge|qt[ée]|aantal)\s*(?:x|×|@)\s*(?:unit\s*)?(?:price|preis|prix|prijs)",),
+    "code": (
+        r"sku",
+        r"code",
+        r"art(?:ikel)?\s*-?\s*nr\.?",
+        r"artikelnummer",
+        r"(?:item|product|article)\s*code",
+        r"part\s*(?:no\.?|number)",
+        r"r[ée]f(?:[ée]rence)?\.?",
+    ),
+    "qtyunit": (
+        r"(?:qty|quantity|menge|qt[ée]|aantal)\s*(?:x|×|@)\s*(?:unit\s*)?(?:price|preis|prix|prijs)",
+    ),
 }
 _HEADER_RES = {
     role: re.compile(r"^(?:" + "|".join(pats) + r")" + _HEADER_SUFFIX + r"\s*:?$", re.I)
@@ -891,8 +1487,12 @@ _HEADER_WORD_RES = {
 }
 _NUMERIC_ROLES = ("qty", "unit", "amount", "rate", "qtyunit", "discount")
 _NUM = r"[-−(]?\d[\d.,'’\u00a0\u202f]*\d?\)?"
-_QXU_RE = re.compile(r"^(" + _NUM + r")\s*(?:[x×*@]|\bx\b)\s*(?:[€£$¥]\s?)?(" + _NUM + r")(?:\s*[€£$¥])?$", re.I)
-_NUM_UNIT_RE = re.compile(r"^(" + _NUM + r")\s?([^\W\d_][^\W\d]{0,5}\.?(?:\([^\W\d]{1,3}\))?|m²|m2|m³)$")
+_QXU_RE = re.compile(
+    r"^(" + _NUM + r")\s*(?:[x×*@]|\bx\b)\s*(?:[€£$¥]\s?)?(" + _NUM + r")(?:\s*[€£$¥])?$", re.I
+)
+_NUM_UNIT_RE = re.compile(
+    r"^(" + _NUM + r")\s?([^\W\d_][^\W\d]{0,5}\.?(?:\([^\W\d]{1,3}\))?|m²|m2|m³)$"
+)
 _CARRY_RE = re.compile(
     r"^(?:(?:sub\s*-?\s*total\s*)?(?:carried|brought)\s*forward|balance\s*(?:carried|brought)\s*forward|"
     r"[üu]bertrag|[àa]\s*reporter|report\s*(?:de\s*(?:la\s*)?page|:)|zwischensumme\s*[üu]bertrag)(?![^\W\d_])",
@@ -916,7 +1516,18 @@ def header_roles(text: str) -> list[str] | None:
 def _header_roles(text: str) -> list[str] | None:
     """Column roles named by one header cell ("Unit price" -> ["unit"]); a cell holding a whole
     header row ("Description Qty Unit price Amount") yields several. None if not a header."""
-    for role in ("qtyunit", "desc", "qty", "unit", "amount", "pos", "rate", "uom", "discount", "code"):
+    for role in (
+        "qtyunit",
+        "desc",
+        "qty",
+        "unit",
+        "amount",
+        "pos",
+        "rate",
+        "uom",
+        "discount",
+        "code",
+    ):
         if _HEADER_RES[role].match(text.strip()):
             return [role]
     roles: list[str] = []
@@ -930,7 +1541,7 @@ def _header_roles(text: str) -> list[str] | None:
         if best is None:
             return None
         roles.append(best[1])
-        rest = rest[best[0]:].strip()
+        rest = rest[best[0] :].strip()
     return roles if len(roles) > 1 else None
 
 
@@ -965,7 +1576,9 @@ def classify_cell(text: str, decimal: str | None) -> _Value:
 def _consistent(qty: Decimal | None, unit: Decimal | None, amount: Decimal | None) -> bool:
     if None in (qty, unit, amount):
         return False
-    return abs(qty * unit - amount) <= Decimal("0.011") or abs(qty * unit - amount) <= abs(amount) * Decimal("0.0005")
+    return abs(qty * unit - amount) <= Decimal("0.011") or abs(qty * unit - amount) <= abs(
+        amount
+    ) * Decimal("0.0005")
 
 
 def _item(desc: str, values: list[_Value], roles: list[str]) -> LineItem | None:
@@ -977,9 +1590,9 @@ def _item(desc: str, values: list[_Value], roles: list[str]) -> LineItem | None:
     if compound:
         qty, unit = compound[0].number, compound[0].second
         needed = [r for r in needed if r not in ("qty", "unit", "qtyunit")]
-    if len(plain) < len(needed) or not needed and not compound:
+    if len(plain) < len(needed) or (not needed and not compound):
         return None
-    for role, value in zip(needed, plain):
+    for role, value in zip(needed, plain, strict=False):
         if role == "qty":
             qty = value.number
         elif role == "unit":
@@ -991,9 +1604,10 @@ def _item(desc: str, values: list[_Value], roles: list[str]) -> LineItem | None:
     return LineItem(description=desc, quantity=qty, unit_price=unit, amount=amount)
 
 
-def _split_merged_row(text: str, decimal: str | None, roles: list[str], *,
-                      n_pre: int = 0) -> tuple[str, list[_Value]] | None:
-    """"Consulting 2 150.00 300.00" (a row extracted as one run of words): description and
+def _split_merged_row(
+    text: str, decimal: str | None, roles: list[str], *, n_pre: int = 0
+) -> tuple[str, list[_Value]] | None:
+    """ "Consulting 2 150.00 300.00" (a row extracted as one run of words): description and
     numbers, accepted only when the numbers add up (quantity x price = amount)."""
     tokens = text.split()
     values: list[_Value] = []
@@ -1018,7 +1632,7 @@ def _split_merged_row(text: str, decimal: str | None, roles: list[str], *,
     needed = [r for r in roles if r in ("qty", "unit", "amount")] or ["qty", "unit", "amount"]
     if len(values) < len(needed):
         return None
-    tail = values[-len(needed):]
+    tail = values[-len(needed) :]
     extra = values[: len(values) - len(needed)]
     item = _item(desc, tail, needed)
     if item is None or not _consistent(item.quantity, item.unit_price, item.amount):
@@ -1032,7 +1646,9 @@ def name_like_description(text: str) -> bool:
     return bool(re.search(r"[^\W\d_]{2}", text))
 
 
-def line_items_from_rows(rows: Iterable[list[str]], roles: list[str], *, decimal: str | None) -> list[LineItem]:
+def line_items_from_rows(
+    rows: Iterable[list[str]], roles: list[str], *, decimal: str | None
+) -> list[LineItem]:
     """Line items from table rows whose cells are already known (e.g. found by word positions).
 
     `roles` names each column ("pos", "desc", "qty", "uom", "unit", "rate", "amount",
@@ -1045,7 +1661,7 @@ def line_items_from_rows(rows: Iterable[list[str]], roles: list[str], *, decimal
         desc: list[str] = []
         numbers: dict[str, Decimal] = {}
         usable = True
-        for cell, role in zip(cells, roles):
+        for cell, role in zip(cells, roles, strict=False):
             text = cell.strip()
             if role == "desc":
                 if text:
@@ -1062,8 +1678,14 @@ def line_items_from_rows(rows: Iterable[list[str]], roles: list[str], *, decimal
             elif role in ("qty", "unit", "amount"):
                 numbers[role] = value.number
         if usable and desc and numbers:
-            items.append(LineItem(description=" ".join(desc), quantity=numbers.get("qty"),
-                                  unit_price=numbers.get("unit"), amount=numbers.get("amount")))
+            items.append(
+                LineItem(
+                    description=" ".join(desc),
+                    quantity=numbers.get("qty"),
+                    unit_price=numbers.get("unit"),
+                    amount=numbers.get("amount"),
+                )
+            )
     return items
 
 
@@ -1117,7 +1739,10 @@ _CHAR_W, _LINE_H = 4.0, 8.0
 def rows_from_text(page_text: str, page: int) -> list[_Row]:
     rows = []
     for i, line in enumerate(page_text.split("\n")):
-        toks = [_Tok(m.start() * _CHAR_W, m.end() * _CHAR_W, m.group(0)) for m in re.finditer(r"\S+", line)]
+        toks = [
+            _Tok(m.start() * _CHAR_W, m.end() * _CHAR_W, m.group(0))
+            for m in re.finditer(r"\S+", line)
+        ]
         if toks:
             y = i * _LINE_H * 1.25
             rows.append(_Row(page, y, y + _LINE_H, toks, _phrases(toks, _LINE_H)))
@@ -1162,7 +1787,8 @@ _HEADER_HINT_DESC = re.compile(
     r"(?<![^\W\d_])(?:" + "|".join(_HEADER_SYNONYMS["desc"]) + r")(?![^\W\d_])", re.I
 )
 _HEADER_HINT_NUM = re.compile(
-    r"(?<![^\W\d_])(?:" + "|".join(p for r in ("qty", "unit", "amount") for p in _HEADER_SYNONYMS[r])
+    r"(?<![^\W\d_])(?:"
+    + "|".join(p for r in ("qty", "unit", "amount") for p in _HEADER_SYNONYMS[r])
     + r")(?![^\W\d_])",
     re.I,
 )
@@ -1170,7 +1796,18 @@ _CURRENCY_TOKEN_RE = re.compile(r"^(?:[€£¥$₹]|Rs\.?|" + "|".join(sorted(CU
 
 
 def _header_role(chunk: str) -> str | None:
-    for role in ("qtyunit", "desc", "qty", "unit", "amount", "pos", "rate", "uom", "discount", "code"):
+    for role in (
+        "qtyunit",
+        "desc",
+        "qty",
+        "unit",
+        "amount",
+        "pos",
+        "rate",
+        "uom",
+        "discount",
+        "code",
+    ):
         if _HEADER_RES[role].match(chunk):
             return role
     return None
@@ -1196,11 +1833,15 @@ def header_columns(row: _Row) -> list[_Col] | None:
             if role:
                 best = (j, role)
                 break
-        if (best is not None and best[0] - i >= 2 and re.search(r"[^\W\d_]{2}", toks[best[0] - 1].text)
-                and _header_role(toks[best[0] - 1].text)):
+        if (
+            best is not None
+            and best[0] - i >= 2
+            and re.search(r"[^\W\d_]{2}", toks[best[0] - 1].text)
+            and _header_role(toks[best[0] - 1].text)
+        ):
             # "Prijs per stuk BTW": the suffix "BTW" is a column of its own when what is
             # left still names a column ("Prijs incl. BTW" stays whole)
-            shorter = _header_role(" ".join(t.text for t in toks[i:best[0] - 1]))
+            shorter = _header_role(" ".join(t.text for t in toks[i : best[0] - 1]))
             if shorter == best[1] != _header_role(toks[best[0] - 1].text):
                 best = (best[0] - 1, shorter)
         if best is None:
@@ -1222,7 +1863,11 @@ def header_columns(row: _Row) -> list[_Col] | None:
     amounts = [c for c in cols if c.role == "amount"]
     if len(amounts) > 1:
         # "Montant HT ... Montant TTC": the line amount is the net one (else the last)
-        net = [c for c in amounts if re.search(r"(?i)\b(?:h\.?t\.?|net(?:to)?|excl\.?|exkl\.?|ohne)\b", c.text)]
+        net = [
+            c
+            for c in amounts
+            if re.search(r"(?i)\b(?:h\.?t\.?|net(?:to)?|excl\.?|exkl\.?|ohne)\b", c.text)
+        ]
         keep = net[0] if net else amounts[-1]
         for c in amounts:
             if c is not keep:
@@ -1243,7 +1888,11 @@ def _numeric_token(text: str, decimal: str | None) -> bool:
 def _money_like(text: str) -> bool:
     """Printed like a price: to the cent, or a currency sign or code."""
     t = text.strip()
-    return bool(_CURRENCY_TOKEN_RE.match(t)) or _has_cents(_strip_currency(t)) or _strip_currency(t) != t
+    return (
+        bool(_CURRENCY_TOKEN_RE.match(t))
+        or _has_cents(_strip_currency(t))
+        or _strip_currency(t) != t
+    )
 
 
 def _column_of(cols: list[_Col], x0: float, x1: float) -> _Col:
@@ -1323,8 +1972,13 @@ def _row_cells(row: _Row, cols: list[_Col], decimal: str | None) -> dict[str, li
         if a < b < len(words) and not any(_money_like(t.text) for t in words[b:]):
             b = len(words)  # "Exchange 2010", "box of 500": numbers of the description
         lead, body, tail = words[:a], words[a:b], words[b:]
-        if (lead and len(body) == 1 and len(body[0].text) <= 6 and not tail
-                and not _CURRENCY_TOKEN_RE.match(body[0].text)):
+        if (
+            lead
+            and len(body) == 1
+            and len(body[0].text) <= 6
+            and not tail
+            and not _CURRENCY_TOKEN_RE.match(body[0].text)
+        ):
             # "1 PCS", "1.00 kg": a number with its unit
             lead[-1] = _Tok(lead[-1].x0, body[0].x1, f"{lead[-1].text} {body[0].text}")
             body = []
@@ -1333,20 +1987,27 @@ def _row_cells(row: _Row, cols: list[_Col], decimal: str | None) -> dict[str, li
             for n, tok in enumerate(part):
                 if _CURRENCY_TOKEN_RE.match(tok.text) and not pending:
                     after = part[n + 1] if n + 1 < len(part) else None
-                    if after is None or _CURRENCY_TOKEN_RE.match(after.text):
-                        if groups and groups[-1][1] <= tok.x0:  # "45,93 €": the sign after its number
-                            x0, _, text = groups[-1]
-                            groups[-1] = (x0, tok.x1, f"{text} {tok.text}")
-                            continue
+                    if (after is None or _CURRENCY_TOKEN_RE.match(after.text)) and (
+                        groups and groups[-1][1] <= tok.x0
+                    ):  # "45,93 €": the sign after its number
+                        x0, _, text = groups[-1]
+                        groups[-1] = (x0, tok.x1, f"{text} {tok.text}")
+                        continue
                     pending.append(tok)
                     continue
                 if tok.text == "%" and groups and not pending:
                     x0, _, text = groups[-1]
                     groups[-1] = (x0, tok.x1, text + " %")
                     continue
-                if (n > 0 and not pending and groups and re.fullmatch(r"\d{3}(?:[.,]\d+)?", tok.text)
-                        and groups[-1][1] == part[n - 1].x1 and re.fullmatch(r"-?\d{1,3}(?: \d{3})*", groups[-1][2])
-                        and parse_number(f"{groups[-1][2]} {tok.text}", decimal) is not None):
+                if (
+                    n > 0
+                    and not pending
+                    and groups
+                    and re.fullmatch(r"\d{3}(?:[.,]\d+)?", tok.text)
+                    and groups[-1][1] == part[n - 1].x1
+                    and re.fullmatch(r"-?\d{1,3}(?: \d{3})*", groups[-1][2])
+                    and parse_number(f"{groups[-1][2]} {tok.text}", decimal) is not None
+                ):
                     # "2 500", "1 234,56": a thousands separator printed as a space
                     x0, _, text = groups[-1]
                     groups[-1] = (x0, tok.x1, f"{text} {tok.text}")
@@ -1361,14 +2022,16 @@ def _row_cells(row: _Row, cols: list[_Col], decimal: str | None) -> dict[str, li
                 text = " ".join(t.text for t in body)
                 # text starting under a numeric column belongs to a long description
                 put(col if col.role in ("desc", "code", "uom") else desc, body[0].x0, text)
-    for (x0, x1, text), k in zip(groups, _align([(g[0], g[1]) for g in groups], cols)):
+    for (x0, _x1, text), k in zip(
+        groups, _align([(g[0], g[1]) for g in groups], cols), strict=False
+    ):
         if k is not None:
             put(cols[k], x0, text)
     return {role: [t for _, t in sorted(parts)] for role, parts in cells.items()}
 
 
 def _ends_geo_table(row: _Row, decimal: str | None) -> str | None:
-    """"stop" at a total, tax or amount-due line, "skip" a subtotal line (tables may hold
+    """ "stop" at a total, tax or amount-due line, "skip" a subtotal line (tables may hold
     section subtotals), None for other rows. A label alone on its line (a second header line
     "MwSt.") ends nothing: the line must hold an amount."""
     for phrase in row.phrases:
@@ -1376,8 +2039,9 @@ def _ends_geo_table(row: _Row, decimal: str | None) -> str | None:
         label = match_label(text)
         if label is None or label.role not in _MONEY_ROLES or _CARRY_RE.match(text):
             continue
-        if ((_rest_is_empty(label.rest) or find_amount(label.rest, decimal) is not None)
-                and find_amount(row.text, decimal) is not None):
+        if (
+            _rest_is_empty(label.rest) or find_amount(label.rest, decimal) is not None
+        ) and find_amount(row.text, decimal) is not None:
             return "skip" if label.role == "subtotal" else "stop"
     return None
 
@@ -1425,8 +2089,14 @@ def table_items_by_position(rows: list[_Row], decimal: str | None) -> list[LineI
                     values["qty"], values["unit"] = v.number, v.second
             if values.get("amount") is None and values.get("unit") is None:
                 continue
-            items.append(LineItem(description=desc, quantity=values.get("qty"),
-                                  unit_price=values.get("unit"), amount=values.get("amount")))
+            items.append(
+                LineItem(
+                    description=desc,
+                    quantity=values.get("qty"),
+                    unit_price=values.get("unit"),
+                    amount=values.get("amount"),
+                )
+            )
     return items
 
 
@@ -1476,16 +2146,26 @@ def label_rows_by_position(rows: list[_Row]) -> list[tuple[str, str]]:
 # ============================================================================================
 
 
-_PAIR_ROLES = ("invoice_number", "alt_number", "issue_date", "due_date", "tax_id", "currency", "iban", "bic")
+_PAIR_ROLES = (
+    "invoice_number",
+    "alt_number",
+    "issue_date",
+    "due_date",
+    "tax_id",
+    "currency",
+    "iban",
+    "bic",
+)
 _TITLE_NUMBER_RE = re.compile(
-    r"^(?:" + _TITLE_RE.pattern + r")\s+(?:(?:no\.?|nr\.?|n[°o]\.?|#)\s*)?([#A-Z0-9][\w/.\-]*)$", re.I
+    r"^(?:" + _TITLE_RE.pattern + r")\s+(?:(?:no\.?|nr\.?|n[°o]\.?|#)\s*)?([#A-Z0-9][\w/.\-]*)$",
+    re.I,
 )
 
 
 def _sum_triple(amounts: list[Decimal]) -> tuple[Decimal, Decimal, Decimal] | None:
     """Three consecutive amounts "net, tax, gross" with net + tax = gross and the tax below
     the net (any VAT rate is under 100 %), else None."""
-    for a, b, c in zip(amounts, amounts[1:], amounts[2:]):
+    for a, b, c in zip(amounts, amounts[1:], amounts[2:], strict=False):
         if a > 0 and 0 <= b < a and a + b == c:
             return a, b, c
     return None
@@ -1505,9 +2185,11 @@ class _Document:
         self.text = text
         # Rows of positioned words for the table and label-row readers: the PDF's word boxes
         # when the caller has them, else the text's own columns.
-        self.rows = rows if rows is not None else [
-            row for n, page in enumerate(text.split("\f")) for row in rows_from_text(page, n)
-        ]
+        self.rows = (
+            rows
+            if rows is not None
+            else [row for n, page in enumerate(text.split("\f")) for row in rows_from_text(page, n)]
+        )
         self.cells = split_cells(text)
         self.decimal = decimal_separator(text)
         self.notes: list[str] = []
@@ -1515,8 +2197,11 @@ class _Document:
         self.table_cells: set[int] = set()
         self.consumed: set[int] = set()
         self.hits: list[_Hit] = []
-        self.langs = Counter(c.label.lang for c in self.cells
-                             if c.label and c.label.role != "ignore" and c.label.lang != "xx")
+        self.langs = Counter(
+            c.label.lang
+            for c in self.cells
+            if c.label and c.label.role != "ignore" and c.label.lang != "xx"
+        )
         self.lang = self.langs.most_common(1)[0][0] if self.langs else "en"
         self.currency_hint = self._currency_hint()
         self.day_first = self._day_first()
@@ -1575,7 +2260,9 @@ class _Document:
             iban=self._first("iban") or find_iban(self.text, labelled=False),
             bic=self._first("bic"),
             customer_name=customer,
-            invoice_number=self._first("invoice_number") or self._title_number() or self._first("alt_number"),
+            invoice_number=self._first("invoice_number")
+            or self._title_number()
+            or self._first("alt_number"),
             issue_date=self._first("issue_date"),
             due_date=self._first("due_date"),
             currency=self._currency(),
@@ -1598,12 +2285,16 @@ class _Document:
             return totals[-1]
         subtotals = {h.value for h in self.hits if h.role == "subtotal"}
         if tax is not None:
-            fitting = {t for t in totals if any(abs(s + tax - t) <= Decimal("0.01") for s in subtotals)}
+            fitting = {
+                t for t in totals if any(abs(s + tax - t) <= Decimal("0.01") for s in subtotals)
+            }
             if len(fitting) == 1:
                 return fitting.pop()
         if due is not None and due in totals:
             return due
-        self.notes.append(f"different totals printed ({', '.join(str(t) for t in dict.fromkeys(totals))}): none taken")
+        self.notes.append(
+            f"different totals printed ({', '.join(str(t) for t in dict.fromkeys(totals))}): none taken"
+        )
         return None
 
     def _subtotal(self, tax: Decimal | None, total: Decimal | None) -> Decimal | None:
@@ -1625,7 +2316,9 @@ class _Document:
         for cell in self.cells:
             lines.setdefault(cell.line, []).append(cell.text)
         for texts in lines.values():
-            found = _sum_triple(find_amounts("  ".join(texts), self.decimal, currency=self.currency_hint))
+            found = _sum_triple(
+                find_amounts("  ".join(texts), self.decimal, currency=self.currency_hint)
+            )
             if found is not None and found[2] == total:
                 return found[0], found[1]
         return None
@@ -1634,16 +2327,21 @@ class _Document:
         """The text reader's line items, or the position reader's when only those add up to the
         subtotal (or total), when both read the same amounts, or when the text reader found
         none."""
+
         def adds_up(items: list[LineItem]) -> bool:
             amounts = [item.amount for item in items]
             if not items or None in amounts:
                 return False
             line_sum = sum(amounts, Decimal(0))
-            return any(t is not None and abs(line_sum - t) <= Decimal("0.02") for t in (subtotal, total))
+            return any(
+                t is not None and abs(line_sum - t) <= Decimal("0.02") for t in (subtotal, total)
+            )
 
         by_position = table_items_by_position(self.rows, self.decimal)
         if adds_up(self.items):
-            if [i.amount for i in by_position] == [i.amount for i in self.items] and by_position != self.items:
+            if [i.amount for i in by_position] == [
+                i.amount for i in self.items
+            ] and by_position != self.items:
                 # the same rows; a row's own words by position describe it better than text
                 # lines, which cannot tell a note under one item from the start of the next
                 self.notes.append("line item descriptions read by word positions")
@@ -1656,7 +2354,7 @@ class _Document:
         return self.items
 
     def _title_number(self) -> str | None:
-        """"Invoice INV/2023/03/0008": a number printed right after the document's title, or
+        """ "Invoice INV/2023/03/0008": a number printed right after the document's title, or
         on the line under a title standing alone ("INVOICE" / "# 1042")."""
         for k, cell in enumerate(self.cells):
             m = _TITLE_NUMBER_RE.match(cell.text)
@@ -1665,7 +2363,9 @@ class _Document:
                 if number and (len(number) >= 3 or not number.isdigit()):
                     return number
             if _TITLE_RE.fullmatch(cell.text.strip()) and k + 1 < len(self.cells):
-                m = re.match(r"^(?:#|no\.?|nr\.?|n[°o]\.?)\s*(\S+)$", self.cells[k + 1].text.strip(), re.I)
+                m = re.match(
+                    r"^(?:#|no\.?|nr\.?|n[°o]\.?)\s*(\S+)$", self.cells[k + 1].text.strip(), re.I
+                )
                 if m:
                     number = _invoice_number(m.group(1))
                     if number:
@@ -1747,7 +2447,7 @@ class _Document:
         by the numbers of the columns after it. Numbers before a description (a "Pos." column)
         and numbers beyond the columns' count (the next row's position) are not fields."""
         n_pre = roles.index("desc")
-        post = roles[n_pre + 1:]
+        post = roles[n_pre + 1 :]
         items: list[LineItem] = []
         skipped = 0
         row: dict | None = None  # {"desc": [str], "values": [_Value]}
@@ -1780,8 +2480,13 @@ class _Document:
                     row["values"].append(value)
                 continue  # numbers before any description: the first row's position
             # A short text where the columns expect a unit of measure ("Stk.", "h").
-            if row is not None and row["values"] and len(row["values"]) < len(post) \
-                    and post[len(row["values"])] == "uom" and len(value.text) <= 8:
+            if (
+                row is not None
+                and row["values"]
+                and len(row["values"]) < len(post)
+                and post[len(row["values"])] == "uom"
+                and len(value.text) <= 8
+            ):
                 row["values"].append(value)
                 continue
             merged = _split_merged_row(value.text, self.decimal, post, n_pre=n_pre)
@@ -1813,11 +2518,19 @@ class _Document:
                 nums = [v for v in values if v.kind == "num"]
                 qxu = [v for v in values if v.kind == "qxu"]
                 if qxu and len(nums) >= 1:
-                    item = LineItem(description=" ".join(desc[-1:]), quantity=qxu[0].number,
-                                    unit_price=qxu[0].second, amount=nums[-1].number)
+                    item = LineItem(
+                        description=" ".join(desc[-1:]),
+                        quantity=qxu[0].number,
+                        unit_price=qxu[0].second,
+                        amount=nums[-1].number,
+                    )
                 elif len(nums) >= 3:
-                    item = LineItem(description=" ".join(desc[-1:]), quantity=nums[-3].number,
-                                    unit_price=nums[-2].number, amount=nums[-1].number)
+                    item = LineItem(
+                        description=" ".join(desc[-1:]),
+                        quantity=nums[-3].number,
+                        unit_price=nums[-2].number,
+                        amount=nums[-1].number,
+                    )
                 else:
                     return
                 if _consistent(item.quantity, item.unit_price, item.amount):
@@ -1908,7 +2621,12 @@ class _Document:
             j = i + 1
             while j < len(cells) and cells[j].page == cell.page and self._free(j):
                 nxt = cells[j].label
-                if nxt is None or nxt.role in _BLOCK_ROLES or not _rest_is_empty(nxt.rest) or self._inline(nxt):
+                if (
+                    nxt is None
+                    or nxt.role in _BLOCK_ROLES
+                    or not _rest_is_empty(nxt.rest)
+                    or self._inline(nxt)
+                ):
                     break
                 run.append(cells[j])
                 j += 1
@@ -1920,7 +2638,7 @@ class _Document:
                 if cells[j].label is not None:
                     break
                 if _CODE_RE.fullmatch(cells[j].text.strip()) and any(
-                    c.label.role in _MONEY_ROLES for c in run[len(values):len(values) + 1]
+                    c.label.role in _MONEY_ROLES for c in run[len(values) : len(values) + 1]
                 ):
                     j += 1  # "Total" | "EUR" | "1,234.00"
                     continue
@@ -1929,7 +2647,12 @@ class _Document:
             if len(run) > 1 and len(values) < len(run):
                 values = values[:1]
                 run = run[:1]
-            if len(run) > 1 and len({c.line for c in run}) == 1 and values and values[0].line != cell.line:
+            if (
+                len(run) > 1
+                and len({c.line for c in run}) == 1
+                and values
+                and values[0].line != cell.line
+            ):
                 # a row of labels over a row of values pairs in order only when both rows are
                 # exactly these columns; otherwise positions decide (`_label_rows`)
                 label_line = [c for c in cells if c.line == cell.line]
@@ -1939,17 +2662,22 @@ class _Document:
             if len(run) == 1 and values and run[0].label.role in ("total", "amount_due"):
                 # a totals row with several columns: "Total facture | 24.99 | 5.00 | 29.99"
                 k = values[0].index + 1
-                while (k < len(cells) and cells[k].line == values[0].line and self._free(k)
-                       and cells[k].label is None and find_amount(cells[k].text, self.decimal) is not None):
+                while (
+                    k < len(cells)
+                    and cells[k].line == values[0].line
+                    and self._free(k)
+                    and cells[k].label is None
+                    and find_amount(cells[k].text, self.decimal) is not None
+                ):
                     k += 1
                 if k > values[0].index + 1:
-                    row_text = "  ".join(c.text for c in cells[values[0].index:k])
+                    row_text = "  ".join(c.text for c in cells[values[0].index : k])
                     parsed = self._typed(run[0].label.role, row_text)
                     if parsed is not None:
                         self.consumed.update(range(run[0].index, k))
                         self._record(run[0], *parsed, text=row_text)
                         continue
-            for label_cell, value_cell in zip(run, values):
+            for label_cell, value_cell in zip(run, values, strict=False):
                 role = label_cell.label.role
                 if role == "ignore" and not re.search(r"\d", value_cell.text):
                     continue
@@ -2000,7 +2728,11 @@ class _Document:
         total = max((h.cell for h in self.hits if h.role in ("total", "amount_due")), default=None)
         if subtotal is not None and total is not None and subtotal < total:
             block = [h for h in taxes if subtotal < h.cell < total]
-            if len(block) > 1 and self.cells[block[-1].cell].line - self.cells[block[0].cell].line < len(block) + 3:
+            if (
+                len(block) > 1
+                and self.cells[block[-1].cell].line - self.cells[block[0].cell].line
+                < len(block) + 3
+            ):
                 return sum((h.value for h in block), Decimal(0))
             if block:
                 return block[-1].value
@@ -2008,7 +2740,7 @@ class _Document:
 
     # Parties ------------------------------------------------------------------------------------
     def _candidate(self, cell: Cell) -> bool:
-        return (self._free(cell.index) and cell.label is None and name_like(cell.text))
+        return self._free(cell.index) and cell.label is None and name_like(cell.text)
 
     def _vendor(self) -> str | None:
         for cell in self.cells:
@@ -2036,7 +2768,7 @@ class _Document:
 
     def _next_name(self, start: int, *, limit: int) -> Cell | None:
         seen = 0
-        for cell in self.cells[start + 1:]:
+        for cell in self.cells[start + 1 :]:
             if cell.page != self.cells[start].page or cell.index in self.header_cells:
                 return None
             if not self._free(cell.index) or cell.label is not None:
@@ -2069,9 +2801,13 @@ class _Document:
                 if cell.page > 0:
                     break
                 line = [c for c in self.cells if c.line == cell.line]
-                if (cell.text == vendor and len(line) >= 3 and line[0] is cell
-                        and any(re.search(r"\d", c.text) for c in line[1:])):
-                    after = self.cells[line[-1].index + 1:line[-1].index + 3]
+                if (
+                    cell.text == vendor
+                    and len(line) >= 3
+                    and line[0] is cell
+                    and any(re.search(r"\d", c.text) for c in line[1:])
+                ):
+                    after = self.cells[line[-1].index + 1 : line[-1].index + 3]
                     for nxt in after:
                         if self._candidate(nxt) and nxt.text != vendor:
                             name, anchor = nxt.text, line[-1].index
@@ -2084,8 +2820,12 @@ class _Document:
         roles = {hit.cell: hit.role for hit in self.hits}  # "VAT: DE123..." is an id, not a tax
         if anchor is not None:
             counted = 0
-            for cell in self.cells[anchor + 1:]:
-                if cell.page != self.cells[anchor].page or cell.index in self.header_cells or counted >= 6:
+            for cell in self.cells[anchor + 1 :]:
+                if (
+                    cell.page != self.cells[anchor].page
+                    or cell.index in self.header_cells
+                    or counted >= 6
+                ):
                     break
                 role = roles.get(cell.index, cell.label.role if cell.label else None)
                 if role in (*_BLOCK_ROLES, *_MONEY_ROLES):
@@ -2107,7 +2847,9 @@ class _Document:
             # not given as the customer's
             theirs = {str(h.value) for h in self.hits if h.role == "customer_tax_id"}
             for cell in self.cells:
-                if cell.index in customer_block or (cell.label and cell.label.role == "customer_tax_id"):
+                if cell.index in customer_block or (
+                    cell.label and cell.label.role == "customer_tax_id"
+                ):
                     continue
                 found = find_vat_id(cell.text)
                 if found and found not in {re.sub(r"[ .\-]", "", t) for t in theirs}:
@@ -2131,7 +2873,7 @@ class _Document:
             label = self.cells[hit.cell]
             # the label cell ("Total EUR"), then its value ("EUR 1,234.00"), maybe after a
             # lone currency cell ("Total | EUR | 1,234.00")
-            for cell in self.cells[hit.cell:hit.cell + 3]:
+            for cell in self.cells[hit.cell : hit.cell + 3]:
                 if cell.page != label.page:
                     break
                 found = _currency_in(cell.text)
@@ -2157,7 +2899,11 @@ def extract_document(document: ParsedDocument) -> tuple[Invoice, list[str]]:
     word positions when it has them (a parsed PDF), else from its text's columns."""
     rows = None
     if document.has_words:
-        rows = [row for n in range(document.page_count) for row in rows_from_words(document.page_words(n), n)]
+        rows = [
+            row
+            for n in range(document.page_count)
+            for row in rows_from_words(document.page_words(n), n)
+        ]
     doc = _Document(document.text, rows)
     invoice = doc.run()
     return invoice, doc.notes

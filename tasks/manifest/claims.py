@@ -42,7 +42,8 @@ async def claim_holders(manifest: Manifest, *, own_run: str | None) -> dict[str,
     ids that are not Prefect's) counts as live: only its lease running out frees its claims."""
     now = utcnow()
     ids = {
-        entry.flow_run_id for entry in manifest.entries.values()
+        entry.flow_run_id
+        for entry in manifest.entries.values()
         if lease_is_live(entry, now) and entry.flow_run_id and entry.flow_run_id != own_run
     }
     found = await _read_flow_runs(ids) if ids else {}
@@ -70,8 +71,9 @@ async def _read_flow_runs(ids: Collection[str]) -> dict[str, ClaimHolder]:
         logger.warning("could not look up the runs holding claims in Prefect: %r", exc)
         return {}
     return {
-        str(run.id): ClaimHolder(str(run.id), run.name,
-                                 ended=run.state is not None and run.state.is_final())
+        str(run.id): ClaimHolder(
+            str(run.id), run.name, ended=run.state is not None and run.state.is_final()
+        )
         for run in runs
     }
 
@@ -82,7 +84,11 @@ class Claims:
     that runs code (a failure, a cancellation, SIGINT or SIGTERM)."""
 
     def __init__(
-        self, writer: ManifestWriter, ctx: InvoiceContext, target: ManifestTarget, *,
+        self,
+        writer: ManifestWriter,
+        ctx: InvoiceContext,
+        target: ManifestTarget,
+        *,
         lease_seconds: float = 60.0,
     ) -> None:
         if lease_seconds <= 0:
@@ -111,14 +117,19 @@ class Claims:
         for job in jobs:
             entry = manifest.entries.get(job.key)
             mine = (
-                entry is not None and entry.status == "processing" and entry.etag == job.etag
+                entry is not None
+                and entry.status == "processing"
+                and entry.etag == job.etag
                 and entry.flow_run_id == self.ctx.flow_run_id
             )
             (held if mine else refused).append(job)
         self._held.update((job.key, job) for job in held)
         if refused:
-            logger.warning("%d invoices were claimed by another run first; left to it: %s",
-                           len(refused), ", ".join(job.key for job in refused[:10]))
+            logger.warning(
+                "%d invoices were claimed by another run first; left to it: %s",
+                len(refused),
+                ", ".join(job.key for job in refused[:10]),
+            )
         return held, [job.key for job in refused]
 
     async def outlast_stale(self, keys: list[str]) -> bool:
@@ -144,7 +155,9 @@ class Claims:
         wait = (max(ends) - now).total_seconds() + 0.5
         logger.warning(
             "%d invoices are claimed by a run that stopped renewing its claims (killed?); "
-            "waiting %.0f s for the claims to run out, then taking them over", len(ends), wait,
+            "waiting %.0f s for the claims to run out, then taking them over",
+            len(ends),
+            wait,
         )
         await asyncio.sleep(wait)
         return True
@@ -169,8 +182,11 @@ class Claims:
         for job in unfinished:
             self.writer.submit(release_outcome(self.ctx, job))
         if unfinished:
-            logger.warning("giving back the claims of %d unfinished invoices: the next run "
-                           "processes them at once", len(unfinished))
+            logger.warning(
+                "giving back the claims of %d unfinished invoices: the next run "
+                "processes them at once",
+                len(unfinished),
+            )
         return [job.key for job in unfinished]
 
     async def _renew(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class InvoiceOutcome(BaseModel):
@@ -110,8 +110,10 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     tool's `manifest.json` is never overwritten. One written by this project before the
     format was marked (exactly `version`, `updated_at`, `entries`) is read and marked on
     the next write."""
-    keep_out = (f"use another output, or move {where} away (the next run then starts a new "
-                "manifest and processes every invoice again)")
+    keep_out = (
+        f"use another output, or move {where} away (the next run then starts a new "
+        "manifest and processes every invoice again)"
+    )
     try:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -119,20 +121,27 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestUnreadable(
             f"{where} is JSON but not an invoice-pipeline manifest (a {type(raw).__name__}, "
-            f"not an object): {keep_out}")
+            f"not an object): {keep_out}"
+        )
     marked = raw.get("format")
     if marked is None:
         if not ({"version", "entries"} <= raw.keys() <= _UNMARKED_FIELDS):
             raise ManifestUnreadable(
-                f"{where} is not an invoice-pipeline manifest (no \"format\": "
-                f"\"{MANIFEST_FORMAT}\" in it; it has {_field_list(raw)}): {keep_out}")
+                f'{where} is not an invoice-pipeline manifest (no "format": '
+                f'"{MANIFEST_FORMAT}" in it; it has {_field_list(raw)}): {keep_out}'
+            )
     elif marked != MANIFEST_FORMAT:
         raise ManifestUnreadable(
-            f"{where} is a {marked!r} document, not an invoice-pipeline manifest: {keep_out}")
-    elif not isinstance(raw.get("format_version"), int) or raw["format_version"] > MANIFEST_FORMAT_VERSION:
+            f"{where} is a {marked!r} document, not an invoice-pipeline manifest: {keep_out}"
+        )
+    elif (
+        not isinstance(raw.get("format_version"), int)
+        or raw["format_version"] > MANIFEST_FORMAT_VERSION
+    ):
         raise ManifestUnreadable(
             f"{where} has manifest format version {raw.get('format_version')!r}; this version "
-            f"of invoice-pipeline reads up to {MANIFEST_FORMAT_VERSION}: upgrade it")
+            f"of invoice-pipeline reads up to {MANIFEST_FORMAT_VERSION}: upgrade it"
+        )
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
@@ -143,7 +152,8 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
         raise ManifestUnreadable(
             f"{where} is a damaged invoice-pipeline manifest ({problems}{more}): restore it "
-            f"from a backup or an earlier object version, or {keep_out}") from None
+            f"from a backup or an earlier object version, or {keep_out}"
+        ) from None
 
 
 def _field_list(raw: dict[str, Any]) -> str:
@@ -192,13 +202,16 @@ def claim_granted(claim: InvoiceOutcome, existing: ManifestEntry) -> bool:
 def release_granted(release: InvoiceOutcome, existing: ManifestEntry) -> bool:
     """A run gives back only its own claim, and only while it is still a claim."""
     return (
-        existing.status == "processing" and existing.etag == release.etag
+        existing.status == "processing"
+        and existing.etag == release.etag
         and existing.flow_run_id == release.flow_run_id
     )
 
 
 def lease_is_live(entry: ManifestEntry, now: datetime) -> bool:
-    return entry.status == "processing" and entry.lease_until is not None and entry.lease_until > now
+    return (
+        entry.status == "processing" and entry.lease_until is not None and entry.lease_until > now
+    )
 
 
 def merge_entry(existing: ManifestEntry | None, outcome: InvoiceOutcome) -> ManifestEntry:
@@ -206,7 +219,9 @@ def merge_entry(existing: ManifestEntry | None, outcome: InvoiceOutcome) -> Mani
     fields = outcome.model_dump(exclude={"key", "attempt", "finished_at", "takes_over"})
     if existing is None:
         return ManifestEntry(
-            **fields, attempts=outcome.attempt, first_seen_at=outcome.finished_at,
+            **fields,
+            attempts=outcome.attempt,
+            first_seen_at=outcome.finished_at,
             updated_at=outcome.finished_at,
         )
     same_content = existing.etag == outcome.etag
@@ -219,7 +234,10 @@ def merge_entry(existing: ManifestEntry | None, outcome: InvoiceOutcome) -> Mani
         attempts = outcome.attempt
     first_seen = existing.first_seen_at if same_content else outcome.finished_at
     return ManifestEntry(
-        **(existing.model_extra or {}), **fields, attempts=attempts, first_seen_at=first_seen,
+        **(existing.model_extra or {}),
+        **fields,
+        attempts=attempts,
+        first_seen_at=first_seen,
         updated_at=outcome.finished_at,
     )
 
@@ -263,15 +281,20 @@ def restore_known(current: Manifest, etag: str | None, known: Manifest, where: s
     if etag is None:
         what = "disappeared (deleted?)"
     elif current.version < known.version:
-        what = (f"went back from version {known.version} to {current.version} (replaced by an "
-                "older copy?)")
+        what = (
+            f"went back from version {known.version} to {current.version} (replaced by an "
+            "older copy?)"
+        )
     else:
         what = f"lacks {restored} entries it had (rewritten by a writer that dropped them?)"
     logger.warning("%s %s; putting back the %d entries this run knew of", where, what, restored)
-    return current.model_copy(update={
-        "entries": entries, "source": current.source or known.source,
-        "version": max(current.version, known.version),
-    })
+    return current.model_copy(
+        update={
+            "entries": entries,
+            "source": current.source or known.source,
+            "version": max(current.version, known.version),
+        }
+    )
 
 
 def went_back(manifest: Manifest, etag: str | None, known: Manifest) -> bool:

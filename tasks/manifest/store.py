@@ -88,25 +88,39 @@ async def commit_outcomes(
         manifest = bind_source(manifest, source, where)
         merged = apply_outcomes(manifest, outcomes)
         if etag is not None and merged == stored:
-            return CommitResult(manifest.version, len(manifest.entries), attempt, written=False,
-                                snapshot=(manifest, etag))
+            return CommitResult(
+                manifest.version,
+                len(manifest.entries),
+                attempt,
+                written=False,
+                snapshot=(manifest, etag),
+            )
         merged.version = manifest.version + 1
         merged.updated_at = utcnow()
         data = merged.model_dump_json().encode()
         try:
             # Created only if still absent, or replaced only if still what was read.
-            new_etag = await store.put(key, data, if_match=etag, if_none_match=etag is None,
-                                       content_type="application/json")
+            new_etag = await store.put(
+                key,
+                data,
+                if_match=etag,
+                if_none_match=etag is None,
+                content_type="application/json",
+            )
         except PreconditionFailed as exc:
             delay = random.uniform(0, min(backoff_max, backoff_base * 2**attempt))
             logger.info(
                 "manifest changed under us (HTTP %s), retry %d/%d in %.2fs",
-                exc.status, attempt, max_attempts, delay,
+                exc.status,
+                attempt,
+                max_attempts,
+                delay,
             )
             await asyncio.sleep(delay)
             continue
-        return CommitResult(merged.version, len(merged.entries), attempt, written=True,
-                            snapshot=(merged, new_etag))
+        return CommitResult(
+            merged.version, len(merged.entries), attempt, written=True, snapshot=(merged, new_etag)
+        )
     raise ManifestConflictError(
         f"manifest {key} was changed by other writers on each of {max_attempts} attempts; "
         f"{len(outcomes)} outcomes not recorded in this write"
@@ -138,7 +152,8 @@ class ManifestTarget:
         return manifest
 
     async def commit(self, outcomes: list[InvoiceOutcome]) -> CommitResult:
-        result = await commit_outcomes(self.store, outcomes, key=self.key, base=self.newest,
-                                       source=self.source)
+        result = await commit_outcomes(
+            self.store, outcomes, key=self.key, base=self.newest, source=self.source
+        )
         self.newest = result.snapshot
         return result

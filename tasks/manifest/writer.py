@@ -153,7 +153,8 @@ class ManifestWriter:
                 self._pending, self._in_flight = lost, []
                 if lost and self._error is None:
                     self._error = TimeoutError(
-                        f"the manifest was not written within {give_up_after:g} s of stopping")
+                        f"the manifest was not written within {give_up_after:g} s of stopping"
+                    )
         if self._error is not None:
             raise ManifestWriteError(self.unrecorded, self._error)
 
@@ -163,9 +164,11 @@ class ManifestWriter:
         or its claim when it never got further (a claim renewal does not hide an outcome)."""
         last: dict[str, InvoiceOutcome] = {}
         for outcome in self._in_flight + self._pending:
-            if outcome.status != "processing" or last.get(outcome.key) is None:
-                last[outcome.key] = outcome
-            elif last[outcome.key].status == "processing":
+            if (
+                outcome.status != "processing"
+                or last.get(outcome.key) is None
+                or last[outcome.key].status == "processing"
+            ):
                 last[outcome.key] = outcome
         return list(last.values())
 
@@ -188,7 +191,8 @@ class ManifestWriter:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(
-                        self._wakeup.wait(), max(0.0, self.max_hold - (time.monotonic() - held_since))
+                        self._wakeup.wait(),
+                        max(0.0, self.max_hold - (time.monotonic() - held_since)),
                     )
                 except TimeoutError:
                     pass
@@ -244,7 +248,10 @@ class ManifestWriter:
                 self._in_flight = []
                 logger.warning(
                     "manifest session failed (%d/%d), %d outcomes waiting: %r",
-                    failures, self.max_failures, len(self._pending), exc,
+                    failures,
+                    self.max_failures,
+                    len(self._pending),
+                    exc,
                 )
                 if failures >= self.max_failures:
                     self._error = exc

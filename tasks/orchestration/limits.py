@@ -70,7 +70,9 @@ async def ensure_concurrency_limit(
                 try:
                     await client.create_global_concurrency_limit(
                         GlobalConcurrencyLimitCreate(
-                            name=name, limit=limit, active=True,
+                            name=name,
+                            limit=limit,
+                            active=True,
                             slot_decay_per_second=slot_decay_per_second or 0.0,
                         )
                     )
@@ -104,7 +106,9 @@ async def ensure_manifest_lock(tag: str) -> None:
 
 # Prefect's task engine gives a tag-limit slot a fixed 60 s lease (not configurable); the
 # server's repossessor frees expired ones every 15 s (PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS).
-TAG_SLOT_LEASE_NOTE = "a holder that died keeps it until its 60 s slot lease runs out (+ up to 15 s)"
+TAG_SLOT_LEASE_NOTE = (
+    "a holder that died keeps it until its 60 s slot lease runs out (+ up to 15 s)"
+)
 
 
 async def report_manifest_lock_wait(tag: str, waited: float) -> None:
@@ -116,7 +120,9 @@ async def report_manifest_lock_wait(tag: str, waited: float) -> None:
             holders = []
             for run_id in limit.active_slots[:3]:
                 run = await client.read_task_run(run_id)
-                owner = (await client.read_flow_run(run.flow_run_id)).name if run.flow_run_id else "?"
+                owner = (
+                    (await client.read_flow_run(run.flow_run_id)).name if run.flow_run_id else "?"
+                )
                 holders.append(
                     f"task run {run.name!r} ({run.id}, {run.state_name}) of flow run "
                     f"{owner!r} ({run.flow_run_id})"
@@ -125,10 +131,12 @@ async def report_manifest_lock_wait(tag: str, waited: float) -> None:
     except Exception as exc:  # the report must not break the wait it reports on
         held_by = f"unknown ({type(exc).__name__}: {exc})"
     run_logger(logger).warning(
-        "waited %.0f s for the manifest lock %r, held by %s; %s", waited, tag, held_by,
+        "waited %.0f s for the manifest lock %r, held by %s; %s",
+        waited,
+        tag,
+        held_by,
         TAG_SLOT_LEASE_NOTE,
     )
-
 
 
 async def ensure_llm_limits(
@@ -142,12 +150,16 @@ async def ensure_llm_limits(
     """
     in_flight, rate = await asyncio.gather(
         ensure_concurrency_limit(
-            LLM_IN_FLIGHT_LIMIT, max_in_flight, update_existing=update_existing,
+            LLM_IN_FLIGHT_LIMIT,
+            max_in_flight,
+            update_existing=update_existing,
             purpose="the LLM limits",
         ),
         ensure_concurrency_limit(
-            LLM_RATE_LIMIT, max(1, min(requests_per_minute, max_in_flight)),
-            slot_decay_per_second=requests_per_minute / 60, update_existing=update_existing,
+            LLM_RATE_LIMIT,
+            max(1, min(requests_per_minute, max_in_flight)),
+            slot_decay_per_second=requests_per_minute / 60,
+            update_existing=update_existing,
             purpose="the LLM limits",
         ),
     )

@@ -128,7 +128,8 @@ async def read_llm_runs(client: Any) -> dict[str, LLMRunUse]:
         if HELD_LABEL in labels or WANTED_LABEL in labels:
             at = labels.get(AT_LABEL)
             uses[str(run.id)] = LLMRunUse(
-                run.name, _label_int(labels.get(HELD_LABEL)),
+                run.name,
+                _label_int(labels.get(HELD_LABEL)),
                 _label_int(labels.get(WANTED_LABEL)),
                 float(at) if isinstance(at, (int, float)) else None,
             )
@@ -144,8 +145,9 @@ async def publish_llm_use(client: Any, flow_run_id: UUID | str, held: int, wante
     )
 
 
-def share_cap(limit: int, own_id: str, own_max: int,
-              runs: Mapping[str, LLMRunUse]) -> tuple[int, bool]:
+def share_cap(
+    limit: int, own_id: str, own_max: int, runs: Mapping[str, LLMRunUse]
+) -> tuple[int, bool]:
     """This run's cap: its fair share of `limit` were it to want its max `own_max`, the other
     RUNNING runs wanting what they publish; and whether another run wants more than it holds
     (then a run over its cap gives slots back). Alone, a run's cap is min(own_max, limit)."""
@@ -156,21 +158,30 @@ def share_cap(limit: int, own_id: str, own_max: int,
     return fair_shares(limit, wanted)[own_id], contended
 
 
-def describe_llm_holders(active_slots: int, runs: Mapping[str, LLMRunUse],
-                         own_id: str | None = None, most: int = 5) -> str:
+def describe_llm_holders(
+    active_slots: int, runs: Mapping[str, LLMRunUse], own_id: str | None = None, most: int = 5
+) -> str:
     """`flow run 'crimson-fox' (3f2a...) 4 slots; ...`: who holds the LLM slots, by their
     labels; what no labelled run accounts for is held by runs that do not publish their use."""
-    holders = sorted(((run_id, use) for run_id, use in runs.items()
-                      if use.held > 0 and run_id != own_id),
-                     key=lambda item: (-item[1].held, item[0]))
+    holders = sorted(
+        ((run_id, use) for run_id, use in runs.items() if use.held > 0 and run_id != own_id),
+        key=lambda item: (-item[1].held, item[0]),
+    )
     now = time.time()
-    parts = [f"flow run {use.name!r} ({run_id}) {use.held} slots"
-             + (f" (not heard from for {now - use.at:.0f} s)"
-                if use.at is not None and use.stale(now) else "")
-             for run_id, use in holders[:most]]
+    parts = [
+        f"flow run {use.name!r} ({run_id}) {use.held} slots"
+        + (
+            f" (not heard from for {now - use.at:.0f} s)"
+            if use.at is not None and use.stale(now)
+            else ""
+        )
+        for run_id, use in holders[:most]
+    ]
     if len(holders) > most:
-        parts.append(f"{len(holders) - most} more flow runs "
-                     f"{sum(use.held for _, use in holders[most:])} slots")
+        parts.append(
+            f"{len(holders) - most} more flow runs "
+            f"{sum(use.held for _, use in holders[most:])} slots"
+        )
     unaccounted = active_slots - sum(use.held for use in runs.values())
     if not parts:
         return "runs that do not publish their use"
@@ -179,8 +190,9 @@ def describe_llm_holders(active_slots: int, runs: Mapping[str, LLMRunUse],
     return "; ".join(parts)
 
 
-async def report_llm_slot_wait(waited: float, *, own_flow_run_id: str | None = None,
-                               held: int = 0, wanted: int = 0) -> None:
+async def report_llm_slot_wait(
+    waited: float, *, own_flow_run_id: str | None = None, held: int = 0, wanted: int = 0
+) -> None:
     """Say how long this run has waited for LLM slots, the limit's use, and who holds it
     (flow run name and id, from the labels of RUNNING flow runs). Never raises."""
     try:
@@ -195,7 +207,12 @@ async def report_llm_slot_wait(waited: float, *, own_flow_run_id: str | None = N
     try:
         run_logger(logger).warning(
             "waited %.0f s for LLM slots (%r %s), held by %s; this run holds %d and wants %d",
-            waited, LLM_IN_FLIGHT_LIMIT, use, held_by, held, wanted,
+            waited,
+            LLM_IN_FLIGHT_LIMIT,
+            use,
+            held_by,
+            held,
+            wanted,
         )
     except Exception:  # a logging handler that fails must not break the wait either
         logger.exception("cannot report the wait for LLM slots")
@@ -495,8 +512,10 @@ class LLMSlots:
         for block in [b for b in self._blocks if b.draining]:
             kept = self._kept()
             needed = demand > kept and (
-                block.draining == "idle" or not self._contended
-                or (self._cap is not None and kept + block.size <= self._cap))
+                block.draining == "idle"
+                or not self._contended
+                or (self._cap is not None and kept + block.size <= self._cap)
+            )
             if needed:
                 block.draining = None
                 self._dispatch()
@@ -517,8 +536,11 @@ class LLMSlots:
             # Over the fair share while another run waits: give back down to it.
             over = kept - self._cap
             fitting = [b for b in free_blocks if b.size <= over]
-            block = (max(fitting, key=lambda b: b.size) if fitting
-                     else min(free_blocks, key=lambda b: b.size))
+            block = (
+                max(fitting, key=lambda b: b.size)
+                if fitting
+                else min(free_blocks, key=lambda b: b.size)
+            )
             block.draining = "share"
             self._idle_since = None
         elif free_blocks and demand <= kept - min(b.size for b in free_blocks):
@@ -555,8 +577,7 @@ class LLMSlots:
 
             block = _Block(size)
             granted: asyncio.Future[None] = loop.create_future()
-            block.task = asyncio.create_task(self._hold(block, granted),
-                                             name=f"llm-slots-{size}")
+            block.task = asyncio.create_task(self._hold(block, granted), name=f"llm-slots-{size}")
             self._holders.add(block.task)
             block.task.add_done_callback(self._holders.discard)
             try:
@@ -577,9 +598,15 @@ class LLMSlots:
                 logger.warning("cannot take %d %r slots: %r", size, LLM_IN_FLIGHT_LIMIT, exc)
                 return
         self._blocks.append(block)
-        logger.debug("took %d %r slots in %.3f s (read %.3f s; now %d, in %d blocks)", size,
-                     LLM_IN_FLIGHT_LIMIT, loop.time() - started, read, self.held,
-                     len(self._blocks))
+        logger.debug(
+            "took %d %r slots in %.3f s (read %.3f s; now %d, in %d blocks)",
+            size,
+            LLM_IN_FLIGHT_LIMIT,
+            loop.time() - started,
+            read,
+            self.held,
+            len(self._blocks),
+        )
         self._refused = False
         self._granted.set()
         self._dispatch()
@@ -604,13 +631,21 @@ class LLMSlots:
     async def _hold(self, block: _Block, granted: asyncio.Future[None]) -> None:
         # One task enters and exits Prefect's `concurrency()` context: an async context
         # manager (its lease renewal included) must be exited by the task that entered it.
-        holder = (ConcurrencyLeaseHolder(type="flow_run", id=UUID(self.flow_run_id))
-                  if self.flow_run_id is not None else None)
+        holder = (
+            ConcurrencyLeaseHolder(type="flow_run", id=UUID(self.flow_run_id))
+            if self.flow_run_id is not None
+            else None
+        )
         try:
-            async with concurrency(LLM_IN_FLIGHT_LIMIT, occupy=block.size,
-                                   timeout_seconds=_ACQUIRE_TIMEOUT, max_retries=0,
-                                   strict=True, lease_duration=self.lease_seconds,
-                                   holder=holder):
+            async with concurrency(
+                LLM_IN_FLIGHT_LIMIT,
+                occupy=block.size,
+                timeout_seconds=_ACQUIRE_TIMEOUT,
+                max_retries=0,
+                strict=True,
+                lease_duration=self.lease_seconds,
+                holder=holder,
+            ):
                 if granted.done():  # the request was abandoned: give the slots back
                     return
                 granted.set_result(None)
@@ -634,13 +669,22 @@ class LLMSlots:
                     # (Prefect would then leave the slots held until their lease runs out).
                     await asyncio.shield(block.task)
         except Exception as exc:
-            logger.warning("giving back %d %r slots failed (%r); their lease frees them",
-                           block.size, LLM_IN_FLIGHT_LIMIT, exc)
+            logger.warning(
+                "giving back %d %r slots failed (%r); their lease frees them",
+                block.size,
+                LLM_IN_FLIGHT_LIMIT,
+                exc,
+            )
         finally:
             with suppress(ValueError):
                 self._blocks.remove(block)
-            logger.debug("gave back %d %r slots (%s; now %d)", block.size, LLM_IN_FLIGHT_LIMIT,
-                         block.draining, self.held)
+            logger.debug(
+                "gave back %d %r slots (%s; now %d)",
+                block.size,
+                LLM_IN_FLIGHT_LIMIT,
+                block.draining,
+                self.held,
+            )
             self._dispatch()
 
     def _reap_lost_blocks(self) -> None:
@@ -649,8 +693,12 @@ class LLMSlots:
             if block.task is not None and block.task.done() and not block.release.is_set():
                 self._blocks.remove(block)
                 error = None if block.task.cancelled() else block.task.exception()
-                logger.warning("lost %d %r slots (their lease ended: %r)", block.size,
-                               LLM_IN_FLIGHT_LIMIT, error)
+                logger.warning(
+                    "lost %d %r slots (their lease ended: %r)",
+                    block.size,
+                    LLM_IN_FLIGHT_LIMIT,
+                    error,
+                )
 
     async def _read_limit(self) -> Any:
         try:
@@ -688,8 +736,9 @@ class LLMSlots:
             return
         assert self.flow_run_id is not None
         self._limit_size = limit.limit
-        self._cap, self._contended = share_cap(limit.limit, self.flow_run_id, self.capacity,
-                                               live_runs(runs))
+        self._cap, self._contended = share_cap(
+            limit.limit, self.flow_run_id, self.capacity, live_runs(runs)
+        )
         self._wake.set()
 
     def _publish_maybe(self, now: float) -> None:
@@ -698,8 +747,7 @@ class LLMSlots:
         value = (self.held, self._wanted())
         if self._published is None and value == (0, 0):
             return  # never used the LLM slots: nothing to say
-        if value == self._published and (value == (0, 0)
-                                         or now - self._published_at < _HEARTBEAT):
+        if value == self._published and (value == (0, 0) or now - self._published_at < _HEARTBEAT):
             return  # said already, and recently enough (a heartbeat while it uses slots)
         if now - self._published_at < _PUBLISH_EVERY:
             return
@@ -721,8 +769,11 @@ class LLMSlots:
     def _report_maybe(self, now: float) -> None:
         """Every `report_every` s while a call or open() has waited that long for a block
         that the run has none of, or that the limit has no room for."""
-        starts = [since for since in (self._waiters[0][1] if self._waiters else None,
-                                      self._opening_since) if since is not None]
+        starts = [
+            since
+            for since in (self._waiters[0][1] if self._waiters else None, self._opening_since)
+            if since is not None
+        ]
         if not starts or not (self._kept() == 0 or self._refused):
             return
         waited = now - min(starts)  # the oldest waiter's wait (waiters are first come first)
@@ -732,8 +783,12 @@ class LLMSlots:
             return
         self._reported_at = now
         self._reporting = self._spawn(
-            report_llm_slot_wait(waited, own_flow_run_id=self.flow_run_id, held=self.held,
-                                 wanted=min(self.capacity, max(self._peak, 1))),
+            report_llm_slot_wait(
+                waited,
+                own_flow_run_id=self.flow_run_id,
+                held=self.held,
+                wanted=min(self.capacity, max(self._peak, 1)),
+            ),
             "llm-slots-report",
         )
 
@@ -757,8 +812,9 @@ class LLMSlots:
                 wait = self._granted_at + self.capacity / decay + 0.02 - loop.time()
                 await asyncio.sleep(min(wait, self.timeout))
         async with self._writes:
-            await rate_limit(LLM_RATE_LIMIT, occupy=self.capacity,
-                             timeout_seconds=self.timeout, strict=True)
+            await rate_limit(
+                LLM_RATE_LIMIT, occupy=self.capacity, timeout_seconds=self.timeout, strict=True
+            )
         self._granted_at = loop.time()
         self._rate_tokens = self.capacity
 
@@ -769,8 +825,9 @@ class LLMSlots:
                     limit = await client.read_global_concurrency_limit_by_name(LLM_RATE_LIMIT)
             except (httpx.HTTPError, ObjectNotFound, OSError, RuntimeError) as exc:
                 # Pacing only saves time; unpaced, Prefect's retries still keep the limit.
-                logger.warning("cannot read the %r limit (%r); this refill is not paced",
-                               LLM_RATE_LIMIT, exc)
+                logger.warning(
+                    "cannot read the %r limit (%r); this refill is not paced", LLM_RATE_LIMIT, exc
+                )
                 return 0.0
             self._decay_per_second = limit.slot_decay_per_second or 0.0
         return self._decay_per_second

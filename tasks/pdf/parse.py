@@ -58,7 +58,15 @@ def unpack_words(packed: PageWords) -> list[Word]:
     q = _QUARTERS
     words = texts.split("\n") if texts else []
     return [
-        Word(n[6 * i] / q, n[6 * i + 1] / q, n[6 * i + 2] / q, n[6 * i + 3] / q, text, n[6 * i + 4], n[6 * i + 5])
+        Word(
+            n[6 * i] / q,
+            n[6 * i + 1] / q,
+            n[6 * i + 2] / q,
+            n[6 * i + 3] / q,
+            text,
+            n[6 * i + 4],
+            n[6 * i + 5],
+        )
         for i, text in enumerate(words)
     ]
 

@@ -198,8 +198,10 @@ class PdfParser:
             return _Pool(ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdf-parse"))
         return _Pool(
             ProcessPoolExecutor(
-                max_workers=self.max_workers, mp_context=self._context,
-                initializer=_init_worker, initargs=(lowered(os.getpriority(os.PRIO_PROCESS, 0)),),
+                max_workers=self.max_workers,
+                mp_context=self._context,
+                initializer=_init_worker,
+                initargs=(lowered(os.getpriority(os.PRIO_PROCESS, 0)),),
             )
         )
 

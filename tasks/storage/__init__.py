@@ -69,7 +69,11 @@ def open_store(
     if location.startswith("s3://"):
         bucket, _, prefix = location[len("s3://") :].partition("/")
         return S3Store(
-            bucket, prefix, endpoint_url=endpoint_url, region_name=region_name, credentials=credentials
+            bucket,
+            prefix,
+            endpoint_url=endpoint_url,
+            region_name=region_name,
+            credentials=credentials,
         )
     if "://" in location:
         raise ConfigurationError(

@@ -38,10 +38,12 @@ def _check_creatable(folder: Path, role: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ConfigurationError(
-            f"cannot create the {role} folder {folder}: {parent} is a file, not a folder")
+            f"cannot create the {role} folder {folder}: {parent} is a file, not a folder"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigurationError(
-            f"cannot create the {role} folder {folder}: no permission to write in {parent}")
+            f"cannot create the {role} folder {folder}: no permission to write in {parent}"
+        )
 
 
 class LocalStore:
@@ -58,7 +60,9 @@ class LocalStore:
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
         if self.root.exists() and not self.root.is_dir():
-            raise ConfigurationError(f"the {role} {self.url} is a file, not a folder: name a folder")
+            raise ConfigurationError(
+                f"the {role} {self.url} is a file, not a folder: name a folder"
+            )
         if not self.root.is_dir():
             if not create:
                 raise ConfigurationError(
@@ -96,7 +100,9 @@ class LocalStore:
             if part in ("", ".", ".."):
                 raise InvalidKey(f"invalid key {key!r}: empty, '.' or '..' component", key=key)
             if part.startswith(_RESERVED):
-                raise InvalidKey(f"invalid key {key!r}: names starting {_RESERVED!r} are reserved", key=key)
+                raise InvalidKey(
+                    f"invalid key {key!r}: names starting {_RESERVED!r} are reserved", key=key
+                )
         return self.root.joinpath(*parts)
 
     def _check_inside(self, key: str, path: Path) -> None:
@@ -139,7 +145,9 @@ class LocalStore:
             raise not_open(self)
         check_put_args(key, if_match, if_none_match)
         path = self._path(key)
-        return await asyncio.to_thread(self._put_sync, key, path, bytes(data), if_match, if_none_match)
+        return await asyncio.to_thread(
+            self._put_sync, key, path, bytes(data), if_match, if_none_match
+        )
 
     # -- blocking parts, run in worker threads
 

@@ -116,13 +116,16 @@ class S3Store:
         stack = contextlib.AsyncExitStack()
         self._client = await stack.enter_async_context(
             session.client(
-                "s3", endpoint_url=self._endpoint_url, region_name=self._region_name,
+                "s3",
+                endpoint_url=self._endpoint_url,
+                region_name=self._region_name,
                 config=config,
                 # Plain HTTP (a local MinIO, SeaweedFS or moto) has no certificate to verify,
                 # yet botocore would load the CA bundle for it, in CPU on the event loop at
                 # each client's first request. The endpoint may be given here or, as usual,
                 # in the environment.
-                verify=False if _is_plain_http(self._endpoint_url or _endpoint_from_environment())
+                verify=False
+                if _is_plain_http(self._endpoint_url or _endpoint_from_environment())
                 else None,
             )
         )
@@ -281,7 +284,8 @@ class S3Store:
             if code == "NoSuchBucket":
                 return BucketNotFound(
                     f"the bucket {self.bucket!r} does not exist (at "
-                    f"{self._endpoint_url or 'AWS'}): check the name, or create it", key=key,
+                    f"{self._endpoint_url or 'AWS'}): check the name, or create it",
+                    key=key,
                 )
             if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
                 if conditional:

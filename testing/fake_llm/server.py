@@ -36,8 +36,9 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Awaitable, Callable, Mapping, Union
+from typing import Any
 
 from aiohttp import web
 
@@ -45,8 +46,8 @@ log = logging.getLogger("testing.fake_llm")
 
 #: What an answer function may return: an `Invoice` (any pydantic model), a mapping (sent as
 #: JSON) or a string (sent as the message content verbatim).
-AnswerResult = Union[Any, Mapping[str, Any], str]
-AnswerFn = Callable[[str], Union[AnswerResult, Awaitable[AnswerResult]]]
+AnswerResult = Any | Mapping[str, Any] | str
+AnswerFn = Callable[[str], AnswerResult | Awaitable[AnswerResult]]
 
 #: Injectable fault kinds, in the order their probabilities are stacked for one random draw.
 FAULT_KINDS = (
@@ -96,7 +97,9 @@ def fault_kind(kind: str) -> str:
     """Normalise a fault name or alias ("429", "500", "timeout", ...) to one of FAULT_KINDS."""
     k = _ALIASES.get(str(kind).lower(), str(kind).lower())
     if k not in FAULT_KINDS:
-        raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS} or {sorted(_ALIASES)}")
+        raise ValueError(
+            f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS} or {sorted(_ALIASES)}"
+        )
     return k
 
 
@@ -157,7 +160,9 @@ def message_text(message: Mapping[str, Any]) -> str:
         return content
     if isinstance(content, list):
         return "".join(
-            part.get("text", "") for part in content if isinstance(part, Mapping) and part.get("type") == "text"
+            part.get("text", "")
+            for part in content
+            if isinstance(part, Mapping) and part.get("type") == "text"
         )
     return ""
 
@@ -185,11 +190,15 @@ def strict_schema_problems(schema: Any, path: str = "$") -> list[str]:
             problems.append(f"{path}: 'default' is not permitted")
         if schema.get("type") == "object" or "properties" in schema:
             if schema.get("additionalProperties") is not False:
-                problems.append(f"{path}: 'additionalProperties' is required to be supplied and to be false")
+                problems.append(
+                    f"{path}: 'additionalProperties' is required to be supplied and to be false"
+                )
             props = schema.get("properties") or {}
             missing = [k for k in props if k not in (schema.get("required") or [])]
             if missing:
-                problems.append(f"{path}: 'required' is required to include every property; missing {missing}")
+                problems.append(
+                    f"{path}: 'required' is required to include every property; missing {missing}"
+                )
         for key, value in schema.items():
             if key in ("properties", "$defs", "definitions") and isinstance(value, Mapping):
                 for name, sub in value.items():
@@ -227,7 +236,9 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".")
 
 
-def _error(status: int, message: str, type_: str, code: str | None, *, headers=None, param=None) -> web.Response:
+def _error(
+    status: int, message: str, type_: str, code: str | None, *, headers=None, param=None
+) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     hdrs = {"x-request-id": f"req_{uuid.uuid4().hex}"}
     hdrs.update(headers or {})
@@ -262,7 +273,9 @@ class FakeLLMServer:
         self._lock = threading.Lock()
         self._faults: collections.deque[str] = collections.deque()
         self._fault_rng = random.Random(self.config.seed)
-        self._latency_rng = random.Random(None if self.config.seed is None else self.config.seed + 1)
+        self._latency_rng = random.Random(
+            None if self.config.seed is None else self.config.seed + 1
+        )
         self._rpm_window: collections.deque[float] = collections.deque()
         self._total = 0
         self._outcomes: collections.Counter[str] = collections.Counter()
@@ -319,7 +332,11 @@ class FakeLLMServer:
     def last_request(self) -> dict[str, Any] | None:
         """The JSON body of the last chat request (a deep copy)."""
         with self._lock:
-            return json.loads(json.dumps(self._last_request)) if self._last_request is not None else None
+            return (
+                json.loads(json.dumps(self._last_request))
+                if self._last_request is not None
+                else None
+            )
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -351,7 +368,7 @@ class FakeLLMServer:
         app.router.add_get("/health", self._health)
         return app
 
-    def start(self, timeout: float = 10.0) -> "FakeLLMServer":
+    def start(self, timeout: float = 10.0) -> FakeLLMServer:
         if self._thread is not None:
             raise RuntimeError("server already started")
         self._ready.clear()
@@ -362,7 +379,9 @@ class FakeLLMServer:
         if self._start_error is not None:
             self._thread.join(timeout)
             self._thread = None
-            raise RuntimeError(f"fake LLM server failed to start: {self._start_error!r}") from self._start_error
+            raise RuntimeError(
+                f"fake LLM server failed to start: {self._start_error!r}"
+            ) from self._start_error
         log.info("fake LLM listening on %s", self.base_url)
         return self
 
@@ -381,7 +400,7 @@ class FakeLLMServer:
         self._loop = None
         log.info("fake LLM stopped")
 
-    def __enter__(self) -> "FakeLLMServer":
+    def __enter__(self) -> FakeLLMServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -393,7 +412,7 @@ class FakeLLMServer:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._startup())
-        except BaseException as e:  # noqa: BLE001 - reported to start()
+        except BaseException as e:
             self._start_error = e
             self._ready.set()
             loop.close()
@@ -437,7 +456,14 @@ class FakeLLMServer:
         return web.json_response(
             {
                 "object": "list",
-                "data": [{"id": self.config.model, "object": "model", "created": 0, "owned_by": "fake-llm"}],
+                "data": [
+                    {
+                        "id": self.config.model,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "fake-llm",
+                    }
+                ],
             }
         )
 
@@ -481,7 +507,9 @@ class FakeLLMServer:
     def _draw_latency(self) -> float:
         cfg = self.config
         if cfg.latency_median is not None and cfg.latency_median > 0:
-            d = self._latency_rng.lognormvariate(math.log(cfg.latency_median), max(cfg.latency_sigma, 0.0))
+            d = self._latency_rng.lognormvariate(
+                math.log(cfg.latency_median), max(cfg.latency_sigma, 0.0)
+            )
         else:
             d = max(cfg.latency, 0.0)
         if cfg.latency_max is not None:
@@ -505,7 +533,7 @@ class FakeLLMServer:
     def _rate_limit_headers(self, seconds: float) -> dict[str, str]:
         headers = {"Retry-After": _format_seconds(seconds)}
         if self.config.retry_after_ms_header:
-            headers["retry-after-ms"] = str(max(0, int(round(seconds * 1000))))
+            headers["retry-after-ms"] = str(max(0, round(seconds * 1000)))
         return headers
 
     async def _sleep(self, seconds: float) -> None:
@@ -515,7 +543,7 @@ class FakeLLMServer:
         assert self._stopping is not None
         try:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         raise _Stop()
 
@@ -528,7 +556,7 @@ class FakeLLMServer:
                 return
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=0.05)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         raise _Stop()
 
@@ -561,7 +589,12 @@ class FakeLLMServer:
                 raise ValueError("body is not a JSON object")
         except Exception:
             self._count("bad_request")
-            return "bad_request", _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+            return "bad_request", _error(
+                400,
+                "We could not parse the JSON body of your request.",
+                "invalid_request_error",
+                None,
+            )
         with self._lock:
             self._last_request = body
 
@@ -573,7 +606,11 @@ class FakeLLMServer:
         if not isinstance(messages, list) or not messages:
             self._count("bad_request")
             return "bad_request", _error(
-                400, "'messages' is a required property", "invalid_request_error", None, param="messages"
+                400,
+                "'messages' is a required property",
+                "invalid_request_error",
+                None,
+                param="messages",
             )
         response_format = body.get("response_format") or {}
         if cfg.enforce_strict_schema and response_format.get("type") == "json_schema":
@@ -584,7 +621,8 @@ class FakeLLMServer:
                     self._count("bad_request")
                     return "bad_request", _error(
                         400,
-                        f"Invalid schema for response_format '{js.get('name')}': " + "; ".join(problems),
+                        f"Invalid schema for response_format '{js.get('name')}': "
+                        + "; ".join(problems),
                         "invalid_request_error",
                         "invalid_json_schema",
                         param="response_format",
@@ -627,7 +665,9 @@ class FakeLLMServer:
             return fault, self._auth_error("")
         if fault == "bad_request":
             self._count(fault)
-            return fault, _error(400, "Invalid request (injected fault).", "invalid_request_error", None)
+            return fault, _error(
+                400, "Invalid request (injected fault).", "invalid_request_error", None
+            )
         if fault == "hang":
             self._count(fault)
             await self._hang(request)
@@ -658,7 +698,9 @@ class FakeLLMServer:
         outcome = fault or "ok"
         self._count(outcome)
 
-        prompt_tokens = _tokens("".join(message_text(m) for m in messages if isinstance(m, Mapping)))
+        prompt_tokens = _tokens(
+            "".join(message_text(m) for m in messages if isinstance(m, Mapping))
+        )
         completion_tokens = _tokens(content or refusal or "")
         completion = {
             "id": f"chatcmpl-fake{uuid.uuid4().hex[:24]}",
@@ -669,7 +711,12 @@ class FakeLLMServer:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content, "refusal": refusal, "annotations": []},
+                    "message": {
+                        "role": "assistant",
+                        "content": content,
+                        "refusal": refusal,
+                        "annotations": [],
+                    },
                     "logprobs": None,
                     "finish_reason": "stop",
                 }
@@ -680,7 +727,9 @@ class FakeLLMServer:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-        return outcome, web.json_response(completion, headers={"x-request-id": f"req_{uuid.uuid4().hex}"})
+        return outcome, web.json_response(
+            completion, headers={"x-request-id": f"req_{uuid.uuid4().hex}"}
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,28 +738,49 @@ class FakeLLMServer:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fake-llm", description="A local OpenAI-compatible server with latency and fault injection.",
+        prog="fake-llm",
+        description="A local OpenAI-compatible server with latency and fault injection.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8811, help="port to listen on")
     p.add_argument("--model", default=FakeLLMConfig.model, help="model name it answers as")
     p.add_argument("--latency", type=float, default=0.0, help="fixed latency in seconds")
-    p.add_argument("--latency-median", type=float, default=None, help="log-normal latency median (seconds)")
+    p.add_argument(
+        "--latency-median", type=float, default=None, help="log-normal latency median (seconds)"
+    )
     p.add_argument("--latency-sigma", type=float, default=0.5, help="log-normal latency sigma")
     p.add_argument("--latency-max", type=float, default=None, help="cap on drawn latency (seconds)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault and latency draws")
     p.add_argument("--rate-429", type=float, default=0.0, help="probability of a 429 rate limit")
-    p.add_argument("--rate-quota", type=float, default=0.0, help="probability of a 429 insufficient_quota")
+    p.add_argument(
+        "--rate-quota", type=float, default=0.0, help="probability of a 429 insufficient_quota"
+    )
     p.add_argument("--rate-500", type=float, default=0.0, help="probability of a 500 server error")
-    p.add_argument("--rate-401", type=float, default=0.0, help="probability of a 401 authentication error")
+    p.add_argument(
+        "--rate-401", type=float, default=0.0, help="probability of a 401 authentication error"
+    )
     p.add_argument("--rate-400", type=float, default=0.0, help="probability of a 400 bad request")
-    p.add_argument("--rate-hang", type=float, default=0.0, help="probability of a request that never answers")
-    p.add_argument("--rate-malformed", type=float, default=0.0, help="probability of an answer that is not JSON")
-    p.add_argument("--rate-schema-invalid", type=float, default=0.0, help="probability of JSON that breaks the schema")
+    p.add_argument(
+        "--rate-hang", type=float, default=0.0, help="probability of a request that never answers"
+    )
+    p.add_argument(
+        "--rate-malformed",
+        type=float,
+        default=0.0,
+        help="probability of an answer that is not JSON",
+    )
+    p.add_argument(
+        "--rate-schema-invalid",
+        type=float,
+        default=0.0,
+        help="probability of JSON that breaks the schema",
+    )
     p.add_argument("--rate-refusal", type=float, default=0.0, help="probability of a refusal")
     p.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds on 429")
-    p.add_argument("--no-retry-after-ms", action="store_true", help="send only Retry-After, not retry-after-ms")
+    p.add_argument(
+        "--no-retry-after-ms", action="store_true", help="send only Retry-After, not retry-after-ms"
+    )
     p.add_argument("--rpm", type=int, default=None, help="requests-per-minute cap (none: no cap)")
     p.add_argument(
         "--api-key-env",
@@ -755,12 +825,14 @@ def config_from_args(args: argparse.Namespace) -> FakeLLMConfig:
 def main(argv: list[str] | None = None) -> int:
     """Run the fake server in the foreground until Ctrl-C / SIGTERM."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     config = config_from_args(args)
     server = FakeLLMServer(config, host=args.host, port=args.port)
     done = threading.Event()
 
-    def _on_signal(signum, frame):  # noqa: ARG001
+    def _on_signal(signum, frame):
         done.set()
 
     in_main = threading.current_thread() is threading.main_thread()
