@@ -150,6 +150,7 @@ async def ensure_limits(
 async def ensure_aws_block(options: AwsBlockOptions, say: Callable[[str], None]) -> None:
     from prefect_aws import AwsCredentials
     from prefect_aws.client_parameters import AwsClientParameters
+    from pydantic import SecretStr
 
     access_key = _env("AWS_ACCESS_KEY_ID") if options.store_keys else None
     secret_key = _env("AWS_SECRET_ACCESS_KEY") if options.store_keys else None
@@ -163,7 +164,7 @@ async def ensure_aws_block(options: AwsBlockOptions, say: Callable[[str], None])
     profile = options.profile or (None if access_key else _env("AWS_PROFILE"))
     block = AwsCredentials(
         aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
+        aws_secret_access_key=SecretStr(secret_key) if secret_key else None,
         aws_session_token=_env("AWS_SESSION_TOKEN") if access_key else None,
         profile_name=profile,
         region_name=region,

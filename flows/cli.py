@@ -93,10 +93,8 @@ def check_parameters(parameters: dict[str, Any]) -> list[str]:
     try:
         RunSettings.model_validate(parameters)
     except ValidationError as exc:
-        return [
-            f"{_option(str(error['loc'][0]))} {parameters[error['loc'][0]]!r}: {error['msg']}"
-            for error in exc.errors()
-        ]
+        named = [(str(error["loc"][0]), error["msg"]) for error in exc.errors()]
+        return [f"{_option(name)} {parameters.get(name)!r}: {message}" for name, message in named]
     return []
 
 

@@ -103,7 +103,8 @@ async def process_invoices(
         return refused(f"{exc.cause} ({len(exc.unrecorded)} outcomes of this run not recorded)")
     except ConfigurationError as exc:  # a user mistake: one line, no traceback
         return refused(str(exc))
-    await publish_summary(quote(summary))  # quote: no futures in it for Prefect to look for
+    # quote: no futures in it for Prefect to look for (Task.__call__'s types do not know quote)
+    await publish_summary(quote(summary))  # type: ignore[call-overload]
     # The last line of the run's log, so `--watch` (which streams the logs) ends with it.
     get_run_logger().log(
         logging.WARNING if summary.failed or summary.counts.get("needs_review") else logging.INFO,

@@ -617,14 +617,18 @@ def check_invoice(invoice: Invoice, *, today: date | None = None) -> list[str]:
         problems.append("missing_total: no total amount found")
     if invoice.invoice_number is None:
         problems.append("missing_invoice_number: no invoice number found")
-    amounts = [line.amount for line in invoice.line_items]
-    if invoice.line_items and invoice.subtotal is not None and None not in amounts:
+    amounts = [line.amount for line in invoice.line_items if line.amount is not None]
+    if (
+        invoice.line_items
+        and invoice.subtotal is not None
+        and len(amounts) == len(invoice.line_items)  # every line has an amount
+    ):
         line_sum = sum(amounts, Decimal(0))
         if abs(line_sum - invoice.subtotal) > TOLERANCE:
             problems.append(
                 f"lines_sum_mismatch: line amounts sum to {line_sum}, subtotal is {invoice.subtotal}"
             )
-    if None not in (invoice.subtotal, invoice.tax, invoice.total):
+    if invoice.subtotal is not None and invoice.tax is not None and invoice.total is not None:
         expected = invoice.subtotal + invoice.tax
         if abs(expected - invoice.total) > TOLERANCE:
             problems.append(

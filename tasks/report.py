@@ -87,6 +87,7 @@ def summarize(
     rows = []
     for item in sorted(processed, key=lambda p: p.outcome.key):
         outcome = item.outcome
+        reason: str | None
         if outcome.status == "failed":
             reason = f"{outcome.error_code}: {outcome.error_message}"
         else:

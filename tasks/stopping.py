@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from types import FrameType
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class StopRequest:
                 work.close()
             return None
         task: asyncio.Task[T] = asyncio.ensure_future(work)
-        self._in_flight.add(task)  # type: ignore[arg-type]
+        self._in_flight.add(task)
         try:
             return await task
         except asyncio.CancelledError:
@@ -88,7 +89,7 @@ class StopRequest:
                 return None
             raise
         finally:
-            self._in_flight.discard(task)  # type: ignore[arg-type]
+            self._in_flight.discard(task)
 
     async def unless_stopped(self, work: Awaitable[T]) -> tuple[bool, T | None]:
         """(True, `work`'s result), or (False, None) when a stop request came first: `work`
@@ -112,7 +113,8 @@ class StopRequest:
         there were (Prefect's SIGTERM bridge, asyncio's or Python's SIGINT handler). Outside
         the main thread signals cannot be handled, and the block runs without."""
         loop = asyncio.get_running_loop()
-        installed: list[tuple[signal.Signals, object]] = []
+        installed: list[tuple[signal.Signals, Callable[[int, FrameType | None], Any] | int | None]]
+        installed = []
         try:
             for signum in STOP_SIGNALS:
                 previous = signal.getsignal(signum)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -587,7 +588,7 @@ def fmt_number(value: Decimal, style: str, places: int | None = 2) -> str:
         "ch": ("'", "."),
         "plain": ("", "."),
     }[style]
-    groups = []
+    groups: list[str] = []
     while len(intpart) > 3:
         groups.insert(0, intpart[-3:])
         intpart = intpart[:-3]
@@ -947,7 +948,7 @@ class _Column:
 class _Layout:
     """Page geometry plus the drawing of one layout. Subclasses fill in the blanks."""
 
-    size = (595, 842)  # A4 portrait
+    size: tuple[float, float] = (595, 842)  # A4 portrait
     first_top = 330.0  # y of the table header on page 1
     cont_top = 110.0  # y of the table header on continuation pages
     bottom = 760.0  # rows must end above this
@@ -1511,7 +1512,7 @@ def rng_name(c: _Content) -> str:
 class _Compact(_Layout):
     """Receipt-like: narrow page, monospace, centred header, 'qty x price' lines."""
 
-    size = (260, 620)
+    size: tuple[float, float] = (260, 620)
     first_top = 200.0
     cont_top = 70.0
     bottom = 575.0
@@ -1828,7 +1829,8 @@ class _Dutch(_Layout):
         )
 
 
-_LAYOUT_CLASSES: dict[str, type[_Layout]] = {
+# Each layout class, called with the content and a random source for its labels.
+_LAYOUT_CLASSES: dict[str, Callable[[_Content, random.Random], _Layout]] = {
     "classic": _Classic,
     "modern": _Modern,
     "german": _German,

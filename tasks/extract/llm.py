@@ -350,13 +350,14 @@ class OpenAIExtractor:
         | None = None,
     ) -> None:
         self.settings = settings
+        self._guard: Callable[[], AbstractAsyncContextManager[Any]]
         if call_guard is None:
-            self._guard: Callable[[], AbstractAsyncContextManager[Any]] = _no_guard
-        elif hasattr(call_guard, "__aenter__"):  # e.g. an asyncio.Semaphore, reusable
-            guard_obj = call_guard
-            self._guard = lambda: guard_obj  # type: ignore[assignment,return-value]
+            self._guard = _no_guard
+        elif isinstance(call_guard, AbstractAsyncContextManager):  # e.g. a Semaphore, reusable
+            reusable = call_guard
+            self._guard = lambda: reusable
         else:
-            self._guard = call_guard  # type: ignore[assignment]
+            self._guard = call_guard
         key = settings.api_key.get_secret_value() if settings.api_key is not None else None
         if not key:
             if settings.base_url is None:
@@ -478,10 +479,12 @@ class OpenAIExtractor:
             async with self._guard():
                 # The SDK's timeout bounds each phase of the call; this one bounds the whole call.
                 async with asyncio.timeout(s.timeout):
-                    completion = await self._client.chat.completions.create(
+                    # Plain JSON dicts: the SDK's TypedDicts take them at run time, but its
+                    # overloads cannot see that a dict[str, str] is a message.
+                    completion = await self._client.chat.completions.create(  # type: ignore[call-overload]
                         model=s.model,
-                        messages=messages,  # type: ignore[arg-type]
-                        response_format=RESPONSE_FORMAT,  # type: ignore[arg-type]
+                        messages=messages,
+                        response_format=RESPONSE_FORMAT,
                         **optional,
                     )
         except (openai.APITimeoutError, TimeoutError) as e:

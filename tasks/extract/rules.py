@@ -460,6 +460,7 @@ def parse_date(text: str, day_first: bool | None = None) -> date | None:
             candidates.append((m.start(), d))
     for m in _NUM_DATE_RE.finditer(text):
         a, sep, b, y = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        order: bool | None  # day-first, month-first, or ambiguous
         if a > 12 or sep == ".":
             order = True
         elif b > 12:
@@ -1090,7 +1091,9 @@ class LabelMatch:
 def _prefix_ends(text: str) -> list[int]:
     """Where a label may start after an optional prefix word and rate, in the order a regex
     "prefix? rate? label" would try them (longest prefix first)."""
-    start = _WS_RE.match(text).end()
+    ws = _WS_RE.match(text)
+    assert ws is not None  # r"\s*" matches at any position
+    start = ws.end()
     ends: list[int] = []
     word = _PREFIX_WORD_RE.match(text, start)
     for after_word in ([word.end()] if word else []) + [start]:
@@ -1109,7 +1112,9 @@ def match_label(text: str) -> LabelMatch | None:
         return None
     found: dict[int, int] = {}  # synonym -> end of its match
     for pos in _prefix_ends(text):
-        regs = _ALL_LABELS_RE.match(text, pos).regs
+        m = _ALL_LABELS_RE.match(text, pos)
+        assert m is not None  # only optional groups: it matches (empty) at any position
+        regs = m.regs
         for k in [k for k in range(1, len(regs)) if regs[k][0] >= 0]:
             found.setdefault(k - 1, regs[k][1])
     best = min(found, key=lambda k: (-found[k], k))
@@ -1149,6 +1154,12 @@ class Cell:
     line: int  # global line number
     index: int  # position in the document's cell list
     label: LabelMatch | None = None
+
+
+def _label_role(cell: Cell) -> str:
+    """The role of a cell that is known to carry a label."""
+    assert cell.label is not None
+    return cell.label.role
 
 
 def split_cells(text: str) -> list[Cell]:
@@ -1574,7 +1585,7 @@ def classify_cell(text: str, decimal: str | None) -> _Value:
 
 
 def _consistent(qty: Decimal | None, unit: Decimal | None, amount: Decimal | None) -> bool:
-    if None in (qty, unit, amount):
+    if qty is None or unit is None or amount is None:
         return False
     return abs(qty * unit - amount) <= Decimal("0.011") or abs(qty * unit - amount) <= abs(
         amount
@@ -1673,9 +1684,12 @@ def line_items_from_rows(
             if value.kind == "text":
                 usable = False
             elif value.kind == "qxu":
+                # classify_cell gives a "qxu" both numbers, and a "num" its number
+                assert value.number is not None and value.second is not None
                 numbers.setdefault("qty", value.number)
                 numbers.setdefault("unit", value.second)
             elif role in ("qty", "unit", "amount"):
+                assert value.number is not None
                 numbers[role] = value.number
         if usable and desc and numbers:
             items.append(
@@ -1941,9 +1955,9 @@ def _align(groups: list[tuple[float, float]], cols: list[_Col]) -> list[int | No
     out: list[int | None] = [None] * n
     i, j = n, m
     while i > 0:
-        pi, pj, col = back[(i, j)]
+        pi, pj, col_index = back[(i, j)]
         if pi == i - 1:
-            out[i - 1] = col
+            out[i - 1] = col_index
         i, j = pi, pj
     return out
 
@@ -2178,6 +2192,13 @@ class _Hit:
     cell: int  # index of the label cell
 
 
+def _amount(hit: _Hit) -> Decimal:
+    """The value of a money hit (subtotal, tax, total, amount due): always an amount, as
+    `_value` and `_typed` give those roles only amounts and `_record` files text as a tax id."""
+    assert isinstance(hit.value, Decimal), hit
+    return hit.value
+
+
 class _Document:
     """One pass of the rules over one invoice text."""
 
@@ -2277,13 +2298,13 @@ class _Document:
         """The total: the one printed (the last "Total" line, else the amount due). When
         different totals are printed, the one that subtotal + tax make, else the one the
         amount due repeats; failing both, none: better a review than a wrong total."""
-        totals = [h.value for h in self.hits if h.role == "total"]
+        totals = [_amount(h) for h in self.hits if h.role == "total"]
         due = self._last("amount_due")
         if not totals:
             return due
         if len(set(totals)) == 1:
             return totals[-1]
-        subtotals = {h.value for h in self.hits if h.role == "subtotal"}
+        subtotals = {_amount(h) for h in self.hits if h.role == "subtotal"}
         if tax is not None:
             fitting = {
                 t for t in totals if any(abs(s + tax - t) <= Decimal("0.01") for s in subtotals)
@@ -2300,7 +2321,7 @@ class _Document:
     def _subtotal(self, tax: Decimal | None, total: Decimal | None) -> Decimal | None:
         """The last subtotal printed, or, when several are (a gross "Subtotaal" next to
         "Exclusief BTW"), the last one that adds up with the tax to the total."""
-        values = [h.value for h in self.hits if h.role == "subtotal"]
+        values = [_amount(h) for h in self.hits if h.role == "subtotal"]
         if not values:
             return None
         if tax is not None and total is not None:
@@ -2329,8 +2350,8 @@ class _Document:
         none."""
 
         def adds_up(items: list[LineItem]) -> bool:
-            amounts = [item.amount for item in items]
-            if not items or None in amounts:
+            amounts = [item.amount for item in items if item.amount is not None]
+            if not items or len(amounts) < len(items):  # a line without an amount
                 return False
             line_sum = sum(amounts, Decimal(0))
             return any(
@@ -2638,7 +2659,7 @@ class _Document:
                 if cells[j].label is not None:
                     break
                 if _CODE_RE.fullmatch(cells[j].text.strip()) and any(
-                    c.label.role in _MONEY_ROLES for c in run[len(values) : len(values) + 1]
+                    _label_role(c) in _MONEY_ROLES for c in run[len(values) : len(values) + 1]
                 ):
                     j += 1  # "Total" | "EUR" | "1,234.00"
                     continue
@@ -2659,7 +2680,7 @@ class _Document:
                 value_line = [c for c in cells if c.line == values[0].line]
                 if label_line != run or len(value_line) != len(run):
                     continue
-            if len(run) == 1 and values and run[0].label.role in ("total", "amount_due"):
+            if len(run) == 1 and values and label.role in ("total", "amount_due"):  # run[0] is cell
                 # a totals row with several columns: "Total facture | 24.99 | 5.00 | 29.99"
                 k = values[0].index + 1
                 while (
@@ -2672,13 +2693,13 @@ class _Document:
                     k += 1
                 if k > values[0].index + 1:
                     row_text = "  ".join(c.text for c in cells[values[0].index : k])
-                    parsed = self._typed(run[0].label.role, row_text)
+                    parsed = self._typed(label.role, row_text)
                     if parsed is not None:
                         self.consumed.update(range(run[0].index, k))
                         self._record(run[0], *parsed, text=row_text)
                         continue
             for label_cell, value_cell in zip(run, values, strict=False):
-                role = label_cell.label.role
+                role = _label_role(label_cell)
                 if role == "ignore" and not re.search(r"\d", value_cell.text):
                     continue
                 parsed = self._typed(role, value_cell.text)
@@ -2733,10 +2754,10 @@ class _Document:
                 and self.cells[block[-1].cell].line - self.cells[block[0].cell].line
                 < len(block) + 3
             ):
-                return sum((h.value for h in block), Decimal(0))
+                return sum((_amount(h) for h in block), Decimal(0))
             if block:
-                return block[-1].value
-        return taxes[-1].value
+                return _amount(block[-1])
+        return _amount(taxes[-1])
 
     # Parties ------------------------------------------------------------------------------------
     def _candidate(self, cell: Cell) -> bool:

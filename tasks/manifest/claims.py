@@ -113,7 +113,8 @@ class Claims:
             self._held.update((job.key, job) for job in jobs)
             return jobs, []
         manifest = await self.target.read()
-        held, refused = [], []
+        held: list[InvoiceJob] = []
+        refused: list[InvoiceJob] = []
         for job in jobs:
             entry = manifest.entries.get(job.key)
             mine = (

@@ -16,14 +16,14 @@ import json
 import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.errors import ConfigurationError
 
 MANIFEST_KEY = "manifest.json"
-MANIFEST_FORMAT = "invoice-pipeline/manifest"
+MANIFEST_FORMAT: Final = "invoice-pipeline/manifest"
 MANIFEST_FORMAT_VERSION = 1
 
 # `released`: a run claimed the invoice and gave the claim back unfinished (it was stopped);

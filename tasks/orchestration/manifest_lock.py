@@ -70,4 +70,4 @@ async def run_locked_session(
     `target` is quoted: the task engine would otherwise walk the whole manifest it holds,
     looking for futures in the parameters."""
     locked = update_manifest.with_options(tags=[manifest_lock_tag(target.location)])
-    await locked(quote(target), batches)
+    await locked(quote(target), batches)  # type: ignore[call-overload]  # quote() is not in Task.__call__'s types

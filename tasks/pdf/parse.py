@@ -173,7 +173,9 @@ def parse_pdf_bytes(data: bytes, *, max_pages: int | None = None) -> ParsedDocum
         try:
             pages = []
             words = []
-            for page in doc:
+            # doc.pages() loads the same pages as `for page in doc` (which the stubs
+            # do not know: Document has only __getitem__/__len__), in the same order.
+            for page in doc.pages():
                 # One text page gives both: the word boxes (for the table readers; 12 bytes
                 # per word plus its text when pickled) and the reading-order text.
                 page_words = page.get_textpage(flags=pymupdf.TEXTFLAGS_WORDS).extractWORDS()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -151,14 +152,14 @@ class LocalStore:
 
     # -- blocking parts, run in worker threads
 
-    def _list_sync(self, prefix: str, suffix: str | None) -> list[ObjectInfo]:
+    def _list_sync(self, prefix: str, suffix: str | None) -> builtins.list[ObjectInfo]:
         # Walk only the deepest folder the prefix fixes, then filter by plain string prefix
         # (S3 semantics: "inv" matches "invoices/a.pdf" and "inv.pdf").
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self._path(folder) if folder else self.root
         self._check_inside(folder, start)
         suffix_lower = suffix.lower() if suffix else None
-        found: list[ObjectInfo] = []
+        found: builtins.list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED)]
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
