@@ -185,8 +185,8 @@ def build_cii_xml(invoice: Invoice) -> bytes:
         _add_date(terms, "DueDateDateTime", invoice.due_date)
 
     summation = _add(settlement, "SpecifiedTradeSettlementHeaderMonetarySummation")
-    line_amounts = [line.amount for line in invoice.line_items]
-    if invoice.line_items and None not in line_amounts:
+    line_amounts = [line.amount for line in invoice.line_items if line.amount is not None]
+    if invoice.line_items and len(line_amounts) == len(invoice.line_items):  # all have amounts
         _add(summation, "LineTotalAmount", amount(sum(line_amounts, Decimal(0))))
     elif invoice.subtotal is not None:
         _add(summation, "LineTotalAmount", amount(invoice.subtotal))

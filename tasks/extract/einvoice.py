@@ -119,7 +119,7 @@ def _cii_date(parent: etree._Element | None, path: str, field: str) -> date | No
     """A CII `udt:DateTimeString`; EN 16931 allows only format 102 (YYYYMMDD) for these dates."""
     element = _find(parent, f"{path}/udt:DateTimeString")
     text = _text(element)
-    if text is None:
+    if element is None or text is None:  # no element gives no text
         return None
     fmt = element.get("format")
     if fmt is not None and fmt.strip() != "102":

@@ -1527,20 +1527,9 @@ def header_roles(text: str) -> list[str] | None:
 def _header_roles(text: str) -> list[str] | None:
     """Column roles named by one header cell ("Unit price" -> ["unit"]); a cell holding a whole
     header row ("Description Qty Unit price Amount") yields several. None if not a header."""
-    for role in (
-        "qtyunit",
-        "desc",
-        "qty",
-        "unit",
-        "amount",
-        "pos",
-        "rate",
-        "uom",
-        "discount",
-        "code",
-    ):
-        if _HEADER_RES[role].match(text.strip()):
-            return [role]
+    role = _header_role(text.strip())
+    if role is not None:
+        return [role]
     roles: list[str] = []
     rest = text.strip()
     while rest:
@@ -1810,21 +1799,9 @@ _CURRENCY_TOKEN_RE = re.compile(r"^(?:[€£¥$₹]|Rs\.?|" + "|".join(sorted(CU
 
 
 def _header_role(chunk: str) -> str | None:
-    for role in (
-        "qtyunit",
-        "desc",
-        "qty",
-        "unit",
-        "amount",
-        "pos",
-        "rate",
-        "uom",
-        "discount",
-        "code",
-    ):
-        if _HEADER_RES[role].match(chunk):
-            return role
-    return None
+    """The column role one header cell names, the first in this order that matches."""
+    order = ("qtyunit", "desc", "qty", "unit", "amount", "pos", "rate", "uom", "discount", "code")
+    return next((role for role in order if _HEADER_RES[role].match(chunk)), None)
 
 
 def header_columns(row: _Row) -> list[_Col] | None:
@@ -2908,16 +2885,10 @@ def extract_fields(text: str) -> Invoice:
     return _Document(text).run()
 
 
-def extract_fields_with_notes(text: str) -> tuple[Invoice, list[str]]:
-    """`extract_fields` plus notes on what the rules skipped (for `Extraction.notes`)."""
-    doc = _Document(text)
-    invoice = doc.run()
-    return invoice, doc.notes
-
-
 def extract_document(document: ParsedDocument) -> tuple[Invoice, list[str]]:
-    """Like `extract_fields_with_notes`, reading tables and label rows from the document's
-    word positions when it has them (a parsed PDF), else from its text's columns."""
+    """The invoice and notes on what the rules skipped (for `Extraction.notes`), reading
+    tables and label rows from the document's word positions when it has them (a parsed
+    PDF), else from its text's columns."""
     rows = None
     if document.has_words:
         rows = [

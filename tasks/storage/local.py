@@ -10,7 +10,6 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from types import TracebackType
 
 from tasks.errors import ConfigurationError
 from tasks.storage.base import (
@@ -76,12 +75,7 @@ class LocalStore:
         self._open = True
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._open = False
 
     def __repr__(self) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
@@ -136,12 +135,7 @@ class S3Store:
         self._requests = asyncio.Semaphore(self._max_pool_connections)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()

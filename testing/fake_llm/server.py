@@ -702,7 +702,7 @@ class FakeLLMServer:
             "".join(message_text(m) for m in messages if isinstance(m, Mapping))
         )
         completion_tokens = _tokens(content or refusal or "")
-        completion = {
+        completion: dict[str, object] = {  # the chat.completion JSON object
             "id": f"chatcmpl-fake{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
