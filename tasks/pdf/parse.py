@@ -173,9 +173,9 @@ def parse_pdf_bytes(data: bytes, *, max_pages: int | None = None) -> ParsedDocum
         try:
             pages = []
             words = []
-            # doc.pages() loads the same pages as `for page in doc` (which the stubs
-            # do not know: Document has only __getitem__/__len__), in the same order.
-            for page in doc.pages():
+            # Iterating the document (its __getitem__) ends at the pages MuPDF finds as it
+            # loads them; doc.pages() would trust a declared page count the file cannot hold.
+            for page in doc:  # type: ignore[attr-defined]  # iterable by __getitem__
                 # One text page gives both: the word boxes (for the table readers; 12 bytes
                 # per word plus its text when pickled) and the reading-order text.
                 page_words = page.get_textpage(flags=pymupdf.TEXTFLAGS_WORDS).extractWORDS()
