@@ -42,20 +42,14 @@ RUN_OPTIONS = (
 )
 
 
-def _run_parser(sub: argparse._SubParsersAction) -> None:
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    """The options of `invoices run`."""
     from prefect.utilities.callables import parameter_docstrings
 
     from flows.process_invoices import process_invoices
     from flows.progress import PLAIN_EVERY_SECONDS
     from flows.settings import RunSettings
 
-    run = sub.add_parser(
-        "run",
-        help="process invoices and print a summary",
-        description="Process every PDF invoice under SOURCE and record each outcome in "
-        "OUTPUT/manifest.json. Uses Prefect's API from PREFECT_API_URL, or a temporary local "
-        "server when none is set.",
-    )
     # Types and defaults from RunSettings, help from the flow's docstring (the run form's).
     helps = parameter_docstrings(inspect.getdoc(process_invoices.fn))
     for name in RUN_OPTIONS:
@@ -216,7 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="invoices", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
+    add_run_options(
+        sub.add_parser(
+            "run",
+            help="process invoices and print a summary",
+            description="Process every PDF invoice under SOURCE and record each outcome in "
+            "OUTPUT/manifest.json. Uses Prefect's API from PREFECT_API_URL, or a temporary "
+            "local server when none is set.",
+        )
+    )
     samples = sub.add_parser("samples", help="generate sample invoice PDFs")
     samples.add_argument("folder", help="where to write them")
     samples.add_argument("--count", type=int, default=12)

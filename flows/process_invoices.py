@@ -86,10 +86,8 @@ async def process_invoices(
     parameters = locals()
     settings = RunSettings(**{name: parameters[name] for name in RunSettings.model_fields})
     try:
-        async with InvoiceRun.open(settings, aws_credentials, secret_value(openai_api_key)) as (
-            run,
-            plan,
-        ):
+        async with InvoiceRun.open(settings, aws_credentials, secret_value(openai_api_key)) as run:
+            plan = run.first_plan
             report_plan(plan, run.source.url, run.holders)
             async with run.recording(plan):
                 await run.claim(plan)

@@ -51,6 +51,7 @@ class InvoiceRun:
     holders: dict[str, ClaimHolder] = field(default_factory=dict)
     processed: list[ProcessedInvoice] = field(default_factory=list)
     # Set up in `open` and `recording`:
+    first_plan: BatchPlan = field(init=False)
     ctx: InvoiceContext = field(init=False)
     progress: RunProgress = field(init=False)
     writer: ManifestWriter = field(init=False)
@@ -63,7 +64,7 @@ class InvoiceRun:
         settings: RunSettings,
         credentials: AwsCredentialsBlock | None,
         api_key: SecretStr | None,
-    ) -> AsyncIterator[tuple[InvoiceRun, BatchPlan]]:
+    ) -> AsyncIterator[InvoiceRun]:
         """Set the run up and make its first plan; everything is closed on the way out."""
         started = time.perf_counter()
         async with AsyncExitStack() as stack:
@@ -119,8 +120,9 @@ class InvoiceRun:
                 max_concurrency=settings.max_concurrency,
                 stop=run.stop,
             )
+            run.first_plan = plan
             freeze_setup()  # the set-up's objects live as long as the run
-            yield run, plan
+            yield run
 
     async def plan(self, only: Collection[str] | None = None) -> BatchPlan:
         """What to process: the listing (of this shard; of `only`, if given) against the

@@ -17,7 +17,7 @@ from prefect.utilities.callables import (
 )
 from pydantic import ValidationError
 
-from flows.cli import RUN_OPTIONS, _run_parser, check_parameters
+from flows.cli import RUN_OPTIONS, add_run_options, check_parameters
 from flows.process_invoices import process_invoices
 from flows.settings import DEFAULTS, RunSettings
 
@@ -66,8 +66,8 @@ def test_prefect_yaml_parameters_are_valid_settings() -> None:
 
 def test_the_cli_options_are_settings_with_their_defaults() -> None:
     parser = argparse.ArgumentParser()
-    _run_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["run"])
+    add_run_options(parser)
+    args = parser.parse_args([])
     assert set(RUN_OPTIONS) <= set(RunSettings.model_fields)
     assert {name: getattr(args, name) for name in RUN_OPTIONS} == DEFAULTS.model_dump(
         include=set(RUN_OPTIONS)
