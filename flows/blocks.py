@@ -15,9 +15,9 @@ class BlockByReference:
 
     A block parameter may be given as the block's fields or as a reference (`{"$ref":
     {"block_document_id" | "block_document_slug": ...}}`: what the run form's block picker
-    and prefect.yaml send). Prefect (3.8 and 3.9) checks a flow run's parameters against "the block's
-    schema or a reference, exactly one"; a deployment's, against the block's schema alone with
-    `required` left out. A block whose fields are all optional (prefect-aws's
+    and prefect.yaml send). Prefect (3.8 and 3.9) checks a flow run's parameters against
+    "the block's schema or a reference, exactly one"; a deployment's, against the block's
+    schema alone with `required` left out. A block whose fields are all optional (prefect-aws's
     `AwsCredentials`) lets a reference match both at run time, so the run is refused ("is
     valid under each of"). Requiring a field of the block, as `Secret`'s schema does
     (`value`), makes a reference match only the reference at run time and still pass when

@@ -14,7 +14,7 @@ from decimal import Decimal
 from lxml import etree
 
 from tasks.checks import vat_id_is_valid
-from tasks.extract.einvoice import _RAM, _RSM, _UDT
+from tasks.extract.einvoice import RAM_NS, RSM_NS, UDT_NS
 from tasks.invoice import Invoice
 from tasks.pdf.embedded_xml import embedded_files
 
@@ -79,14 +79,14 @@ def _fmt(value: Decimal) -> str:
 
 def _add(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
     """Append `ram:<tag>` (or `ns:<tag>` when `tag` is already `{ns}local`)."""
-    child = etree.SubElement(parent, tag if tag.startswith("{") else f"{{{_RAM}}}{tag}", attrs)
+    child = etree.SubElement(parent, tag if tag.startswith("{") else f"{{{RAM_NS}}}{tag}", attrs)
     if text is not None:
         child.text = text
     return child
 
 
 def _add_date(parent: etree._Element, tag: str, value: date) -> None:
-    _add(_add(parent, tag), f"{{{_UDT}}}DateTimeString", value.strftime("%Y%m%d"), format="102")
+    _add(_add(parent, tag), f"{{{UDT_NS}}}DateTimeString", value.strftime("%Y%m%d"), format="102")
 
 
 def build_cii_xml(invoice: Invoice) -> bytes:
@@ -122,21 +122,21 @@ def build_cii_xml(invoice: Invoice) -> bytes:
             _add(tax, "RateApplicablePercent", _fmt(rate))
 
     root = etree.Element(
-        f"{{{_RSM}}}CrossIndustryInvoice",
-        nsmap={"rsm": _RSM, "ram": _RAM, "udt": _UDT, "qdt": _QDT},
+        f"{{{RSM_NS}}}CrossIndustryInvoice",
+        nsmap={"rsm": RSM_NS, "ram": RAM_NS, "udt": UDT_NS, "qdt": _QDT},
     )
-    context = _add(root, f"{{{_RSM}}}ExchangedDocumentContext")
+    context = _add(root, f"{{{RSM_NS}}}ExchangedDocumentContext")
     guideline = _add(context, "GuidelineSpecifiedDocumentContextParameter")
     _add(guideline, "ID", "urn:cen.eu:en16931:2017")  # the EN 16931 profile of Factur-X
 
-    document = _add(root, f"{{{_RSM}}}ExchangedDocument")
+    document = _add(root, f"{{{RSM_NS}}}ExchangedDocument")
     if invoice.invoice_number is not None:
         _add(document, "ID", invoice.invoice_number)
     _add(document, "TypeCode", "381" if credit else "380")
     if invoice.issue_date is not None:
         _add_date(document, "IssueDateTime", invoice.issue_date)
 
-    transaction = _add(root, f"{{{_RSM}}}SupplyChainTradeTransaction")
+    transaction = _add(root, f"{{{RSM_NS}}}SupplyChainTradeTransaction")
     for number, line in enumerate(invoice.line_items, start=1):
         item = _add(transaction, "IncludedSupplyChainTradeLineItem")
         _add(_add(item, "AssociatedDocumentLineDocument"), "LineID", str(number))

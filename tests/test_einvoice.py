@@ -153,7 +153,7 @@ def test_parsed_amounts_add_up_with_either_sign() -> None:
 
 def test_credit_note_is_written_as_381_with_positive_amounts() -> None:
     root = etree.fromstring(build_cii_xml(CREDIT_NOTE))
-    ns = {"rsm": einvoice._RSM, "ram": einvoice._RAM}
+    ns = {"rsm": einvoice.RSM_NS, "ram": einvoice.RAM_NS}
     assert root.findtext("rsm:ExchangedDocument/ram:TypeCode", namespaces=ns) == "381"
     summation = (
         "rsm:SupplyChainTradeTransaction/ram:ApplicableHeaderTradeSettlement/"

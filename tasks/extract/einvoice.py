@@ -43,14 +43,14 @@ __all__ = [
     "parse_einvoice",
 ]
 
-_RSM = CII_NS
-_RAM = "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100"
-_UDT = "urn:un:unece:uncefact:data:standard:UnqualifiedDataType:100"
+RSM_NS = CII_NS
+RAM_NS = "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100"
+UDT_NS = "urn:un:unece:uncefact:data:standard:UnqualifiedDataType:100"
 _CAC = "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2"
 _CBC = "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2"
 
 # Prefixes used only in this module's own paths; documents may use any prefix (or none).
-_NS = {"rsm": _RSM, "ram": _RAM, "udt": _UDT, "cac": _CAC, "cbc": _CBC}
+_NS = {"rsm": RSM_NS, "ram": RAM_NS, "udt": UDT_NS, "cac": _CAC, "cbc": _CBC}
 
 # UNTDID 1001 document types that are credit notes (EN 16931 code list); 381 is the usual one.
 _CREDIT_NOTE_TYPES = frozenset(
