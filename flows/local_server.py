@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 120.0
@@ -62,14 +62,51 @@ def healthy(url: str) -> bool:
         return False
 
 
+def start_server(
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    timeout: float = STARTUP_TIMEOUT_S,
+    die_with_parent: bool = False,
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """`prefect server start` on a free 127.0.0.1 port with `env`, in a session of its own
+    (a terminal's signals reach the caller alone), its output in `log_path`; its API URL and
+    process once /health answers. If it does not within `timeout` s, it is stopped and
+    `ServerDidNotStart` names the log and ends with its tail. `die_with_parent` (Linux): the
+    server gets SIGTERM when the calling process dies; only safe to ask for before the
+    caller starts threads (preexec_fn)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    command = ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), *command],
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+        )
+    deadline = time.monotonic() + timeout
+    while not healthy(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process(process, timeout=5)
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise ServerDidNotStart(
+                f"the Prefect server did not start (exit {process.returncode}; log: "
+                f"{log_path}):\n{tail}"
+            )
+        time.sleep(0.1)
+    return url, process
+
+
 @contextlib.contextmanager
 def temporary_server() -> Iterator[str]:
     """A `prefect server start` on 127.0.0.1 for the duration of the block; its API URL.
 
     Call it before anything starts threads (preexec_fn is only safe in a single-threaded
     process): the CLI does, before it runs the flow."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
         "PREFECT_UI_ENABLED": "false",
@@ -85,43 +122,17 @@ def temporary_server() -> Iterator[str]:
         ),
     }
     env.pop("PREFECT_API_URL", None)
-    # Kept open for the server process to write to; closed when the server is stopped.
-    log = tempfile.NamedTemporaryFile(  # noqa: SIM115
-        prefix="invoices-prefect-server-", suffix=".log", delete=False
-    )
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "prefect"),
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-    )
+    handle, name = tempfile.mkstemp(prefix="invoices-prefect-server-", suffix=".log")
+    os.close(handle)
+    log_path = Path(name)
+    url, process = start_server(env, log_path, die_with_parent=True)  # kept: the log on failure
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = Path(log.name).read_text(errors="replace")[-2000:]
-                raise ServerDidNotStart(
-                    f"the temporary Prefect server did not start (log: {log.name}):\n{tail}"
-                )
-            time.sleep(0.1)
         yield url
     finally:
         stop_process(process, timeout=10)
-        log.close()
         if process.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
             with contextlib.suppress(OSError):
-                os.unlink(log.name)
+                log_path.unlink()
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from uuid import UUID
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # run as a script: make `flows`, `tasks` importable
 
-from flows.local_server import stop_process, temporary_server  # noqa: E402
+from flows.local_server import free_port, stop_process, temporary_server  # noqa: E402
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 WIDTH, HEIGHT = 1600, 1200
@@ -187,7 +186,7 @@ def capture_with_tabs_chosen(browser: str, page: Page, tabs: list[str], profile:
     user sees after picking "AwsCredentials" rather than "None"."""
     from websockets.sync.client import connect
 
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         browser_command(
             browser, profile, page.height, f"--remote-debugging-port={port}", "about:blank"
@@ -251,12 +250,6 @@ def visible_text(dom: str) -> str:
 # --- the Prefect side -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -269,7 +262,7 @@ def _answers(url: str) -> bool:
 def ui_server(api_url: str, static_dir: Path) -> Iterator[str]:
     """Prefect's UI app on 127.0.0.1 for the duration of the block, talking to `api_url`;
     its base URL."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,

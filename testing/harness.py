@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 # The temporary server's own helpers (flows/local_server.py): one copy of each.
-from flows.local_server import free_port, healthy, stop_process
+from flows.local_server import start_server, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REGION = "us-east-1"
@@ -150,8 +150,6 @@ def start_prefect_server(
     goes to `log_path` (default `home`/server.log)."""
     home.mkdir(parents=True, exist_ok=True)
     log_path = log_path or home / "server.log"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
     env = {
         k: v for k, v in os.environ.items() if inherit_prefect_env or not k.startswith("PREFECT_")
     }
@@ -160,32 +158,7 @@ def start_prefect_server(
         PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", PREFECT_SERVER_ANALYTICS_ENABLED="false"
     )
     env.update(settings or {})
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the terminal reaches the caller alone
-        )
-    deadline = time.monotonic() + startup_timeout
-    while not healthy(url):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_process(process, timeout=5)
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(
-                f"prefect server did not start (exit {process.returncode}; log {log_path}):\n{tail}"
-            )
-        time.sleep(0.25)
+    url, process = start_server(env, log_path, timeout=startup_timeout)
     client_env = {**env, "PREFECT_API_URL": url}
     for server_only in (
         "PREFECT_API_DATABASE_CONNECTION_URL",
