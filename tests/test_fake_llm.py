@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from flows.local_server import free_port
 from tasks.invoice import Invoice
 from testing.fake_llm.server import (
     FAULT_KINDS,
@@ -28,7 +29,6 @@ from testing.fake_llm.server import (
     fault_kind,
     strict_schema_problems,
 )
-from testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
