@@ -20,7 +20,7 @@ interleaved: round 1 runs every row, then round 2, ...):
   coroutines, the loop would not run at all and the stall would be the whole run.
 - ``threads, run_in_executor``: every file submitted at once (``asyncio.gather``) with
   ``loop.run_in_executor(ThreadPoolExecutor(--workers), ...)``, each call holding
-  the project's process-wide PyMuPDF lock (``tasks.pdf.parse._parse_serialized``, the
+  the project's process-wide PyMuPDF lock (``tasks.pdf.pool._serialized``, the
   function ``PdfParser("thread")`` runs). PyMuPDF is not thread-safe: MuPDF
   contexts and its warning store are shared, and ``parse_pdf_bytes`` resets that
   store per file. So an unlocked thread pool is not measured: it could crash or
@@ -103,6 +103,8 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 # Heavy imports (tasks.pdf.parse: pydantic via tasks.errors; testing.samples: pymupdf) are made
 # inside functions: the plain process pool's forkserver workers import this script as
@@ -320,7 +322,10 @@ async def setup_sequential(args: argparse.Namespace):
 
 
 async def setup_threads(args: argparse.Namespace):
-    from tasks.pdf.parse import _parse_serialized  # parse_pdf_bytes under the process-wide lock
+    from functools import partial
+
+    from tasks.pdf.parse import parse_pdf_bytes
+    from tasks.pdf.pool import _serialized  # runs a call under the process-wide PyMuPDF lock
 
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
@@ -330,7 +335,10 @@ async def setup_threads(args: argparse.Namespace):
 
     async def parse_all(pdfs: list[bytes]) -> list:
         return await asyncio.gather(
-            *(loop.run_in_executor(executor, _parse_serialized, data, None) for data in pdfs)
+            *(
+                loop.run_in_executor(executor, _serialized, partial(parse_pdf_bytes, data))
+                for data in pdfs
+            )
         )
 
     return parse_all, (lambda: executor.shutdown(wait=True)), start_s
